@@ -1,0 +1,1 @@
+"""The stream bus: connection (embedded Valkey or a configured Redis), consumer groups, trimming."""

@@ -1,0 +1,71 @@
+"""Connecting to the stream server: the configured URL, or the embedded Valkey."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from quantum_trader.bus.embedded import attached_or_started
+from quantum_trader.errors import BusError
+from quantum_trader.settings import Settings
+
+Redis = aioredis.Redis
+
+
+@contextlib.contextmanager
+def server_url(settings: Settings) -> Iterator[str]:
+    """The configured Redis URL, or the embedded server's (started if needed, stopped if we own it)."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    with attached_or_started(settings.data_dir, settings.appendfsync) as url:
+        yield url
+
+
+def client(url: str) -> Redis:
+    """An asyncio client returning ``str`` values, with hiredis parsing when installed."""
+    return aioredis.Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=False
+    )
+
+
+async def ping(redis: Redis, url: str) -> None:
+    """Fail with one clear line when the server cannot be reached."""
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        raise BusError(
+            f"cannot reach Redis at {redact_url(url)}: {exc}. Check QT_REDIS_URL, or unset it to use the embedded server"
+        ) from None
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str) -> AsyncIterator[Redis]:
+    """A pinged client, closed on exit."""
+    redis = client(url)
+    try:
+        await ping(redis, url)
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+def redact_url(url: str) -> str:
+    """A URL safe to print: any password replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{host}"
+    return url
+
+
+async def server_version(redis: Redis) -> tuple[str, tuple[int, ...]]:
+    """(``redis`` or ``valkey``, version tuple) of the connected server."""
+    info = await redis.info("server")
+    name = "valkey" if "valkey_version" in info or info.get("server_name") == "valkey" else "redis"
+    text = str(info.get("valkey_version") or info.get("redis_version", "0"))
+    return name, tuple(int(part) for part in text.split(".")[:3] if part.isdigit())

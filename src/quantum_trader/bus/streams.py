@@ -1,0 +1,238 @@
+"""Consumer groups done once, for every stage.
+
+A ``GroupConsumer`` reads batches (XREADGROUP COUNT n BLOCK t), hands them to the
+stage's handler, which acknowledges atomically with its own writes, and between
+reads reclaims entries that a dead consumer held (XPENDING IDLE + XCLAIM, so the
+delivery count is known) and sets aside entries delivered too often (poison) on
+the dead-letter stream. It stops after the batch in hand when asked to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError, ResponseError
+
+from quantum_trader.bus.connection import Redis
+from quantum_trader.events import DEAD_LETTER, Fields, envelope
+from quantum_trader.logs import get_logger
+
+log = get_logger("bus")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry as read by a consumer; ``deliveries`` is 1 on first delivery."""
+
+    id: str
+    fields: Fields
+    deliveries: int = 1
+
+
+Handler = Callable[[list["Entry"]], Awaitable[None]]
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    """``"ms-seq"`` -> (ms, seq) for ordering."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest id greater than ``entry_id``."""
+    ms, seq = parse_id(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+async def ensure_group(redis: Redis, stream: str, group: str, start: str = "0") -> bool:
+    """Create the group (and the stream) when missing. True when it was created."""
+    try:
+        await redis.xgroup_create(stream, group, id=start, mkstream=True)
+        return True
+    except ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+
+
+def dead_letter_fields(
+    *, stream: str, group: str, entry: Entry, reason: str, field_name: str = "", source: str = "bus"
+) -> Fields:
+    """A dead-letter entry: the envelope plus the reason and the raw entry, nothing lost."""
+    payload = {
+        "stream": stream,
+        "group": group,
+        "entry_id": entry.id,
+        "deliveries": entry.deliveries,
+        "reason": reason,
+        "field": field_name,
+        "raw": entry.fields,
+    }
+    fields = envelope(
+        DEAD_LETTER,
+        payload,
+        trace_id=entry.fields.get("trace_id", ""),
+        correlation_id=entry.fields.get("correlation_id", ""),
+        source=source,
+    )
+    fields["reason"] = reason
+    fields["origin_stream"] = stream
+    fields["origin_id"] = entry.id
+    return fields
+
+
+@dataclass
+class GroupConsumer:
+    """Batch consumer of one stream in one group, shared by every stage."""
+
+    redis: Redis
+    stream: str
+    group: str
+    consumer: str
+    dead_letter_stream: str
+    batch_size: int = 1000
+    block_ms: int = 1000
+    claim_idle_ms: int = 30_000
+    max_deliveries: int = 5
+    claim_every_s: float = 5.0
+    _recheck_own: bool = field(default=True, init=False)
+    _last_claim: float = field(default=0.0, init=False)
+
+    async def setup(self) -> None:
+        """Create the group if needed."""
+        await ensure_group(self.redis, self.stream, self.group)
+
+    async def read_new(self, block_ms: int | None = None) -> list[Entry]:
+        """Up to ``batch_size`` entries never delivered to the group, blocking up to ``block_ms``."""
+        reply = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {self.stream: ">"},
+            count=self.batch_size,
+            block=self.block_ms if block_ms is None else block_ms,
+        )
+        if not reply:
+            return []
+        return [Entry(entry_id, fields) for entry_id, fields in reply[0][1]]
+
+    async def claim(self, min_idle_ms: int, *, own_only: bool = False) -> list[Entry]:
+        """Take over pending entries idle at least ``min_idle_ms`` (ours only, or anyone's).
+
+        Entries delivered more than ``max_deliveries`` times go to the dead-letter stream.
+        """
+        kwargs: dict[str, object] = {"idle": min_idle_ms}
+        if own_only:
+            kwargs["consumername"] = self.consumer
+        pending = await self.redis.xpending_range(
+            self.stream, self.group, min="-", max="+", count=self.batch_size, **kwargs
+        )
+        if not pending:
+            return []
+        counts = {item["message_id"]: int(item["times_delivered"]) + 1 for item in pending}
+        claimed = await self.redis.xclaim(self.stream, self.group, self.consumer, min_idle_ms, list(counts))
+        entries = []
+        missing = set(counts)
+        for entry_id, fields in claimed:
+            missing.discard(entry_id)
+            if fields is None:
+                continue
+            entries.append(Entry(entry_id, fields, counts[entry_id]))
+        if missing:
+            # Deleted while pending (XDEL by hand): nothing to process, acknowledge so it stops showing as pending.
+            await self.redis.xack(self.stream, self.group, *missing)
+            log.warning("pending_entries_missing", stream=self.stream, ids=sorted(missing))
+        poison = [entry for entry in entries if entry.deliveries > self.max_deliveries]
+        if poison:
+            await self.dead_letter(
+                poison, f"delivered {self.max_deliveries}+ times without completing (poison entry)"
+            )
+        return [entry for entry in entries if entry.deliveries <= self.max_deliveries]
+
+    async def dead_letter(self, entries: list[Entry], reason: str, field_name: str = "") -> None:
+        """Set entries aside on the dead-letter stream and acknowledge them, atomically."""
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for entry in entries:
+                pipe.xadd(
+                    self.dead_letter_stream,
+                    dead_letter_fields(
+                        stream=self.stream, group=self.group, entry=entry, reason=reason, field_name=field_name
+                    ),
+                )
+            pipe.xack(self.stream, self.group, *[entry.id for entry in entries])
+            await pipe.execute()
+        for entry in entries:
+            log.error("dead_lettered", stream=self.stream, entry_id=entry.id, reason=reason,
+                      trace_id=entry.fields.get("trace_id", ""), correlation_id=entry.fields.get("correlation_id", ""))
+
+    async def next_batch(self) -> list[Entry]:
+        """Our own unfinished entries first, then stale ones from dead consumers, then new ones."""
+        if self._recheck_own:
+            self._recheck_own = False
+            own = await self.claim(0, own_only=True)
+            if own:
+                self._recheck_own = True
+                return own
+        now = time.monotonic()
+        if now - self._last_claim >= self.claim_every_s:
+            self._last_claim = now
+            stale = await self.claim(self.claim_idle_ms)
+            if stale:
+                log.info("reclaimed", stream=self.stream, group=self.group, count=len(stale))
+                return stale
+        return await self.read_new()
+
+    async def run(self, handler: Handler, stop: asyncio.Event, on_idle: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Consume until ``stop`` is set; the batch in hand is always finished first.
+
+        A handler or server error leaves the batch pending; it is retried (and counted
+        towards the poison limit) after a short back-off.
+        """
+        await self.setup()
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                batch = await self.next_batch()
+                if batch:
+                    await handler(batch)
+                elif on_idle is not None:
+                    await on_idle()
+                backoff = 0.1
+            except (RedisError, OSError) as exc:
+                self._recheck_own = True
+                log.error("stream_error", stream=self.stream, error=str(exc), retry_in_s=backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 5.0)
+                await _reconnect_group(self)
+
+
+async def _reconnect_group(consumer: GroupConsumer) -> None:
+    try:
+        await consumer.setup()
+    except (RedisError, OSError):
+        return
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return
+
+
+async def publish(redis: Redis, stream: str, entries: list[Fields]) -> list[str]:
+    """XADD a batch of entries in one pipelined round trip; returns their ids."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for fields in entries:
+            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        return [str(entry_id) for entry_id in await pipe.execute()]
+
+
+def raw_json(fields: Fields) -> str:
+    """Entry fields as JSON, for logs and CLI output."""
+    return json.dumps(fields, sort_keys=True)

@@ -1,0 +1,74 @@
+"""Every stream, group and key name in one place.
+
+The seed deployment's names are the defaults, so an operator can move over without
+renaming anything. Nothing else in the package builds a key string inline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+KILL_SWITCH = "quantum:kill"
+DAILY_TRADES_PREFIX = "quantum:governor:daily_trades:"
+COUNTED_PREFIX = "quantum:governor:counted:"
+DEDUP_PREFIX = "quantum:dedup:decision:"
+HEARTBEAT_PREFIX = "quantum:heartbeat:"
+PAPER_PREFIX = "quantum:paper:"
+PRICE_HASH = "quantum:market:last_price"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamNames:
+    """The pipeline's streams and consumer groups (configurable, seed defaults)."""
+
+    decision: str = "quantum:stream:ai.decision"
+    intent: str = "quantum:stream:trade.intent"
+    result: str = "quantum:stream:execution.result"
+    result_legacy: str = ""
+    rejected: str = "quantum:stream:decision.rejected"
+    dead_letter: str = "quantum:stream:dead_letter"
+    router_group: str = "quantum:group:router:ai.decision"
+    execution_group: str = "quantum:group:execution:trade.intent"
+
+    def pipeline(self) -> list[str]:
+        """Streams shown by ``status``, in pipeline order."""
+        streams = [self.decision, self.intent, self.result, self.rejected, self.dead_letter]
+        if self.result_legacy:
+            streams.append(self.result_legacy)
+        return streams
+
+
+def daily_trades(day: date) -> str:
+    """Counter of approved trades for one UTC day (seed name)."""
+    return f"{DAILY_TRADES_PREFIX}{day:%Y%m%d}"
+
+
+def counted(day: date) -> str:
+    """Hash of intent ids already counted against the day's limit (cleared on ack)."""
+    return f"{COUNTED_PREFIX}{day:%Y%m%d}"
+
+
+def dedup(identity: str) -> str:
+    """Router dedup key for one decision identity."""
+    return f"{DEDUP_PREFIX}{identity}"
+
+
+def heartbeat(service: str, consumer: str) -> str:
+    """Liveness key a service refreshes with an expiry."""
+    return f"{HEARTBEAT_PREFIX}{service}:{consumer}"
+
+
+def heartbeat_pattern(service: str) -> str:
+    """SCAN pattern of every heartbeat of one service."""
+    return f"{HEARTBEAT_PREFIX}{service}:*"
+
+
+def paper_orders() -> str:
+    """Hash: client order id -> order JSON on the paper exchange."""
+    return f"{PAPER_PREFIX}orders"
+
+
+def paper_balances() -> str:
+    """Hash: asset -> balance (decimal string) on the paper exchange."""
+    return f"{PAPER_PREFIX}balances"

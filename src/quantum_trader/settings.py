@@ -1,0 +1,252 @@
+"""One strict settings object, read from the environment and an optional env file.
+
+Everything lives under the ``QT_`` prefix except the two names kept from the seed
+deployment, ``EXECUTION_RESULT_STREAM`` and ``EXECUTION_RESULT_STREAM_LEGACY``.
+The env file (``QT_ENV_FILE`` or ``--env-file``) uses systemd ``EnvironmentFile``
+syntax, so the same file serves the unit and the command line. A wrong value stops
+start-up with one line naming the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from quantum_trader.errors import ConfigError
+from quantum_trader.keys import StreamNames
+
+Mode = Literal["paper", "testnet", "live"]
+DEDUP_FIELD_CHOICES = ("correlation_id", "trace_id", "msg_id")
+LIVE_CONFIRMATION = "I-ACCEPT-REAL-MONEY-RISK"
+# Daily trade limit when QT_DAILY_LIMIT is not set; the testnet figure is the seed's.
+DEFAULT_DAILY_LIMIT: dict[str, int] = {"paper": 1_000_000, "testnet": 1_000_000, "live": 100}
+_SEED_NAMES = {"result_stream": "EXECUTION_RESULT_STREAM", "result_stream_legacy": "EXECUTION_RESULT_STREAM_LEGACY"}
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/quantum-trader`` (``~/.local/share/quantum-trader``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "quantum-trader"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the product. Frozen; unknown ``QT_`` variables are refused."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QT_",
+        frozen=True,
+        extra="ignore",
+        populate_by_name=True,
+        env_file_encoding="utf-8",
+    )
+
+    redis_url: str | None = Field(default=None, description="redis://, rediss:// or unix:// URL; empty = embedded Valkey")
+    data_dir: Path = Field(default_factory=default_data_dir, description="embedded server data and AOF")
+    appendfsync: Literal["everysec", "always", "no"] = "everysec"
+
+    mode: Mode = "paper"
+    live_confirm: str = Field(default="", description=f"must equal {LIVE_CONFIRMATION} for mode=live")
+    exchange: str = "paper"
+
+    decision_stream: str = "quantum:stream:ai.decision"
+    intent_stream: str = "quantum:stream:trade.intent"
+    result_stream: str = Field(
+        default="quantum:stream:execution.result",
+        validation_alias=AliasChoices("EXECUTION_RESULT_STREAM", "QT_RESULT_STREAM"),
+    )
+    result_stream_legacy: str = Field(
+        default="",
+        validation_alias=AliasChoices("EXECUTION_RESULT_STREAM_LEGACY", "QT_RESULT_STREAM_LEGACY"),
+    )
+    rejected_stream: str = "quantum:stream:decision.rejected"
+    dead_letter_stream: str = "quantum:stream:dead_letter"
+    router_group: str = "quantum:group:router:ai.decision"
+    execution_group: str = "quantum:group:execution:trade.intent"
+
+    dedup_fields: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["correlation_id", "trace_id"])
+    dedup_window_s: int = Field(default=300, gt=0)
+
+    daily_limit: int | None = Field(default=None, ge=0)
+    max_notional: Decimal = Field(default=Decimal("100000"), gt=0)
+    symbol_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_intent_age_s: float = Field(default=60.0, gt=0)
+    clock_skew_s: float = Field(default=5.0, ge=0)
+
+    batch_size: int = Field(default=1000, gt=0, le=100_000)
+    block_ms: int = Field(default=1000, gt=0)
+    claim_idle_ms: int = Field(default=30_000, gt=0)
+    max_deliveries: int = Field(default=5, gt=0)
+    consumer: str = Field(default="", description="consumer name; empty = <service>-<hostname>")
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    trim_keep: int = Field(default=10_000, ge=0, description="entries kept for inspection after trimming")
+
+    paper_fee_rate: Decimal = Field(default=Decimal("0.001"), ge=0, lt=1)
+    paper_slippage_bps: Decimal = Field(default=Decimal("0"), ge=0, lt=10_000)
+    paper_balances: Annotated[dict[str, Decimal], NoDecode] = Field(
+        default_factory=lambda: {"USDT": Decimal("100000")}
+    )
+    quote_assets: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "USD"]
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    secrets_file: Path | None = None
+
+    @field_validator("dedup_fields", "symbol_allowlist", "quote_assets", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("symbol_allowlist", "quote_assets")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [item.upper() for item in value]
+
+    @field_validator("dedup_fields")
+    @classmethod
+    def _dedup_fields(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"name at least one of {', '.join(DEDUP_FIELD_CHOICES)}")
+        bad = [item for item in value if item not in DEDUP_FIELD_CHOICES]
+        if bad:
+            raise ValueError(f"unknown field {bad[0]!r}; allowed: {', '.join(DEDUP_FIELD_CHOICES)}")
+        return value
+
+    @field_validator("paper_balances", mode="before")
+    @classmethod
+    def _balances(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            out: dict[str, str] = {}
+            for part in _split_csv(value):
+                asset, sep, amount = part.partition("=")
+                if not sep:
+                    raise ValueError(f"expected ASSET=AMOUNT pairs separated by commas, got {part!r}")
+                out[asset.strip().upper()] = amount.strip()
+            return out
+        return value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, str) and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty for the embedded server)")
+        return value
+
+    @model_validator(mode="after")
+    def _live_needs_confirmation(self) -> Settings:
+        if self.mode == "live" and self.live_confirm != LIVE_CONFIRMATION:
+            raise ValueError(
+                f"QT_MODE=live trades real money and needs QT_LIVE_CONFIRM={LIVE_CONFIRMATION} as well"
+            )
+        return self
+
+    @property
+    def effective_daily_limit(self) -> int:
+        """The configured limit, or the mode's default."""
+        return self.daily_limit if self.daily_limit is not None else DEFAULT_DAILY_LIMIT[self.mode]
+
+    @property
+    def streams(self) -> StreamNames:
+        """The stream and group names in force."""
+        return StreamNames(
+            decision=self.decision_stream,
+            intent=self.intent_stream,
+            result=self.result_stream,
+            result_legacy=self.result_stream_legacy,
+            rejected=self.rejected_stream,
+            dead_letter=self.dead_letter_stream,
+            router_group=self.router_group,
+            execution_group=self.execution_group,
+        )
+
+    def consumer_name(self, service: str) -> str:
+        """This process's consumer name: stable across restarts so it finds its own pending entries."""
+        return self.consumer or f"{service}-{os.uname().nodename}"
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return _SEED_NAMES.get(field, f"QT_{field.upper()}")
+
+
+def _unknown_variables(environ: dict[str, str], env_file: Path | None) -> list[str]:
+    names = set(environ)
+    if env_file is not None:
+        names |= set(_read_env_file_names(env_file))
+    known = {env_name(name) for name in Settings.model_fields} | {"QT_ENV_FILE"}
+    known |= {f"QT_{name.upper()}" for name in _SEED_NAMES}
+    problems = []
+    for name in sorted(names):
+        if name.startswith("QT_") and not name.startswith("QT_TEST_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"unknown setting {name}{hint}; remove it or fix its name")
+    return problems
+
+
+def _read_env_file_names(path: Path) -> list[str]:
+    names = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            names.append(line.split("=", 1)[0].removeprefix("export ").strip())
+    return names
+
+
+def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read settings from the environment (and ``env_file`` or ``$QT_ENV_FILE``).
+
+    Raises ``ConfigError`` with one line per problem: the variable, the bad value, what is allowed.
+    """
+    path_text = env_file if env_file is not None else os.environ.get("QT_ENV_FILE") or None
+    path = Path(path_text) if path_text else None
+    if path is not None:
+        if not path.exists():
+            raise ConfigError(f"env file {path} does not exist; create it or unset QT_ENV_FILE")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(
+                f"env file {path} is not readable by this user (uid {os.getuid()}); "
+                f"run: chgrp <service-group> {path} && chmod 0640 {path}"
+            )
+    problems = _unknown_variables(dict(os.environ), path)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    try:
+        return Settings(_env_file=path, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per bad setting: ``QT_X='value': what is wrong``."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
+        field = loc[0] if loc else ""
+        name = env_name(field) if field in Settings.model_fields else (field or "settings")
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if field:
+            lines.append(f"{name}={err.get('input')!r}: {message}")
+        else:
+            lines.append(message)
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def redacted(value: SecretStr | str | None) -> str:
+    """How a secret is shown anywhere: never its value."""
+    return "***" if value else "(unset)"

@@ -1,0 +1,104 @@
+"""The consumer-group machinery against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import Entry, GroupConsumer, publish
+from quantum_trader.events import TRADE_INTENT, envelope
+
+STREAM = "test:stream"
+GROUP = "test:group"
+DLQ = "test:dead"
+
+
+def consumer(r: Redis, name: str, **kw: object) -> GroupConsumer:
+    return GroupConsumer(r, STREAM, GROUP, name, DLQ, **kw)  # type: ignore[arg-type]
+
+
+def fields(i: int) -> dict[str, str]:
+    return envelope(TRADE_INTENT, {"n": i}, trace_id=f"t{i}", correlation_id=f"c{i}", source="test")
+
+
+async def test_batches_are_read_in_order_and_acked(r: Redis) -> None:
+    c = consumer(r, "a", batch_size=40, block_ms=50)
+    await c.setup()
+    ids = await publish(r, STREAM, [fields(i) for i in range(100)])
+
+    seen: list[str] = []
+    while len(seen) < 100:
+        batch = await c.read_new()
+        assert 0 < len(batch) <= 40
+        seen += [e.id for e in batch]
+        await r.xack(STREAM, GROUP, *[e.id for e in batch])
+
+    assert seen == ids
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+    assert await c.read_new() == []
+
+
+async def test_entries_of_a_dead_consumer_are_reclaimed_by_another(r: Redis) -> None:
+    dead = consumer(r, "dead", batch_size=10, block_ms=50)
+    alive = consumer(r, "alive", batch_size=10, block_ms=50, claim_idle_ms=50)
+    await dead.setup()
+    ids = await publish(r, STREAM, [fields(i) for i in range(5)])
+    assert len(await dead.read_new()) == 5  # read, then the process "dies" without acking
+
+    assert await alive.claim(60_000) == []  # not idle long enough yet: left alone
+    await asyncio.sleep(0.1)
+    claimed = await alive.claim(50)
+
+    assert [e.id for e in claimed] == ids
+    assert all(e.deliveries == 2 for e in claimed)
+    info = {c["name"]: c["pending"] for c in await r.xinfo_consumers(STREAM, GROUP)}
+    assert info == {"dead": 0, "alive": 5}
+
+
+async def test_a_restarted_consumer_finishes_its_own_pending_entries_first(r: Redis) -> None:
+    first = consumer(r, "exec-1", batch_size=10, block_ms=50)
+    await first.setup()
+    ids = await publish(r, STREAM, [fields(i) for i in range(3)])
+    await first.read_new()
+
+    restarted = consumer(r, "exec-1", batch_size=10, block_ms=50)
+    batch = await restarted.next_batch()
+    assert [e.id for e in batch] == ids
+    assert [e.deliveries for e in batch] == [2, 2, 2]
+
+
+async def test_poison_entry_goes_to_dead_letter_after_max_deliveries(r: Redis) -> None:
+    c = consumer(r, "a", batch_size=10, block_ms=50, max_deliveries=3)
+    await c.setup()
+    [poison_id] = await publish(r, STREAM, [fields(1)])
+    await c.read_new()  # delivery 1, the handler "crashes"
+    for expected in (2, 3):
+        [entry] = await c.claim(0, own_only=True)
+        assert entry.deliveries == expected
+
+    assert await c.claim(0, own_only=True) == []  # 4th delivery: set aside
+
+    [(dlq_id, dead)] = await r.xrange(DLQ)
+    payload = json.loads(dead["payload"])
+    assert dead["origin_id"] == poison_id
+    assert "poison" in dead["reason"]
+    assert payload["raw"] == fields(1) | {"timestamp": payload["raw"]["timestamp"]}
+    assert payload["deliveries"] == 4
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+
+
+async def test_run_stops_after_the_batch_in_hand(r: Redis) -> None:
+    c = consumer(r, "a", batch_size=10, block_ms=20)
+    await publish(r, STREAM, [fields(i) for i in range(25)])
+    stop = asyncio.Event()
+    handled: list[int] = []
+
+    async def handler(batch: list[Entry]) -> None:
+        handled.append(len(batch))
+        stop.set()  # asked to stop mid-run: this batch still completes
+        await r.xack(STREAM, GROUP, *[e.id for e in batch])
+
+    await asyncio.wait_for(c.run(handler, stop), timeout=5)
+    assert handled == [10]
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 0

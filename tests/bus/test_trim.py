@@ -1,0 +1,54 @@
+"""Trimming never deletes what a group has not delivered and acknowledged."""
+
+from __future__ import annotations
+
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import ensure_group, publish
+from quantum_trader.bus.trim import GroupPosition, safe_min_id, trim_consumed
+
+STREAM = "test:stream"
+
+
+def test_bound_is_the_slowest_groups_oldest_unfinished_entry() -> None:
+    groups = [GroupPosition("5-0", None), GroupPosition("9-0", "3-2")]
+    assert safe_min_id(groups, None) == "3-2"
+    assert safe_min_id([GroupPosition("5-0", None)], None) == "5-1"
+    assert safe_min_id([GroupPosition("5-0", None)], "4-0") == "4-0"
+
+
+def test_no_group_or_nothing_delivered_means_no_trim() -> None:
+    assert safe_min_id([], None) is None
+    assert safe_min_id([GroupPosition("0-0", None)], None) is None
+
+
+async def test_lagging_group_keeps_every_undelivered_entry(r: Redis) -> None:
+    await ensure_group(r, STREAM, "fast")
+    await ensure_group(r, STREAM, "slow")
+    ids = await publish(r, STREAM, [{"n": str(i)} for i in range(1000)])
+    fast = await r.xreadgroup("fast", "f", {STREAM: ">"}, count=1000)
+    await r.xack(STREAM, "fast", *[i for i, _ in fast[0][1]])
+    slow = await r.xreadgroup("slow", "s", {STREAM: ">"}, count=100)  # 100 delivered, 30 acked
+    await r.xack(STREAM, "slow", *[i for i, _ in slow[0][1][:30]])
+
+    removed = await trim_consumed(r, STREAM)
+
+    assert removed == 30
+    remaining = [i for i, _ in await r.xrange(STREAM)]
+    assert remaining == ids[30:]  # pending and undelivered entries all still there
+    assert (await r.xinfo_groups(STREAM))[1]["lag"] == 900
+
+
+async def test_stream_without_groups_is_left_alone(r: Redis) -> None:
+    await publish(r, STREAM, [{"n": str(i)} for i in range(10)])
+    assert await trim_consumed(r, STREAM) == 0
+    assert await r.xlen(STREAM) == 10
+
+
+async def test_keep_retains_recent_consumed_entries_for_inspection(r: Redis) -> None:
+    await ensure_group(r, STREAM, "g")
+    ids = await publish(r, STREAM, [{"n": str(i)} for i in range(50)])
+    read = await r.xreadgroup("g", "c", {STREAM: ">"}, count=50)
+    await r.xack(STREAM, "g", *[i for i, _ in read[0][1]])
+
+    assert await trim_consumed(r, STREAM, keep=10) == 40
+    assert [i for i, _ in await r.xrange(STREAM)] == ids[40:]

@@ -1,0 +1,60 @@
+"""Envelope and payload encoding: round trips, and bad entries named precisely."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from quantum_trader.errors import DecodeError
+from quantum_trader.events import (
+    DECISION,
+    TRADE_INTENT,
+    Decision,
+    TradeIntent,
+    decode_event,
+    envelope,
+    parse_iso,
+)
+
+
+def test_intent_round_trip_keeps_decimal_quantities_exact() -> None:
+    intent = TradeIntent(symbol="ETHUSDT", side="BUY", qty=Decimal("0.1000000000000000055"), price=Decimal("3000.5"))
+    fields = envelope(TRADE_INTENT, intent, trace_id="t1", correlation_id="c1", source="router")
+
+    env, decoded = decode_event(fields, TradeIntent, TRADE_INTENT)
+
+    assert decoded == intent
+    assert decoded.qty == Decimal("0.1000000000000000055")
+    assert (env.trace_id, env.correlation_id, env.source) == ("t1", "c1", "router")
+    assert parse_iso(env.timestamp).tzinfo is not None
+
+
+def test_missing_envelope_field_is_named_and_raw_kept() -> None:
+    raw = {"event_type": DECISION, "payload": "{}", "trace_id": "t"}
+    with pytest.raises(DecodeError) as caught:
+        decode_event(raw, Decision, DECISION)
+    assert caught.value.field == "correlation_id"
+    assert caught.value.raw == raw
+
+
+def test_wrong_event_type_is_refused() -> None:
+    fields = envelope(TRADE_INTENT, {"x": 1}, trace_id="t", correlation_id="c", source="s")
+    with pytest.raises(DecodeError, match="expected 'ai.decision'"):
+        decode_event(fields, Decision, DECISION)
+
+
+def test_payload_type_error_names_the_field() -> None:
+    fields = envelope(DECISION, {"symbol": "ETHUSDT", "side": "BUY", "qty": "lots"}, trace_id="t",
+                      correlation_id="c", source="s")
+    with pytest.raises(DecodeError) as caught:
+        decode_event(fields, Decision, DECISION)
+    assert caught.value.field == "qty"
+
+
+def test_payload_that_is_not_json_is_refused() -> None:
+    fields = envelope(DECISION, {}, trace_id="t", correlation_id="c", source="s")
+    fields["payload"] = "{not json"
+    with pytest.raises(DecodeError, match="not valid JSON") as caught:
+        decode_event(fields, Decision, DECISION)
+    assert caught.value.field == "payload"
