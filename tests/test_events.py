@@ -40,13 +40,18 @@ def test_missing_envelope_field_is_named_and_raw_kept() -> None:
 
 def test_wrong_event_type_is_refused() -> None:
     fields = envelope(TRADE_INTENT, {"x": 1}, trace_id="t", correlation_id="c", source="s")
-    with pytest.raises(DecodeError, match="expected 'ai.decision'"):
+    with pytest.raises(DecodeError, match=r"expected 'ai\.decision'"):
         decode_event(fields, Decision, DECISION)
 
 
 def test_payload_type_error_names_the_field() -> None:
-    fields = envelope(DECISION, {"symbol": "ETHUSDT", "side": "BUY", "qty": "lots"}, trace_id="t",
-                      correlation_id="c", source="s")
+    fields = envelope(
+        DECISION,
+        {"symbol": "ETHUSDT", "side": "BUY", "qty": "lots"},
+        trace_id="t",
+        correlation_id="c",
+        source="s",
+    )
     with pytest.raises(DecodeError) as caught:
         decode_event(fields, Decision, DECISION)
     assert caught.value.field == "qty"

@@ -69,6 +69,7 @@ class ExecutionResult(msgspec.Struct, frozen=True, kw_only=True):
     intent_id: str
     client_order_id: str
     reason: str = ""
+    detail: str = ""
     filled_qty: Decimal = Decimal(0)
     avg_price: Decimal | None = None
     fee: Decimal = Decimal(0)
@@ -159,7 +160,9 @@ def decode_envelope(raw: Fields, expected_type: str | None = None) -> Envelope:
         raise DecodeError(f"missing envelope field(s): {', '.join(missing)}", field=missing[0], raw=raw)
     if expected_type is not None and raw["event_type"] != expected_type:
         raise DecodeError(
-            f"event_type is {raw['event_type']!r}, expected {expected_type!r}", field="event_type", raw=raw
+            f"event_type is {raw['event_type']!r}, expected {expected_type!r}",
+            field="event_type",
+            raw=raw,
         )
     return Envelope(**{name: raw[name] for name in ENVELOPE_FIELDS})
 

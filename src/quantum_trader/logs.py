@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
@@ -27,8 +34,53 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+    configure_outcomes(level, fmt, out)
 
 
 def get_logger(component: str) -> Any:
     """A logger bound to one component name."""
     return structlog.get_logger(component=component)
+
+
+class _Outcomes:
+    json = True
+    enabled = True
+    out: Any = None
+
+
+def configure_outcomes(level: str, fmt: str, stream: Any = None) -> None:
+    """Outcome lines follow the same level and format as the other logs."""
+    out = stream or sys.stderr
+    _Outcomes.out = out
+    _Outcomes.enabled = _LEVELS[level] <= logging.INFO
+    _Outcomes.json = fmt == "json" or (fmt == "auto" and not out.isatty())
+
+
+def emit_outcomes(component: str, records: list[dict[str, Any]]) -> None:
+    """One log line per terminal outcome, written for a whole batch at once.
+
+    The hot path can end tens of thousands of intents a second; encoding them with
+    msgspec and writing once per batch keeps logging from becoming the bottleneck.
+    """
+    if not records or not _Outcomes.enabled:
+        return
+    out = _Outcomes.out or sys.stderr
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if _Outcomes.json:
+        lines = [
+            _encoder.encode({"component": component, "level": "info", "timestamp": stamp, **record})
+            for record in records
+        ]
+        out.write(b"\n".join(lines).decode() + "\n")
+    else:
+        text = [
+            f"{stamp} [info] {record.get('event', '')} "
+            + " ".join(f"{k}={v}" for k, v in record.items() if k != "event")
+            + f" component={component}"
+            for record in records
+        ]
+        out.write("\n".join(text) + "\n")
+    out.flush()
+
+
+_encoder = msgspec.json.Encoder(decimal_format="string")

@@ -15,7 +15,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quantum_trader.errors import ConfigError
@@ -26,7 +33,10 @@ DEDUP_FIELD_CHOICES = ("correlation_id", "trace_id", "msg_id")
 LIVE_CONFIRMATION = "I-ACCEPT-REAL-MONEY-RISK"
 # Daily trade limit when QT_DAILY_LIMIT is not set; the testnet figure is the seed's.
 DEFAULT_DAILY_LIMIT: dict[str, int] = {"paper": 1_000_000, "testnet": 1_000_000, "live": 100}
-_SEED_NAMES = {"result_stream": "EXECUTION_RESULT_STREAM", "result_stream_legacy": "EXECUTION_RESULT_STREAM_LEGACY"}
+_SEED_NAMES = {
+    "result_stream": "EXECUTION_RESULT_STREAM",
+    "result_stream_legacy": "EXECUTION_RESULT_STREAM_LEGACY",
+}
 
 
 def default_data_dir() -> Path:
@@ -52,7 +62,9 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
     )
 
-    redis_url: str | None = Field(default=None, description="redis://, rediss:// or unix:// URL; empty = embedded Valkey")
+    redis_url: str | None = Field(
+        default=None, description="redis://, rediss:// or unix:// URL; empty = embedded Valkey"
+    )
     data_dir: Path = Field(default_factory=default_data_dir, description="embedded server data and AOF")
     appendfsync: Literal["everysec", "always", "no"] = "everysec"
 
@@ -94,9 +106,7 @@ class Settings(BaseSettings):
 
     paper_fee_rate: Decimal = Field(default=Decimal("0.001"), ge=0, lt=1)
     paper_slippage_bps: Decimal = Field(default=Decimal("0"), ge=0, lt=10_000)
-    paper_balances: Annotated[dict[str, Decimal], NoDecode] = Field(
-        default_factory=lambda: {"USDT": Decimal("100000")}
-    )
+    paper_balances: Annotated[dict[str, Decimal], NoDecode] = Field(default_factory=lambda: {"USDT": Decimal("100000")})
     quote_assets: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "USD"]
     )
@@ -150,9 +160,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _live_needs_confirmation(self) -> Settings:
         if self.mode == "live" and self.live_confirm != LIVE_CONFIRMATION:
-            raise ValueError(
-                f"QT_MODE=live trades real money and needs QT_LIVE_CONFIRM={LIVE_CONFIRMATION} as well"
-            )
+            raise ValueError(f"QT_MODE=live trades real money and needs QT_LIVE_CONFIRM={LIVE_CONFIRMATION} as well")
         return self
 
     @property
@@ -227,7 +235,7 @@ def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Setti
     if problems:
         raise ConfigError("; ".join(problems))
     try:
-        return Settings(_env_file=path, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=path, **overrides)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
 

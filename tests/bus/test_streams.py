@@ -79,7 +79,7 @@ async def test_poison_entry_goes_to_dead_letter_after_max_deliveries(r: Redis) -
 
     assert await c.claim(0, own_only=True) == []  # 4th delivery: set aside
 
-    [(dlq_id, dead)] = await r.xrange(DLQ)
+    [(_dlq_id, dead)] = await r.xrange(DLQ)
     payload = json.loads(dead["payload"])
     assert dead["origin_id"] == poison_id
     assert "poison" in dead["reason"]

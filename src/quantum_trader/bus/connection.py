@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -12,7 +13,9 @@ from quantum_trader.bus.embedded import attached_or_started
 from quantum_trader.errors import BusError
 from quantum_trader.settings import Settings
 
-Redis = aioredis.Redis
+# redis-py's annotations do not follow ``decode_responses=True`` (every reply is typed
+# ``bytes | str | ...``), so the client is typed loosely rather than cast at every call.
+Redis: TypeAlias = Any
 
 
 @contextlib.contextmanager
@@ -28,7 +31,11 @@ def server_url(settings: Settings) -> Iterator[str]:
 def client(url: str) -> Redis:
     """An asyncio client returning ``str`` values, with hiredis parsing when installed."""
     return aioredis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=False
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry_on_timeout=False,
     )
 
 
@@ -38,7 +45,8 @@ async def ping(redis: Redis, url: str) -> None:
         await redis.ping()
     except (RedisError, OSError) as exc:
         raise BusError(
-            f"cannot reach Redis at {redact_url(url)}: {exc}. Check QT_REDIS_URL, or unset it to use the embedded server"
+            f"cannot reach Redis at {redact_url(url)}: {exc}. "
+            "Check QT_REDIS_URL, or unset it to use the embedded server"
         ) from None
 
 

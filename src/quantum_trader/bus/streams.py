@@ -147,9 +147,7 @@ class GroupConsumer:
             log.warning("pending_entries_missing", stream=self.stream, ids=sorted(missing))
         poison = [entry for entry in entries if entry.deliveries > self.max_deliveries]
         if poison:
-            await self.dead_letter(
-                poison, f"delivered {self.max_deliveries}+ times without completing (poison entry)"
-            )
+            await self.dead_letter(poison, f"delivered {self.max_deliveries}+ times without completing (poison entry)")
         return [entry for entry in entries if entry.deliveries <= self.max_deliveries]
 
     async def dead_letter(self, entries: list[Entry], reason: str, field_name: str = "") -> None:
@@ -161,14 +159,24 @@ class GroupConsumer:
                 pipe.xadd(
                     self.dead_letter_stream,
                     dead_letter_fields(
-                        stream=self.stream, group=self.group, entry=entry, reason=reason, field_name=field_name
+                        stream=self.stream,
+                        group=self.group,
+                        entry=entry,
+                        reason=reason,
+                        field_name=field_name,
                     ),
                 )
             pipe.xack(self.stream, self.group, *[entry.id for entry in entries])
             await pipe.execute()
         for entry in entries:
-            log.error("dead_lettered", stream=self.stream, entry_id=entry.id, reason=reason,
-                      trace_id=entry.fields.get("trace_id", ""), correlation_id=entry.fields.get("correlation_id", ""))
+            log.error(
+                "dead_lettered",
+                stream=self.stream,
+                entry_id=entry.id,
+                reason=reason,
+                trace_id=entry.fields.get("trace_id", ""),
+                correlation_id=entry.fields.get("correlation_id", ""),
+            )
 
     async def next_batch(self) -> list[Entry]:
         """Our own unfinished entries first, then stale ones from dead consumers, then new ones."""
@@ -187,7 +195,12 @@ class GroupConsumer:
                 return stale
         return await self.read_new()
 
-    async def run(self, handler: Handler, stop: asyncio.Event, on_idle: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def run(
+        self,
+        handler: Handler,
+        stop: asyncio.Event,
+        on_idle: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Consume until ``stop`` is set; the batch in hand is always finished first.
 
         A handler or server error leaves the batch pending; it is retried (and counted
@@ -229,7 +242,7 @@ async def publish(redis: Redis, stream: str, entries: list[Fields]) -> list[str]
     """XADD a batch of entries in one pipelined round trip; returns their ids."""
     async with redis.pipeline(transaction=False) as pipe:
         for fields in entries:
-            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            pipe.xadd(stream, fields)
         return [str(entry_id) for entry_id in await pipe.execute()]
 
 

@@ -1,0 +1,301 @@
+"""The ``quantum-trader`` command: parses, calls the package, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from quantum_trader import governor, ops, services
+from quantum_trader.bus.connection import Redis, connected, server_url
+from quantum_trader.bus.embedded import EmbeddedValkey
+from quantum_trader.bus.streams import publish
+from quantum_trader.errors import ConfigError, QuantumTraderError
+from quantum_trader.events import DECISION, envelope
+from quantum_trader.logs import configure
+from quantum_trader.settings import Settings, load_settings
+from quantum_trader.status import pipeline_status
+from quantum_trader.views import governor_table, status_table
+
+app = typer.Typer(help="Quantum Trader: a fail-closed trading pipeline on Redis Streams.", no_args_is_help=True)
+kill_app = typer.Typer(help="The kill switch: trading only while quantum:kill is exactly 0.", no_args_is_help=True)
+governor_app = typer.Typer(help="The risk governor's counters and limits.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Inspect and replay the dead-letter stream.", no_args_is_help=True)
+app.add_typer(kill_app, name="kill")
+app.add_typer(governor_app, name="governor")
+app.add_typer(dlq_app, name="dlq")
+
+# Piped output keeps the full table (rich would otherwise squeeze it to 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+T = TypeVar("T")
+_state: dict[str, Path | None] = {"env_file": None}
+
+JSON_OPT = typer.Option(False, "--json", envvar="QT_JSON", help="Machine-readable output.")
+
+
+@app.callback()
+def _root(
+    env_file: Path | None = typer.Option(
+        None,
+        "--env-file",
+        envvar="QT_ENV_FILE",
+        help="Settings file in systemd EnvironmentFile syntax.",
+    ),
+) -> None:
+    _state["env_file"] = env_file
+
+
+def _settings() -> Settings:
+    settings = load_settings(_state["env_file"])
+    configure(settings.log_level, settings.log_format)
+    return settings
+
+
+@contextmanager
+def _server(settings: Settings) -> Iterator[str]:
+    with server_url(settings) as url:
+        yield url
+
+
+def _with_redis(settings: Settings, action: Callable[[Redis], Awaitable[T]]) -> T:
+    async def main(url: str) -> T:
+        async with connected(url) as redis:
+            return await action(redis)
+
+    with _server(settings) as url:
+        return asyncio.run(main(url))
+
+
+def _run_stages(stage_names: list[str], duration: float | None) -> None:
+    settings = _settings()
+
+    async def main(url: str) -> None:
+        async with connected(url) as redis:
+            stop = asyncio.Event()
+            services.install_signal_handlers(stop)
+            await services.serve(redis, settings, stage_names, stop, duration=duration)
+
+    with _server(settings) as url:
+        asyncio.run(main(url))
+
+
+@app.command()
+def run(
+    stages: str = typer.Option(",".join(services.STAGES), envvar="QT_STAGES", help="Comma-separated stages."),
+    duration: float | None = typer.Option(None, envvar="QT_DURATION", help="Stop after this many seconds."),
+) -> None:
+    """Run the whole pipeline (or the named stages) in one process."""
+    _run_stages([name.strip() for name in stages.split(",") if name.strip()], duration)
+
+
+@app.command()
+def router(duration: float | None = typer.Option(None, envvar="QT_DURATION")) -> None:
+    """Run the router alone (one systemd unit)."""
+    _run_stages(["router"], duration)
+
+
+@app.command()
+def execution(duration: float | None = typer.Option(None, envvar="QT_DURATION")) -> None:
+    """Run execution alone; several processes with different QT_CONSUMER share the group."""
+    _run_stages(["execution"], duration)
+
+
+@app.command()
+def status(
+    as_json: bool = JSON_OPT,
+    watch: float = typer.Option(0, "--watch", help="Refresh every N seconds until Ctrl-C."),
+    consumers: bool = typer.Option(False, "--consumers", help="Include each consumer's pending and idle time."),
+) -> None:
+    """Length, entries added, last id, and per group: consumers, pending, lag, last delivered id."""
+    settings = _settings()
+
+    async def show(redis: Redis) -> None:
+        while True:
+            stats = await pipeline_status(redis, settings.streams.pipeline(), with_consumers=consumers)
+            if as_json:
+                print(json.dumps([stat.as_dict() for stat in stats], indent=2))
+            else:
+                console.print(status_table(stats))
+            if not watch:
+                return
+            await asyncio.sleep(watch)
+
+    _with_redis(settings, show)
+
+
+@kill_app.command("on")
+def kill_on() -> None:
+    """Halt trading now (every intent REJECTED KILL_SWITCH)."""
+    _with_redis(_settings(), lambda r: governor.set_kill(r, on=True))
+    console.print("kill switch ON: trading halted")
+
+
+@kill_app.command("off")
+def kill_off() -> None:
+    """Allow trading (sets quantum:kill to 0)."""
+    settings = _settings()
+    _with_redis(settings, lambda r: governor.set_kill(r, on=False))
+    console.print(f"kill switch OFF: trading allowed (mode {settings.mode})")
+
+
+@kill_app.command("status")
+def kill_status(as_json: bool = JSON_OPT) -> None:
+    """Show the kill switch; exit 1 when trading is halted."""
+    value, allowed = _with_redis(_settings(), governor.kill_state)
+    if as_json:
+        print(json.dumps({"value": value, "trading_allowed": allowed}))
+    else:
+        console.print(f"quantum:kill = {value!r}: trading {'ALLOWED' if allowed else 'HALTED'}")
+    raise typer.Exit(0 if allowed else 1)
+
+
+@governor_app.command("status")
+def governor_status(as_json: bool = JSON_OPT) -> None:
+    """Today's count and limit, mode, kill switch, other limits."""
+    settings = _settings()
+    state = _with_redis(settings, lambda r: governor.governor_state(r, settings))
+    if as_json:
+        print(json.dumps(asdict(state), default=str))
+    else:
+        console.print(governor_table(state))
+
+
+@app.command()
+def check(service: str = typer.Argument(..., help="router or execution")) -> None:
+    """Exit 0 when SERVICE has a live heartbeat, 1 otherwise (for systemd and probes)."""
+    settings = _settings()
+    alive = _with_redis(settings, lambda r: services.alive_consumers(r, service))
+    if not alive:
+        err.print(f"{service}: no live heartbeat")
+        raise typer.Exit(1)
+    console.print(f"{service}: alive ({', '.join(alive)})")
+
+
+@app.command()
+def decide(
+    symbol: str = typer.Option(..., help="Exchange symbol, e.g. ETHUSDT."),
+    side: str = typer.Option(..., help="BUY or SELL."),
+    qty: str = typer.Option(..., help="Quantity (decimal)."),
+    price: str | None = typer.Option(None, help="Reference price (MARKET) or limit price (LIMIT)."),
+    order_type: str = typer.Option("MARKET", "--order-type"),
+    correlation_id: str = typer.Option("", "--correlation-id"),
+    trace_id: str = typer.Option("", "--trace-id"),
+) -> None:
+    """Publish one decision by hand (the router validates it like any other)."""
+    settings = _settings()
+    payload: dict[str, Any] = {"symbol": symbol, "side": side, "qty": qty, "order_type": order_type}
+    if price is not None:
+        payload["price"] = price
+    fields = envelope(
+        DECISION,
+        payload,
+        trace_id=trace_id or uuid.uuid4().hex,
+        correlation_id=correlation_id or uuid.uuid4().hex,
+        source="cli",
+    )
+    [entry_id] = _with_redis(settings, lambda r: publish(r, settings.decision_stream, [fields]))
+    console.print(f"published {entry_id} on {settings.decision_stream} (trace_id {fields['trace_id']})")
+
+
+@dlq_app.command("list")
+def dlq_list(count: int = typer.Option(20, min=1), as_json: bool = JSON_OPT) -> None:
+    """The newest dead-letter entries with their reasons."""
+    settings = _settings()
+    rows = _with_redis(settings, lambda r: ops.dead_letters(r, settings.dead_letter_stream, count))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print("dead-letter stream is empty")
+    for row in rows:
+        console.print(f"{row['id']}  from {row.get('stream')} {row.get('entry_id')}: {row.get('reason')}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: list[str] = typer.Argument(..., help="Dead-letter entry ids to put back."),
+) -> None:
+    """Put dead-letter entries back on their origin stream, once the cause is fixed."""
+    settings = _settings()
+    try:
+        done = _with_redis(settings, lambda r: ops.replay_dead_letters(r, settings.dead_letter_stream, ids))
+    except LookupError as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(2) from None
+    for dead_id, origin, new_id in done:
+        console.print(f"{dead_id} -> {origin} {new_id}")
+
+
+@app.command()
+def server() -> None:
+    """Run the embedded Valkey server in the foreground (for a systemd unit of its own)."""
+    settings = _settings()
+    if settings.redis_url:
+        raise ConfigError("QT_REDIS_URL is set: the embedded server is not used; unset it to run one")
+    valkey = EmbeddedValkey(settings.data_dir, appendfsync=settings.appendfsync)
+    valkey.start()
+    (settings.data_dir / "server.url").write_text(valkey.url)
+    console.print(f"valkey serving at {valkey.url} (data in {settings.data_dir})")
+    try:
+        while valkey.process is not None and valkey.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        valkey.stop()
+
+
+@app.command()
+def demo(
+    decisions: int = typer.Option(2000, min=1, envvar="QT_DEMO_DECISIONS", help="Distinct decisions to publish."),
+    rate: float = typer.Option(500.0, min=1, envvar="QT_DEMO_RATE", help="Decisions per second."),
+    timeout: float = typer.Option(60.0, min=1, help="Give up after this many seconds."),
+    seed: int = typer.Option(7),
+) -> None:
+    """Run the pipeline on the paper exchange with generated decisions and show the outcomes."""
+    settings = _settings()
+    log_path = settings.data_dir / "demo.log"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_path.open("a", encoding="utf-8")
+    configure(settings.log_level, "json", log_file)  # keep the live table readable; outcomes go to the file
+    console.print(f"outcome log: {log_path}")
+    if settings.mode != "paper" or settings.exchange != "paper":
+        raise ConfigError(
+            "the demo turns the kill switch off and trades: it runs only with QT_MODE=paper and QT_EXCHANGE=paper"
+        )
+    report = _with_redis(
+        settings,
+        lambda r: ops.run_demo(
+            r, settings, decisions=decisions, rate=rate, limit_s=timeout, seed=seed, console=console
+        ),
+    )
+    console.print(f"\npublished {report.published:,} decisions ({report.distinct:,} distinct, the rest retries)")
+    for outcome, count in sorted(report.outcomes.items()):
+        console.print(f"  {outcome:<16}{count:>8,}")
+    console.print("paper balances: " + ", ".join(f"{a} {v}" for a, v in report.balances.items()))
+    if not report.complete:
+        err.print("not every decision reached an outcome before the timeout")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: operator errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        app()
+    except ConfigError as exc:
+        err.print(f"error: {exc}", highlight=False)
+        sys.exit(2)
+    except QuantumTraderError as exc:
+        err.print(f"error: {exc}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""Exchange adapters: one interface (``base.Exchange``), the paper exchange by default."""

@@ -1,0 +1,81 @@
+"""The interface every exchange adapter implements, and the data it exchanges.
+
+Placement is idempotent by client order id: ``place_orders`` must return the
+existing order instead of placing a second one, and ``fetch_orders`` must find an
+order the exchange already has. Execution relies on both after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal, Protocol
+
+OrderStatus = Literal["FILLED", "REJECTED", "FAILED"]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRequest:
+    """One order to place. ``price`` is the limit price; ``reference_price`` the decision's hint."""
+
+    client_order_id: str
+    symbol: str
+    side: Literal["BUY", "SELL"]
+    qty: Decimal
+    order_type: Literal["MARKET", "LIMIT"] = "MARKET"
+    price: Decimal | None = None
+    reference_price: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OrderOutcome:
+    """What the exchange did with one order."""
+
+    client_order_id: str
+    status: OrderStatus
+    reason: str = ""
+    filled_qty: Decimal = Decimal(0)
+    avg_price: Decimal | None = None
+    fee: Decimal = Decimal(0)
+    fee_asset: str = ""
+    exchange_order_id: str = ""
+
+
+class Exchange(Protocol):
+    """An exchange adapter (paper, or ccxt for testnet and live)."""
+
+    name: str
+
+    async def last_prices(self, symbols: list[str]) -> dict[str, Decimal]:
+        """Latest known price per symbol; symbols without one are absent."""
+        ...
+
+    async def fetch_orders(self, client_order_ids: list[str]) -> dict[str, OrderOutcome]:
+        """Orders the exchange already has, by client order id; unknown ids are absent."""
+        ...
+
+    async def place_orders(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
+        """Place each order once; an id the exchange already has returns that order."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def client_order_id(intent_id: str, trace_id: str, correlation_id: str) -> str:
+    """Deterministic id of the one order an intent may place (<= 36 chars, Binance's limit)."""
+    digest = hashlib.blake2b(f"{intent_id}|{trace_id}|{correlation_id}".encode(), digest_size=16).hexdigest()
+    return f"qt-{digest}"[:36]
+
+
+def split_symbol(symbol: str, quote_assets: list[str]) -> tuple[str, str]:
+    """``ETHUSDT`` -> (``ETH``, ``USDT``) using the known quote assets (longest match first)."""
+    if "/" in symbol:
+        base, _, quote = symbol.partition("/")
+        return base, quote.split(":")[0]
+    for quote in sorted(quote_assets, key=len, reverse=True):
+        if symbol.endswith(quote) and len(symbol) > len(quote):
+            return symbol[: -len(quote)], quote
+    raise ValueError(f"cannot tell base and quote of {symbol!r}; add its quote asset to QT_QUOTE_ASSETS")

@@ -1,0 +1,209 @@
+"""The paper exchange: fills in Redis, balances persisted, every order stored by client order id.
+
+MARKET orders fill at the latest market price for the symbol (written by the
+market-data feed) or, failing that, the decision's reference price, moved against
+the trader by the configured slippage. LIMIT orders fill at their limit price when
+marketable and are rejected otherwise (the paper exchange keeps no order book).
+A batch is applied with WATCH/MULTI so balances stay exact decimals under concurrent
+execution processes, and an order id already stored is returned, never placed again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from redis.exceptions import WatchError
+
+from quantum_trader import keys
+from quantum_trader.bus.connection import Redis
+from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, split_symbol
+
+_BPS = Decimal(10_000)
+_encoder = msgspec.json.Encoder(decimal_format="string")
+
+
+def _outcome_from_json(text: str) -> OrderOutcome:
+    data: dict[str, Any] = msgspec.json.decode(text)
+    for name in ("filled_qty", "fee"):
+        data[name] = Decimal(data[name])
+    data["avg_price"] = Decimal(data["avg_price"]) if data.get("avg_price") is not None else None
+    return OrderOutcome(**data)
+
+
+def _outcome_to_json(outcome: OrderOutcome) -> str:
+    return _encoder.encode(asdict(outcome)).decode()
+
+
+def fill(
+    order: OrderRequest,
+    market_price: Decimal | None,
+    balances: dict[str, Decimal],
+    *,
+    fee_rate: Decimal,
+    slippage_bps: Decimal,
+    quote_assets: list[str],
+    order_no: int,
+) -> tuple[OrderOutcome, dict[str, Decimal]]:
+    """Pure fill rule: the outcome of one order and the balance changes it makes."""
+    try:
+        base, quote = split_symbol(order.symbol, quote_assets)
+    except ValueError as exc:
+        return OrderOutcome(order.client_order_id, "REJECTED", reason=f"UNKNOWN_SYMBOL: {exc}"), {}
+    if order.order_type == "LIMIT":
+        if order.price is None:
+            return OrderOutcome(order.client_order_id, "REJECTED", reason="INVALID: LIMIT order without price"), {}
+        if market_price is not None:
+            marketable = market_price <= order.price if order.side == "BUY" else market_price >= order.price
+            if not marketable:
+                return OrderOutcome(
+                    order.client_order_id,
+                    "REJECTED",
+                    reason=f"LIMIT_NOT_MARKETABLE: market {market_price}, limit {order.price}",
+                ), {}
+        price = order.price
+    else:
+        reference = market_price if market_price is not None else order.reference_price
+        if reference is None:
+            return OrderOutcome(
+                order.client_order_id,
+                "REJECTED",
+                reason=f"NO_PRICE: no price known for {order.symbol}",
+            ), {}
+        slip = reference * slippage_bps / _BPS
+        price = reference + slip if order.side == "BUY" else reference - slip
+    notional = order.qty * price
+    fee = notional * fee_rate
+    if order.side == "BUY":
+        need, have = notional + fee, balances.get(quote, Decimal(0))
+        if have < need:
+            return OrderOutcome(
+                order.client_order_id,
+                "REJECTED",
+                reason=f"INSUFFICIENT_BALANCE: need {need} {quote}, have {have}",
+            ), {}
+        changes = {quote: -need, base: order.qty}
+    else:
+        have = balances.get(base, Decimal(0))
+        if have < order.qty:
+            return OrderOutcome(
+                order.client_order_id,
+                "REJECTED",
+                reason=f"INSUFFICIENT_BALANCE: need {order.qty} {base}, have {have}",
+            ), {}
+        changes = {base: -order.qty, quote: notional - fee}
+    outcome = OrderOutcome(
+        order.client_order_id,
+        "FILLED",
+        filled_qty=order.qty,
+        avg_price=price,
+        fee=fee,
+        fee_asset=quote,
+        exchange_order_id=f"paper-{order_no}",
+    )
+    return outcome, changes
+
+
+class PaperExchange:
+    """Paper trading on the stream server itself."""
+
+    name = "paper"
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        fee_rate: Decimal = Decimal("0.001"),
+        slippage_bps: Decimal = Decimal(0),
+        quote_assets: list[str] | None = None,
+        starting_balances: dict[str, Decimal] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.fee_rate = fee_rate
+        self.slippage_bps = slippage_bps
+        self.quote_assets = quote_assets or ["USDT"]
+        self.starting_balances = starting_balances or {}
+
+    async def fund(self) -> None:
+        """Set the starting balances once; an existing account is left as it is."""
+        if self.starting_balances:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for asset, amount in self.starting_balances.items():
+                    pipe.hsetnx(keys.paper_balances(), asset, str(amount))
+                await pipe.execute()
+
+    async def balances(self) -> dict[str, Decimal]:
+        """Every asset's balance."""
+        raw = await self.redis.hgetall(keys.paper_balances())
+        return {asset: Decimal(value) for asset, value in raw.items()}
+
+    async def last_prices(self, symbols: list[str]) -> dict[str, Decimal]:
+        """Latest market prices written by the market-data feed."""
+        unique = sorted(set(symbols))
+        if not unique:
+            return {}
+        values = await self.redis.hmget(keys.PRICE_HASH, unique)
+        return {symbol: Decimal(value) for symbol, value in zip(unique, values, strict=True) if value is not None}
+
+    async def fetch_orders(self, client_order_ids: list[str]) -> dict[str, OrderOutcome]:
+        """Stored orders by client order id."""
+        if not client_order_ids:
+            return {}
+        values = await self.redis.hmget(keys.paper_orders(), client_order_ids)
+        return {
+            coid: _outcome_from_json(value)
+            for coid, value in zip(client_order_ids, values, strict=True)
+            if value is not None
+        }
+
+    async def place_orders(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
+        """Fill a batch atomically (optimistic WATCH on balances and orders); idempotent per id."""
+        if not orders:
+            return []
+        ids = [order.client_order_id for order in orders]
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(keys.paper_balances(), keys.paper_orders())
+                    pipe_any: Any = pipe
+                    existing_raw = await pipe_any.hmget(keys.paper_orders(), ids)
+                    balance_raw = await pipe_any.hgetall(keys.paper_balances())
+                    prices = await self.last_prices([order.symbol for order in orders])
+                    order_count = int(await pipe_any.hlen(keys.paper_orders()))
+                    balances = {a: Decimal(v) for a, v in balance_raw.items()}
+                    outcomes: list[OrderOutcome] = []
+                    new: dict[str, str] = {}
+                    for order, stored in zip(orders, existing_raw, strict=True):
+                        if stored is not None:
+                            outcomes.append(_outcome_from_json(stored))
+                            continue
+                        if order.client_order_id in new:
+                            outcomes.append(_outcome_from_json(new[order.client_order_id]))
+                            continue
+                        order_count += 1
+                        outcome, changes = fill(
+                            order,
+                            prices.get(order.symbol),
+                            balances,
+                            fee_rate=self.fee_rate,
+                            slippage_bps=self.slippage_bps,
+                            quote_assets=self.quote_assets,
+                            order_no=order_count,
+                        )
+                        for asset, delta in changes.items():
+                            balances[asset] = balances.get(asset, Decimal(0)) + delta
+                        new[order.client_order_id] = _outcome_to_json(outcome)
+                        outcomes.append(outcome)
+                    pipe.multi()
+                    if new:
+                        pipe.hset(keys.paper_orders(), mapping=new)
+                        pipe.hset(keys.paper_balances(), mapping={a: str(v) for a, v in balances.items()})
+                    await pipe.execute()
+                    return outcomes
+                except WatchError:
+                    continue
+
+    async def close(self) -> None:
+        """Nothing to release: the client belongs to the caller."""

@@ -1,0 +1,238 @@
+"""Execution: turn each trade intent into exactly one order (or none) and exactly one result.
+
+Per batch, in order:
+1. decode; an intent that does not decode goes to the dead-letter stream with its raw fields;
+2. for intents delivered before (a crash, a dead consumer), look the order up at the
+   exchange by its deterministic client order id: if it exists, report it, never place again;
+3. EXPIRED for intents older than the max age (never executed);
+4. the governor's pure rules (allow-list, notional), then its gate script (kill switch,
+   daily limit) in one call, right before the orders leave;
+5. place the approved orders (idempotent per client order id);
+6. one ``commit.lua`` call acknowledges every intent and writes its result (and the legacy
+   copy), atomically; an intent someone else already finished gets no second result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from quantum_trader import governor as gov
+from quantum_trader import keys
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import Entry, GroupConsumer
+from quantum_trader.errors import DecodeError
+from quantum_trader.events import (
+    EXECUTION_RESULT,
+    TRADE_INTENT,
+    Envelope,
+    ExecutionResult,
+    Status,
+    TradeIntent,
+    decode_event,
+    envelope,
+    now_iso,
+)
+from quantum_trader.exchanges.base import Exchange, OrderOutcome, OrderRequest, client_order_id
+from quantum_trader.logs import emit_outcomes, get_logger
+from quantum_trader.scripts import register
+from quantum_trader.settings import Settings
+
+log = get_logger("execution")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One decoded intent on its way through the batch."""
+
+    entry: Entry
+    env: Envelope
+    intent: TradeIntent
+    coid: str
+
+
+def result_for(
+    job: Job,
+    status: Status,
+    reason: str = "",
+    outcome: OrderOutcome | None = None,
+    exchange: str = "",
+) -> ExecutionResult:
+    """The result payload of one intent. ``reason`` may be ``CODE: detail``."""
+    code, _, detail = reason.partition(": ")
+    return ExecutionResult(
+        status=status,
+        reason=code,
+        detail=detail,
+        symbol=job.intent.symbol,
+        side=job.intent.side,
+        qty=job.intent.qty,
+        intent_id=job.entry.id,
+        decision_id=job.intent.decision_id,
+        client_order_id=job.coid,
+        filled_qty=outcome.filled_qty if outcome else Decimal(0),
+        avg_price=outcome.avg_price if outcome else None,
+        fee=outcome.fee if outcome else Decimal(0),
+        fee_asset=outcome.fee_asset if outcome else "",
+        exchange_order_id=outcome.exchange_order_id if outcome else "",
+        exchange=exchange,
+    )
+
+
+def result_from_outcome(job: Job, outcome: OrderOutcome, exchange: str) -> ExecutionResult:
+    """The result an exchange outcome makes."""
+    return result_for(job, outcome.status, outcome.reason, outcome, exchange)
+
+
+class Execution:
+    """The execution service: governor gate, exchange adapter, atomic results."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        exchange: Exchange,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.exchange = exchange
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.streams = settings.streams
+        self.governor = gov.Governor(redis, settings)
+        self.limits = self.governor.limits
+        self._commit = register(redis, "commit")
+        self.consumer = GroupConsumer(
+            redis,
+            self.streams.intent,
+            self.streams.execution_group,
+            settings.consumer_name("execution"),
+            self.streams.dead_letter,
+            batch_size=settings.batch_size,
+            block_ms=settings.block_ms,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+        )
+        self.totals: dict[str, int] = {"FILLED": 0, "REJECTED": 0, "EXPIRED": 0, "FAILED": 0}
+
+    def _decode(self, entries: list[Entry]) -> tuple[list[Job], list[tuple[Entry, DecodeError]]]:
+        jobs, bad = [], []
+        for entry in entries:
+            try:
+                env, intent = decode_event(entry.fields, TradeIntent, TRADE_INTENT)
+            except DecodeError as exc:
+                bad.append((entry, exc))
+                continue
+            jobs.append(Job(entry, env, intent, client_order_id(entry.id, env.trace_id, env.correlation_id)))
+        return jobs, bad
+
+    async def handle(self, entries: list[Entry]) -> None:
+        """Execute one batch (see the module docstring for the steps)."""
+        jobs, bad = self._decode(entries)
+        for entry, exc in bad:
+            await self.consumer.dead_letter([entry], f"undecodable trade intent: {exc.reason}", exc.field)
+        results: dict[str, ExecutionResult] = {}
+
+        redelivered = [job for job in jobs if job.entry.deliveries > 1]
+        if redelivered:
+            existing = await self.exchange.fetch_orders([job.coid for job in redelivered])
+            for job in redelivered:
+                if job.coid in existing:
+                    results[job.entry.id] = result_from_outcome(job, existing[job.coid], self.exchange.name)
+
+        now = self.clock()
+        todo: list[Job] = []
+        for job in jobs:
+            if job.entry.id in results:
+                continue
+            if gov.is_expired(job.intent, job.env.timestamp, now, self.limits.max_age):
+                results[job.entry.id] = result_for(
+                    job,
+                    "EXPIRED",
+                    f"{gov.EXPIRED}: decision older than {self.limits.max_age.total_seconds():g}s",
+                )
+            else:
+                todo.append(job)
+
+        prices = await self.exchange.last_prices([job.intent.symbol for job in todo]) if todo else {}
+        gated: list[Job] = []
+        for job in todo:
+            reason = gov.check_intent(job.intent, prices.get(job.intent.symbol, job.intent.price), self.limits)
+            if reason is not None:
+                results[job.entry.id] = result_for(job, "REJECTED", reason)
+            else:
+                gated.append(job)
+
+        verdicts = await self.governor.gate([job.entry.id for job in gated], self.clock())
+        approved = []
+        for job, verdict in zip(gated, verdicts, strict=True):
+            if verdict == gov.APPROVED:
+                approved.append(job)
+            elif verdict != gov.GONE:
+                results[job.entry.id] = result_for(job, "REJECTED", verdict)
+
+        requests = [
+            OrderRequest(
+                client_order_id=job.coid,
+                symbol=job.intent.symbol,
+                side=job.intent.side,
+                qty=job.intent.qty,
+                order_type=job.intent.order_type,
+                price=job.intent.price if job.intent.order_type == "LIMIT" else None,
+                reference_price=job.intent.price,
+            )
+            for job in approved
+        ]
+        outcomes = await self.exchange.place_orders(requests)
+        for job, outcome in zip(approved, outcomes, strict=True):
+            results[job.entry.id] = result_from_outcome(job, outcome, self.exchange.name)
+
+        await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results])
+
+    async def commit(self, done: list[tuple[Job, ExecutionResult]]) -> None:
+        """Acknowledge the intents and write their results in one atomic script call."""
+        if not done:
+            return
+        stamp = now_iso(self.clock())
+        args: list[str] = [self.streams.execution_group]
+        records = []
+        for job, result in done:
+            fields = envelope(
+                EXECUTION_RESULT,
+                result,
+                trace_id=job.env.trace_id,
+                correlation_id=job.env.correlation_id,
+                source="execution",
+                timestamp=stamp,
+            )
+            args += [job.entry.id, str(len(fields) * 2)]
+            for name, value in fields.items():
+                args += (name, value)
+            records.append(
+                {
+                    "event": "intent_done",
+                    "outcome": result.status,
+                    "reason": result.reason,
+                    "detail": result.detail,
+                    "symbol": result.symbol,
+                    "side": result.side,
+                    "qty": result.qty,
+                    "intent_id": job.entry.id,
+                    "client_order_id": job.coid,
+                    "trace_id": job.env.trace_id,
+                    "correlation_id": job.env.correlation_id,
+                }
+            )
+        script_keys = [
+            self.streams.intent,
+            self.streams.result,
+            keys.counted(self.clock().astimezone(UTC).date()),
+        ]
+        if self.streams.result_legacy:
+            script_keys.append(self.streams.result_legacy)
+        await self._commit(keys=script_keys, args=args)
+        for _job, result in done:
+            self.totals[result.status] += 1
+        emit_outcomes("execution", records)

@@ -1,0 +1,149 @@
+"""The risk governor: every rule an intent must pass right before its order leaves.
+
+Pure rules (``check_intent``) need no server: max age, symbol allow-list, max
+notional. The stateful rules run in one Lua script per batch (``gate.lua``):
+the kill switch (trading only while ``quantum:kill`` is exactly ``0``; absent,
+any other value or an unreachable server never approves) and the daily trade
+limit, checked and incremented in the same atomic step and counted once per
+intent even when it is delivered again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+from quantum_trader import keys
+from quantum_trader.bus.connection import Redis
+from quantum_trader.events import TradeIntent, parse_iso
+from quantum_trader.scripts import register
+from quantum_trader.settings import Settings
+
+KILL_SWITCH = "KILL_SWITCH"
+DAILY_LIMIT = "DAILY_LIMIT"
+MAX_NOTIONAL = "MAX_NOTIONAL"
+SYMBOL_NOT_ALLOWED = "SYMBOL_NOT_ALLOWED"
+NO_PRICE = "NO_PRICE"
+EXPIRED = "EXPIRED"
+APPROVED = "APPROVED"
+GONE = "GONE"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The rules in force (from settings)."""
+
+    daily_limit: int
+    max_notional: Decimal
+    symbol_allowlist: frozenset[str]
+    max_age: timedelta
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The limits the settings describe."""
+        return cls(
+            daily_limit=settings.effective_daily_limit,
+            max_notional=settings.max_notional,
+            symbol_allowlist=frozenset(settings.symbol_allowlist),
+            max_age=timedelta(seconds=settings.max_intent_age_s),
+        )
+
+
+def is_expired(intent: TradeIntent, intent_timestamp: str, now: datetime, max_age: timedelta) -> bool:
+    """An intent is stale once its decision is older than ``max_age`` (unknown age = stale)."""
+    try:
+        born = parse_iso(intent.decision_ts or intent_timestamp)
+    except ValueError:
+        return True
+    return now - born > max_age
+
+
+def check_intent(intent: TradeIntent, price: Decimal | None, limits: Limits) -> str | None:
+    """The first pure rule the intent breaks, as ``REASON: detail``; None when it passes."""
+    if limits.symbol_allowlist and intent.symbol not in limits.symbol_allowlist:
+        return f"{SYMBOL_NOT_ALLOWED}: {intent.symbol} is not in QT_SYMBOL_ALLOWLIST"
+    if intent.order_type == "LIMIT" and intent.price is not None:
+        price = intent.price
+    if price is None:
+        return f"{NO_PRICE}: no market or reference price for {intent.symbol}; notional cannot be checked"
+    notional = intent.qty * price
+    if notional > limits.max_notional:
+        return f"{MAX_NOTIONAL}: notional {notional:f} exceeds QT_MAX_NOTIONAL={limits.max_notional}"
+    return None
+
+
+def counter_ttl(now: datetime) -> int:
+    """Seconds until the next UTC midnight + 1 h (the seed's expiry for the daily counter)."""
+    midnight = datetime.combine(now.astimezone(UTC).date() + timedelta(days=1), datetime.min.time(), UTC)
+    return max(1, int((midnight + timedelta(hours=1) - now).total_seconds()))
+
+
+class Governor:
+    """The stateful half of the rules, on the stream server."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.limits = Limits.from_settings(settings)
+        self.intent_stream = settings.intent_stream
+        self.group = settings.execution_group
+        self._gate = register(redis, "gate")
+
+    async def gate(self, intent_ids: list[str], now: datetime) -> list[str]:
+        """One verdict per intent (APPROVED, KILL_SWITCH, DAILY_LIMIT or GONE), one script call.
+
+        Raises RedisError when the server cannot answer: the caller leaves the batch
+        pending and retries, so nothing is approved while the state is unknown.
+        """
+        if not intent_ids:
+            return []
+        day = now.astimezone(UTC).date()
+        verdicts = await self._gate(
+            keys=[keys.KILL_SWITCH, keys.daily_trades(day), keys.counted(day), self.intent_stream],
+            args=[self.group, self.limits.daily_limit, counter_ttl(now), *intent_ids],
+        )
+        return [str(v) for v in verdicts]
+
+
+@dataclass(frozen=True, slots=True)
+class GovernorState:
+    """What ``governor status`` shows."""
+
+    day: date
+    count: int
+    limit: int
+    mode: str
+    kill_value: str | None
+    trading_allowed: bool
+    max_notional: Decimal
+    symbol_allowlist: list[str]
+    max_intent_age_s: float
+
+
+async def governor_state(redis: Redis, settings: Settings, now: datetime | None = None) -> GovernorState:
+    """Today's count, limit, mode and kill switch."""
+    moment = now or datetime.now(UTC)
+    day = moment.date()
+    kill, count = await redis.mget(keys.KILL_SWITCH, keys.daily_trades(day))
+    return GovernorState(
+        day=day,
+        count=int(count or 0),
+        limit=settings.effective_daily_limit,
+        mode=settings.mode,
+        kill_value=kill,
+        trading_allowed=kill == "0",
+        max_notional=settings.max_notional,
+        symbol_allowlist=settings.symbol_allowlist,
+        max_intent_age_s=settings.max_intent_age_s,
+    )
+
+
+async def set_kill(redis: Redis, on: bool) -> None:
+    """Halt (``1``) or allow (``0``) trading."""
+    await redis.set(keys.KILL_SWITCH, "1" if on else "0")
+
+
+async def kill_state(redis: Redis) -> tuple[str | None, bool]:
+    """(raw value, trading allowed). Unreachable server raises; callers treat that as halted."""
+    value = await redis.get(keys.KILL_SWITCH)
+    return value, value == "0"

@@ -1,0 +1,184 @@
+"""Wiring stages to the stream server: build, run side by side, heartbeat, trim, stop cleanly.
+
+``serve`` runs any set of stages in one asyncio process (``quantum-trader run``) or
+one stage alone (one systemd unit per stage). SIGTERM/SIGINT finish the batch in
+hand, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+from quantum_trader import keys
+from quantum_trader.bus.connection import Redis, server_version
+from quantum_trader.bus.trim import has_native_acked_trim, trim_consumed
+from quantum_trader.errors import ConfigError
+from quantum_trader.exchanges.base import Exchange
+from quantum_trader.exchanges.paper import PaperExchange
+from quantum_trader.execution import Execution
+from quantum_trader.governor import kill_state
+from quantum_trader.logs import get_logger
+from quantum_trader.router import Router
+from quantum_trader.settings import Settings
+
+log = get_logger("services")
+STAGES = ("router", "execution")
+
+
+async def build_exchange(redis: Redis, settings: Settings) -> Exchange:
+    """The adapter the settings select (paper by default)."""
+    if settings.exchange == "paper":
+        paper = PaperExchange(
+            redis,
+            fee_rate=settings.paper_fee_rate,
+            slippage_bps=settings.paper_slippage_bps,
+            quote_assets=settings.quote_assets,
+            starting_balances=settings.paper_balances,
+        )
+        await paper.fund()
+        return paper
+    raise ConfigError(f"QT_EXCHANGE={settings.exchange!r}: only 'paper' is available in this version")
+
+
+async def build_stage(name: str, redis: Redis, settings: Settings) -> Router | Execution:
+    """One stage, ready to run."""
+    if name == "router":
+        return Router(redis, settings)
+    if name == "execution":
+        return Execution(redis, settings, await build_exchange(redis, settings))
+    raise ConfigError(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
+
+
+@dataclass
+class Runner:
+    """Runs stages until ``stop`` is set, with heartbeats and safe trimming."""
+
+    redis: Redis
+    settings: Settings
+    stages: dict[str, Router | Execution]
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    trim_every_s: float = 5.0
+
+    async def heartbeat(self) -> None:
+        """Refresh one key per stage with an expiry; ``quantum-trader check`` reads it."""
+        ttl = max(1, int(self.settings.heartbeat_s * 3))
+        while not self.stop.is_set():
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name, stage in self.stages.items():
+                        beat = {"pid": os.getpid(), "at": time.time(), "totals": stage.totals}
+                        pipe.set(keys.heartbeat(name, stage.consumer.consumer), json.dumps(beat), ex=ttl)
+                    await pipe.execute()
+            except RedisError as exc:
+                log.warning("heartbeat_failed", error=str(exc))
+            await _wait(self.stop, self.settings.heartbeat_s)
+
+    async def trim(self) -> None:
+        """Trim each input stream up to what every group has finished."""
+        try:
+            server, version = await server_version(self.redis)
+            native = has_native_acked_trim(server, version)
+        except RedisError:
+            native = False
+        while not self.stop.is_set():
+            await _wait(self.stop, self.trim_every_s)
+            for stage in self.stages.values():
+                try:
+                    await trim_consumed(
+                        self.redis,
+                        stage.consumer.stream,
+                        self.settings.trim_keep,
+                        native_acked=native,
+                    )
+                except RedisError as exc:
+                    log.warning("trim_failed", stream=stage.consumer.stream, error=str(exc))
+
+    async def run(self) -> None:
+        """Run every stage, the heartbeat and the trimmer; return once stopped."""
+        await announce_kill_state(self.redis)
+        tasks = [
+            asyncio.create_task(stage.consumer.run(stage.handle, self.stop), name=name)
+            for name, stage in self.stages.items()
+        ]
+        tasks += [asyncio.create_task(self.heartbeat()), asyncio.create_task(self.trim())]
+        try:
+            done, _ = await asyncio.wait(tasks[: len(self.stages)], return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            self.stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            log.info(
+                "stopped",
+                stages=list(self.stages),
+                totals={n: s.totals for n, s in self.stages.items()},
+            )
+
+
+async def announce_kill_state(redis: Redis) -> None:
+    """One clear line at start-up when trading is halted (fail-closed)."""
+    try:
+        value, allowed = await kill_state(redis)
+    except RedisError as exc:
+        log.error(
+            "kill_switch_unknown",
+            error=str(exc),
+            effect="no intent is approved until the server answers",
+        )
+        return
+    if not allowed:
+        log.warning(
+            "trading_halted",
+            kill_switch=value,
+            effect="every intent will be REJECTED KILL_SWITCH",
+            fix="run: quantum-trader kill off",
+        )
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT ask the runner to stop after the batch in hand."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return
+
+
+async def serve(
+    redis: Redis,
+    settings: Settings,
+    stage_names: list[str],
+    stop: asyncio.Event,
+    *,
+    duration: float | None = None,
+    on_start: Callable[[Runner], Awaitable[None]] | None = None,
+) -> Runner:
+    """Build and run the named stages until stopped (or ``duration`` seconds)."""
+    stages = {name: await build_stage(name, redis, settings) for name in stage_names}
+    runner = Runner(redis, settings, stages, stop)
+    if duration is not None:
+        asyncio.get_running_loop().call_later(duration, stop.set)
+    if on_start is not None:
+        await on_start(runner)
+    await runner.run()
+    return runner
+
+
+async def alive_consumers(redis: Redis, service: str) -> list[str]:
+    """Consumers of ``service`` whose heartbeat has not expired."""
+    found = [key async for key in redis.scan_iter(match=keys.heartbeat_pattern(service), count=1000)]
+    return sorted(str(key).rsplit(":", 1)[-1] for key in found)

@@ -1,0 +1,61 @@
+"""Rich tables for the command line (the seed's BEFORE/AFTER table, live)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from quantum_trader.governor import GovernorState
+from quantum_trader.status import StreamStat
+
+
+def _num(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+def status_table(stats: list[StreamStat], title: str = "Pipeline streams") -> Table:
+    """One row per stream, one sub-row per group."""
+    table = Table(title=title, title_justify="left")
+    for name in (
+        "stream",
+        "XLEN",
+        "entries-added",
+        "last-generated-id",
+        "group",
+        "consumers",
+        "pending",
+        "lag",
+        "last-delivered-id",
+    ):
+        table.add_column(
+            name,
+            justify="right" if name in ("XLEN", "entries-added", "consumers", "pending", "lag") else "left",
+        )
+    for stat in stats:
+        if not stat.exists:
+            table.add_row(stat.name, "-", "-", "(no stream yet)", "", "", "", "", "")
+            continue
+        head = [stat.name, _num(stat.length), _num(stat.entries_added), stat.last_generated_id]
+        if not stat.groups:
+            table.add_row(*head, "(no group)", "", "", "", "")
+        for index, group in enumerate(stat.groups):
+            lead = head if index == 0 else ["", "", "", ""]
+            table.add_row(
+                *lead, group.name, _num(group.consumers), _num(group.pending), _num(group.lag), group.last_delivered_id
+            )
+    return table
+
+
+def governor_table(state: GovernorState) -> Table:
+    """Today's count, limit, mode and kill switch."""
+    table = Table(title="Governor", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("value")
+    kill = "absent" if state.kill_value is None else repr(state.kill_value)
+    table.add_row("trading", "ALLOWED" if state.trading_allowed else "HALTED (fail-closed)")
+    table.add_row("kill switch quantum:kill", kill)
+    table.add_row("mode", state.mode)
+    table.add_row(f"daily trades {state.day:%Y-%m-%d} (UTC)", f"{state.count:,} / {state.limit:,}")
+    table.add_row("max notional", f"{state.max_notional}")
+    table.add_row("symbol allow-list", ", ".join(state.symbol_allowlist) or "(all symbols)")
+    table.add_row("max intent age", f"{state.max_intent_age_s:g}s")
+    return table
