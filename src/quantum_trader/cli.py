@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
-from rich.console import Console
 
-from quantum_trader import governor, ops, services
+from quantum_trader import cli_support, governor, ops, services
 from quantum_trader.bus.connection import Redis, connected, server_url
 from quantum_trader.bus.embedded import EmbeddedValkey
 from quantum_trader.bus.streams import publish
+from quantum_trader.cli_support import JSON_OPT, console, err, state, with_redis
 from quantum_trader.errors import ConfigError, QuantumTraderError
 from quantum_trader.events import DECISION, envelope
 from quantum_trader.logs import configure
-from quantum_trader.settings import Settings, load_settings
 from quantum_trader.status import pipeline_status
 from quantum_trader.views import governor_table, status_table
 
@@ -35,14 +33,6 @@ app.add_typer(kill_app, name="kill")
 app.add_typer(governor_app, name="governor")
 app.add_typer(dlq_app, name="dlq")
 
-# Piped output keeps the full table (rich would otherwise squeeze it to 80 columns).
-console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
-T = TypeVar("T")
-_state: dict[str, Path | None] = {"env_file": None}
-
-JSON_OPT = typer.Option(False, "--json", envvar="QT_JSON", help="Machine-readable output.")
-
 
 @app.callback()
 def _root(
@@ -53,32 +43,11 @@ def _root(
         help="Settings file in systemd EnvironmentFile syntax.",
     ),
 ) -> None:
-    _state["env_file"] = env_file
-
-
-def _settings() -> Settings:
-    settings = load_settings(_state["env_file"])
-    configure(settings.log_level, settings.log_format)
-    return settings
-
-
-@contextmanager
-def _server(settings: Settings) -> Iterator[str]:
-    with server_url(settings) as url:
-        yield url
-
-
-def _with_redis(settings: Settings, action: Callable[[Redis], Awaitable[T]]) -> T:
-    async def main(url: str) -> T:
-        async with connected(url) as redis:
-            return await action(redis)
-
-    with _server(settings) as url:
-        return asyncio.run(main(url))
+    state["env_file"] = env_file
 
 
 def _run_stages(stage_names: list[str], duration: float | None) -> None:
-    settings = _settings()
+    settings = cli_support.settings()
 
     async def main(url: str) -> None:
         async with connected(url) as redis:
@@ -86,7 +55,7 @@ def _run_stages(stage_names: list[str], duration: float | None) -> None:
             services.install_signal_handlers(stop)
             await services.serve(redis, settings, stage_names, stop, duration=duration)
 
-    with _server(settings) as url:
+    with server_url(settings) as url:
         asyncio.run(main(url))
 
 
@@ -118,7 +87,7 @@ def status(
     consumers: bool = typer.Option(False, "--consumers", help="Include each consumer's pending and idle time."),
 ) -> None:
     """Length, entries added, last id, and per group: consumers, pending, lag, last delivered id."""
-    settings = _settings()
+    settings = cli_support.settings()
 
     async def show(redis: Redis) -> None:
         while True:
@@ -131,28 +100,28 @@ def status(
                 return
             await asyncio.sleep(watch)
 
-    _with_redis(settings, show)
+    with_redis(settings, show)
 
 
 @kill_app.command("on")
 def kill_on() -> None:
     """Halt trading now (every intent REJECTED KILL_SWITCH)."""
-    _with_redis(_settings(), lambda r: governor.set_kill(r, on=True))
+    with_redis(cli_support.settings(), lambda r: governor.set_kill(r, on=True))
     console.print("kill switch ON: trading halted")
 
 
 @kill_app.command("off")
 def kill_off() -> None:
     """Allow trading (sets quantum:kill to 0)."""
-    settings = _settings()
-    _with_redis(settings, lambda r: governor.set_kill(r, on=False))
+    settings = cli_support.settings()
+    with_redis(settings, lambda r: governor.set_kill(r, on=False))
     console.print(f"kill switch OFF: trading allowed (mode {settings.mode})")
 
 
 @kill_app.command("status")
 def kill_status(as_json: bool = JSON_OPT) -> None:
     """Show the kill switch; exit 1 when trading is halted."""
-    value, allowed = _with_redis(_settings(), governor.kill_state)
+    value, allowed = with_redis(cli_support.settings(), governor.kill_state)
     if as_json:
         print(json.dumps({"value": value, "trading_allowed": allowed}))
     else:
@@ -163,8 +132,8 @@ def kill_status(as_json: bool = JSON_OPT) -> None:
 @governor_app.command("status")
 def governor_status(as_json: bool = JSON_OPT) -> None:
     """Today's count and limit, mode, kill switch, other limits."""
-    settings = _settings()
-    state = _with_redis(settings, lambda r: governor.governor_state(r, settings))
+    settings = cli_support.settings()
+    state = with_redis(settings, lambda r: governor.governor_state(r, settings))
     if as_json:
         print(json.dumps(asdict(state), default=str))
     else:
@@ -174,8 +143,8 @@ def governor_status(as_json: bool = JSON_OPT) -> None:
 @app.command()
 def check(service: str = typer.Argument(..., help="router or execution")) -> None:
     """Exit 0 when SERVICE has a live heartbeat, 1 otherwise (for systemd and probes)."""
-    settings = _settings()
-    alive = _with_redis(settings, lambda r: services.alive_consumers(r, service))
+    settings = cli_support.settings()
+    alive = with_redis(settings, lambda r: services.alive_consumers(r, service))
     if not alive:
         err.print(f"{service}: no live heartbeat")
         raise typer.Exit(1)
@@ -193,7 +162,7 @@ def decide(
     trace_id: str = typer.Option("", "--trace-id"),
 ) -> None:
     """Publish one decision by hand (the router validates it like any other)."""
-    settings = _settings()
+    settings = cli_support.settings()
     payload: dict[str, Any] = {"symbol": symbol, "side": side, "qty": qty, "order_type": order_type}
     if price is not None:
         payload["price"] = price
@@ -204,15 +173,15 @@ def decide(
         correlation_id=correlation_id or uuid.uuid4().hex,
         source="cli",
     )
-    [entry_id] = _with_redis(settings, lambda r: publish(r, settings.decision_stream, [fields]))
+    [entry_id] = with_redis(settings, lambda r: publish(r, settings.decision_stream, [fields]))
     console.print(f"published {entry_id} on {settings.decision_stream} (trace_id {fields['trace_id']})")
 
 
 @dlq_app.command("list")
 def dlq_list(count: int = typer.Option(20, min=1), as_json: bool = JSON_OPT) -> None:
     """The newest dead-letter entries with their reasons."""
-    settings = _settings()
-    rows = _with_redis(settings, lambda r: ops.dead_letters(r, settings.dead_letter_stream, count))
+    settings = cli_support.settings()
+    rows = with_redis(settings, lambda r: ops.dead_letters(r, settings.dead_letter_stream, count))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -227,9 +196,9 @@ def dlq_replay(
     ids: list[str] = typer.Argument(..., help="Dead-letter entry ids to put back."),
 ) -> None:
     """Put dead-letter entries back on their origin stream, once the cause is fixed."""
-    settings = _settings()
+    settings = cli_support.settings()
     try:
-        done = _with_redis(settings, lambda r: ops.replay_dead_letters(r, settings.dead_letter_stream, ids))
+        done = with_redis(settings, lambda r: ops.replay_dead_letters(r, settings.dead_letter_stream, ids))
     except LookupError as exc:
         err.print(f"error: {exc}")
         raise typer.Exit(2) from None
@@ -240,7 +209,7 @@ def dlq_replay(
 @app.command()
 def server() -> None:
     """Run the embedded Valkey server in the foreground (for a systemd unit of its own)."""
-    settings = _settings()
+    settings = cli_support.settings()
     if settings.redis_url:
         raise ConfigError("QT_REDIS_URL is set: the embedded server is not used; unset it to run one")
     valkey = EmbeddedValkey(settings.data_dir, appendfsync=settings.appendfsync)
@@ -264,7 +233,7 @@ def demo(
     seed: int = typer.Option(7),
 ) -> None:
     """Run the pipeline on the paper exchange with generated decisions and show the outcomes."""
-    settings = _settings()
+    settings = cli_support.settings()
     log_path = settings.data_dir / "demo.log"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_path.open("a", encoding="utf-8")
@@ -274,7 +243,7 @@ def demo(
         raise ConfigError(
             "the demo turns the kill switch off and trades: it runs only with QT_MODE=paper and QT_EXCHANGE=paper"
         )
-    report = _with_redis(
+    report = with_redis(
         settings,
         lambda r: ops.run_demo(
             r, settings, decisions=decisions, rate=rate, limit_s=timeout, seed=seed, console=console
@@ -287,6 +256,12 @@ def demo(
     if not report.complete:
         err.print("not every decision reached an outcome before the timeout")
         raise typer.Exit(1)
+
+
+# Command groups that live in their own modules: each module has ``register(app)``.
+EXTENSIONS: list[str] = []
+for _module in EXTENSIONS:
+    importlib.import_module(f"quantum_trader.{_module}").register(app)
 
 
 def main() -> None:

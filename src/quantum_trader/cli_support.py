@@ -1,0 +1,42 @@
+"""What every command module shares: settings loading, the server connection, output consoles."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+
+from quantum_trader.bus.connection import Redis, connected, server_url
+from quantum_trader.logs import configure
+from quantum_trader.settings import Settings, load_settings
+
+T = TypeVar("T")
+state: dict[str, Path | None] = {"env_file": None}
+
+# Piped output keeps the full table (rich would otherwise squeeze it to 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
+JSON_OPT = typer.Option(False, "--json", envvar="QT_JSON", help="Machine-readable output.")
+
+
+def settings() -> Settings:
+    """The settings (from ``--env-file`` / ``QT_ENV_FILE`` and the environment), logging configured."""
+    loaded = load_settings(state["env_file"])
+    configure(loaded.log_level, loaded.log_format)
+    return loaded
+
+
+def with_redis(cfg: Settings, action: Callable[[Redis], Awaitable[T]]) -> T:
+    """Run ``action`` with a connected client (starting the embedded server if needed)."""
+
+    async def main(url: str) -> T:
+        async with connected(url) as redis:
+            return await action(redis)
+
+    with server_url(cfg) as url:
+        return asyncio.run(main(url))
