@@ -111,6 +111,12 @@ class Settings(BaseSettings):
         default_factory=lambda: ["USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "USD"]
     )
 
+    # --- market data and AI engine: add fields below this line ---
+
+    # --- exchange connectivity (ccxt): add fields below this line ---
+
+    # --- operations (doctor, recover, systemd, proof): add fields below this line ---
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     secrets_file: Path | None = None
