@@ -1,0 +1,175 @@
+"""Governor: pure rules, and the gate's kill switch and daily limit against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from quantum_trader import keys
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import ensure_group, publish
+from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope, now_iso
+from quantum_trader.governor import Governor, Limits, check_intent, counter_ttl, is_expired
+from quantum_trader.settings import Settings
+from tests.pipeline import results
+
+NOW = datetime(2026, 1, 17, 22, 25, 34, tzinfo=UTC)
+LIMITS = Limits(
+    daily_limit=10, max_notional=Decimal(1000), symbol_allowlist=frozenset({"ETHUSDT"}), max_age=timedelta(seconds=60)
+)
+INTENTS = "quantum:stream:trade.intent"
+GROUP = "quantum:group:execution:trade.intent"
+
+
+def intent(qty: str = "0.1", symbol: str = "ETHUSDT", decision_ts: str = "") -> TradeIntent:
+    return TradeIntent(symbol=symbol, side="BUY", qty=Decimal(qty), decision_ts=decision_ts)
+
+
+def test_counter_expires_at_next_utc_midnight_plus_one_hour() -> None:
+    assert counter_ttl(datetime(2026, 1, 17, 23, 0, tzinfo=UTC)) == 2 * 3600
+    assert counter_ttl(datetime(2026, 1, 17, 0, 0, tzinfo=UTC)) == 25 * 3600
+
+
+def test_notional_allowlist_and_price_rules() -> None:
+    assert check_intent(intent("0.1"), Decimal(3000), LIMITS) is None
+    assert str(check_intent(intent("1"), Decimal(3000), LIMITS)).startswith("MAX_NOTIONAL")
+    assert str(check_intent(intent(symbol="BTCUSDT"), Decimal(1), LIMITS)).startswith("SYMBOL_NOT_ALLOWED")
+    assert str(check_intent(intent(), None, LIMITS)).startswith("NO_PRICE")
+
+
+def test_age_counts_from_the_decision_timestamp() -> None:
+    fresh = intent(decision_ts=now_iso(NOW - timedelta(seconds=59)))
+    stale = intent(decision_ts=now_iso(NOW - timedelta(seconds=61)))
+    assert not is_expired(fresh, now_iso(NOW), NOW, LIMITS.max_age)
+    assert is_expired(stale, now_iso(NOW), NOW, LIMITS.max_age)
+    assert is_expired(intent(decision_ts="garbage"), now_iso(NOW), NOW, LIMITS.max_age)  # unknown age: stale
+
+
+async def pending_intents(r: Redis, n: int) -> list[str]:
+    await ensure_group(r, INTENTS, GROUP)
+    fields = envelope(TRADE_INTENT, intent(), trace_id="t", correlation_id="c", source="test")
+    ids = await publish(r, INTENTS, [fields] * n)
+    await r.xreadgroup(GROUP, "g", {INTENTS: ">"}, count=n)
+    return ids
+
+
+@pytest.fixture
+def governor(r: Redis, settings_for: Callable[..., Settings], clean_url: str) -> Governor:
+    return Governor(r, settings_for(clean_url, daily_limit=3))
+
+
+@pytest.mark.parametrize("kill", [None, "1", "garbage", "0 ", "false"])
+async def test_anything_but_exactly_zero_halts(r: Redis, governor: Governor, kill: str | None) -> None:
+    ids = await pending_intents(r, 2)
+    if kill is not None:
+        await r.set(keys.KILL_SWITCH, kill)
+    assert await governor.gate(ids, NOW) == ["KILL_SWITCH", "KILL_SWITCH"]
+    assert await r.get(keys.daily_trades(NOW.date())) is None
+
+
+async def test_daily_limit_counts_each_intent_once_even_when_redelivered(r: Redis, governor: Governor) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    ids = await pending_intents(r, 5)
+    assert await governor.gate(ids[:2], NOW) == ["APPROVED"] * 2
+    assert await governor.gate(ids[:2], NOW) == ["APPROVED"] * 2  # redelivered: not counted again
+    assert await governor.gate(ids, NOW) == ["APPROVED", "APPROVED", "APPROVED", "DAILY_LIMIT", "DAILY_LIMIT"]
+    key = keys.daily_trades(NOW.date())
+    assert await r.get(key) == "3"
+    assert key == "quantum:governor:daily_trades:20260117"
+    assert 0 < await r.ttl(key) <= counter_ttl(NOW)
+
+
+async def test_finished_intent_is_gone_not_counted(r: Redis, governor: Governor) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    ids = await pending_intents(r, 1)
+    await r.xack(INTENTS, GROUP, ids[0])  # another consumer finished it meanwhile
+    assert await governor.gate(ids, NOW) == ["GONE"]
+    assert await r.get(keys.daily_trades(NOW.date())) is None
+
+
+async def test_unreachable_server_never_approves(
+    valkey_factory: Callable[..., object], settings_for: Callable[..., Settings]
+) -> None:
+    from quantum_trader.bus.connection import client
+    from quantum_trader.bus.embedded import EmbeddedValkey
+
+    server = valkey_factory()
+    assert isinstance(server, EmbeddedValkey)
+    redis = client(server.url)
+    try:
+        await redis.set(keys.KILL_SWITCH, "0")
+        ids = await pending_intents(redis, 1)
+        gov = Governor(redis, settings_for(server.url))
+        server.kill()
+        with pytest.raises(Exception, match="(?i)connect|closed|refused"):
+            await gov.gate(ids, NOW)
+    finally:
+        await redis.aclose()
+
+
+RACE_PROCESSES = 4
+
+
+async def test_daily_limit_holds_with_four_execution_processes_racing(
+    r: Redis, clean_url: str, tmp_path: object
+) -> None:
+    limit, extra = 120, 80
+    await r.set(keys.KILL_SWITCH, "0")
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "3000")
+    await ensure_group(r, INTENTS, GROUP)
+    stamp = now_iso()
+    entries = [
+        envelope(
+            TRADE_INTENT,
+            TradeIntent(symbol="ETHUSDT", side="BUY", qty=Decimal("0.01"), decision_ts=stamp),
+            trace_id=f"t{i}",
+            correlation_id=f"c{i}",
+            source="test",
+        )  # fmt: skip
+        for i in range(limit + extra)
+    ]
+    env = os.environ | {
+        "QT_REDIS_URL": clean_url,
+        "QT_DAILY_LIMIT": str(limit),
+        "QT_BATCH_SIZE": "5",
+        "QT_BLOCK_MS": "50",
+        "QT_LOG_LEVEL": "warning",
+        "QT_PAPER_BALANCES": "USDT=1000000",
+    }
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "quantum_trader",
+            "execution",
+            env=env | {"QT_CONSUMER": f"exec-{n}"},
+        )  # fmt: skip
+        for n in range(RACE_PROCESSES)
+    ]
+    try:
+        for _ in range(600):  # all four blocked on the group before the intents arrive
+            if len(await r.xinfo_consumers(INTENTS, GROUP)) == RACE_PROCESSES:
+                break
+            await asyncio.sleep(0.05)
+        await publish(r, INTENTS, entries)
+        for _ in range(600):
+            if await r.xlen("quantum:stream:execution.result") >= limit + extra:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            assert await proc.wait() == 0  # SIGTERM: finish the batch, exit cleanly
+
+    outcomes = await results(r)
+    assert len(outcomes) == limit + extra
+    assert sum(o["status"] == "FILLED" for o in outcomes) == limit
+    assert sum(o["reason"] == "DAILY_LIMIT" for o in outcomes) == extra
+    assert await r.get(keys.daily_trades(datetime.now(UTC).date())) == str(limit)

@@ -1,0 +1,175 @@
+"""Router: validation names the bad field, dedup keys on identity, every decision has one outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import publish
+from quantum_trader.errors import DecodeError
+from quantum_trader.events import TradeIntent, decode_envelope, decode_payload
+from quantum_trader.router import Router, dedup_identity, validate
+from quantum_trader.settings import Settings
+from tests.pipeline import decision, drain, rejections
+
+NOW = datetime(2026, 1, 17, 22, 25, 34, tzinfo=UTC)
+SKEW = timedelta(seconds=5)
+DECISIONS = "quantum:stream:ai.decision"
+INTENTS = "quantum:stream:trade.intent"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"symbol": None}, "symbol"),
+        ({"symbol": "  "}, "symbol"),
+        ({"symbol": "ETH USDT"}, "symbol"),
+        ({"side": "HOLD"}, "side"),
+        ({"side": None}, "side"),
+        ({"qty": None}, "qty"),
+        ({"qty": "-1"}, "qty"),
+        ({"qty": 0}, "qty"),
+        ({"qty": "NaN"}, "qty"),
+        ({"qty": "Infinity"}, "qty"),
+        ({"qty": "ten"}, "qty"),
+        ({"qty": True}, "qty"),
+        ({"order_type": "STOP"}, "order_type"),
+        ({"order_type": "LIMIT", "price": None}, "price"),
+        ({"price": "-5"}, "price"),
+        ({"confidence": 1.5}, "confidence"),
+        ({"confidence": "high"}, "confidence"),
+    ],
+)
+def test_each_invalid_field_is_named(change: dict[str, Any], field: str) -> None:
+    fields = decision(timestamp=NOW, **change)
+    with pytest.raises(DecodeError) as caught:
+        validate(fields, NOW, SKEW)
+    assert caught.value.field == field
+    assert caught.value.raw == fields
+
+
+def test_envelope_problems_are_invalid() -> None:
+    missing = decision(timestamp=NOW)
+    del missing["trace_id"]
+    with pytest.raises(DecodeError, match="trace_id"):
+        validate(missing, NOW, SKEW)
+    bad_json = decision(timestamp=NOW) | {"payload": "{oops"}
+    with pytest.raises(DecodeError) as caught:
+        validate(bad_json, NOW, SKEW)
+    assert caught.value.field == "payload"
+    bad_stamp = decision(timestamp=NOW) | {"timestamp": "yesterday"}
+    with pytest.raises(DecodeError) as caught:
+        validate(bad_stamp, NOW, SKEW)
+    assert caught.value.field == "timestamp"
+
+
+def test_future_timestamp_beyond_skew_is_invalid_but_within_skew_passes() -> None:
+    validate(decision(timestamp=NOW + timedelta(seconds=4)), NOW, SKEW)
+    with pytest.raises(DecodeError, match="future") as caught:
+        validate(decision(timestamp=NOW + timedelta(seconds=6)), NOW, SKEW)
+    assert caught.value.field == "timestamp"
+
+
+def test_side_and_types_are_normalised_and_quantities_stay_decimal() -> None:
+    fields = decision(side="sell", symbol="ethusdt", qty=0.1, order_type="limit", price="2999.99", timestamp=NOW)
+    _, d = validate(fields, NOW, SKEW)
+    assert (d.side, d.symbol, d.order_type) == ("SELL", "ETHUSDT", "LIMIT")
+    assert d.qty == Decimal("0.1")  # the JSON number 0.1, not the float 0.1000000000000000055...
+    assert d.price == Decimal("2999.99")
+
+
+def test_dedup_identity_defaults_to_correlation_and_trace_not_stream_id() -> None:
+    env = decode_envelope(decision(trace="t1", corr="c1"))
+    assert dedup_identity(env, "1-0", ["correlation_id", "trace_id"]) == dedup_identity(
+        env, "2-0", ["correlation_id", "trace_id"]
+    )
+    assert dedup_identity(env, "1-0", ["correlation_id", "trace_id", "msg_id"]) != dedup_identity(
+        env, "2-0", ["correlation_id", "trace_id", "msg_id"]
+    )
+
+
+@given(st.text(max_size=8), st.text(max_size=8))
+def test_anonymous_decisions_get_content_fingerprints_that_do_not_collide(qty_a: str, qty_b: str) -> None:
+    a = decode_envelope(decision(trace="", corr="", qty=qty_a, timestamp=NOW))
+    b = decode_envelope(decision(trace="", corr="", qty=qty_b, timestamp=NOW))
+    key_a = dedup_identity(a, "1-0", ["correlation_id", "trace_id"])
+    key_b = dedup_identity(b, "2-0", ["correlation_id", "trace_id"])
+    assert key_a.startswith("fp:")
+    assert (key_a == key_b) == (qty_a == qty_b)
+
+
+@pytest.fixture
+def router(r: Redis, settings_for: Callable[..., Settings], clean_url: str) -> Router:
+    return Router(r, settings_for(clean_url, block_ms=10, batch_size=100))
+
+
+async def test_same_decision_published_twice_becomes_one_intent(r: Redis, router: Router) -> None:
+    retry = decision(trace="t-42", corr="c-42")
+    first, second = await publish(r, DECISIONS, [retry, dict(retry)])  # two stream ids, one decision
+
+    await drain(router)
+
+    intents = await r.xrange(INTENTS)
+    assert len(intents) == 1
+    env = decode_envelope(intents[0][1])
+    intent = decode_payload(intents[0][1], TradeIntent)
+    assert (env.trace_id, env.correlation_id, intent.decision_id) == ("t-42", "c-42", first)
+    [dup] = await rejections(r)
+    assert (dup["reason"], dup["original_id"]) == ("DUPLICATE_SKIP", second)
+    assert dup["_env"]["reason"] == "DUPLICATE_SKIP"
+    assert dup["original"] == retry
+
+
+async def test_seed_composite_key_lets_retries_through(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    seed_router = Router(r, settings_for(clean_url, block_ms=10, dedup_fields=["correlation_id", "trace_id", "msg_id"]))
+    retry = decision(trace="t", corr="c")
+    await publish(r, DECISIONS, [retry, dict(retry)])
+    await drain(seed_router)
+    assert await r.xlen(INTENTS) == 2  # the seed's bug, kept as a documented option
+
+
+async def test_invalid_decision_is_rejected_with_field_and_original(r: Redis, router: Router) -> None:
+    bad = decision(side="HOLD")
+    [bad_id] = await publish(r, DECISIONS, [bad])
+    await drain(router)
+    [rej] = await rejections(r)
+    assert rej["reason"] == "INVALID"
+    assert rej["field"] == "side"
+    assert "BUY or SELL" in rej["detail"]
+    assert rej["original_id"] == bad_id
+    assert rej["original"] == bad
+    assert await r.xlen(INTENTS) == 0
+    assert (await r.xpending(DECISIONS, router.streams.router_group))["pending"] == 0
+
+
+async def test_dedup_window_expires(r: Redis, settings_for: Callable[..., Settings], clean_url: str) -> None:
+    short = Router(r, settings_for(clean_url, block_ms=10, dedup_window_s=1))
+    retry = decision(trace="t", corr="c")
+    await publish(r, DECISIONS, [retry])
+    await drain(short)
+    assert 0 < await r.ttl("quantum:dedup:decision:c||t") <= 1
+    await r.delete("quantum:dedup:decision:c||t")  # what the expiry does after the window
+    await publish(r, DECISIONS, [dict(retry)])
+    await drain(short)
+    assert await r.xlen(INTENTS) == 2
+
+
+async def test_redelivered_batch_is_routed_once(r: Redis, router: Router) -> None:
+    ids = await publish(r, DECISIONS, [decision() for _ in range(5)])
+    await router.consumer.setup()
+    batch = await router.consumer.read_new()
+    await router.handle(batch)
+    await router.handle(batch)  # a second router that claimed the same entries
+    assert await r.xlen(INTENTS) == 5
+    assert await r.xlen("quantum:stream:decision.rejected") == 0
+    assert router.totals["skipped"] == 5
+    assert len(ids) == 5
