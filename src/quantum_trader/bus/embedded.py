@@ -106,7 +106,15 @@ class EmbeddedValkey:
         if self.socket_path is not None:
             self.socket_path.unlink(missing_ok=True)
         try:
-            self.process = subprocess.Popen(self._args(), stdin=subprocess.DEVNULL, start_new_session=True)
+            # Output goes to files: an inherited stdout would keep the caller's pipes open.
+            with open(self.data_dir / "valkey.stderr", "ab") as errors:
+                self.process = subprocess.Popen(
+                    self._args(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    start_new_session=True,
+                )
         except OSError as exc:
             raise ServerStartError(f"cannot launch valkey-server: {exc}") from exc
         deadline = time.monotonic() + timeout
