@@ -114,6 +114,22 @@ class Settings(BaseSettings):
     # --- market data and AI engine: add fields below this line ---
 
     # --- exchange connectivity (ccxt): add fields below this line ---
+    exchange_api_url: str = Field(
+        default="", description="replaces scheme://host:port of every ccxt REST URL (proxy or local test server)"
+    )
+    exchange_timeout_s: float = Field(default=10.0, gt=0, description="one HTTP request to the exchange")
+    exchange_retries: int = Field(default=5, ge=0, le=50, description="retries of a transient exchange error")
+    exchange_backoff_s: float = Field(default=0.5, gt=0, description="first retry delay (doubles, with jitter)")
+    exchange_backoff_max_s: float = Field(default=15.0, gt=0)
+    exchange_lookup_grace_s: float = Field(
+        default=2.0, ge=0, description="wait before trusting 'order not found' after an unanswered send"
+    )
+    exchange_order_wait_s: float = Field(
+        default=30.0, ge=0, description="how long an open LIMIT order is tracked before its rest is cancelled"
+    )
+    exchange_poll_s: float = Field(default=1.0, gt=0, description="poll interval while tracking an open order")
+    exchange_markets_refresh_s: float = Field(default=3600.0, gt=0)
+    exchange_concurrency: int = Field(default=4, gt=0, le=64, description="orders of one batch in flight at once")
 
     # --- operations (doctor, recover, systemd, proof): add fields below this line ---
 
