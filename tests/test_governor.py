@@ -107,7 +107,7 @@ async def test_unreachable_server_never_approves(
         ids = await pending_intents(redis, 1)
         gov = Governor(redis, settings_for(server.url))
         server.kill()
-        with pytest.raises(Exception, match="(?i)connect|closed|refused"):
+        with pytest.raises(Exception, match=r"(?i)connect|closed|refused"):
             await gov.gate(ids, NOW)
     finally:
         await redis.aclose()
@@ -131,7 +131,7 @@ async def test_daily_limit_holds_with_four_execution_processes_racing(
             trace_id=f"t{i}",
             correlation_id=f"c{i}",
             source="test",
-        )  # fmt: skip
+        )
         for i in range(limit + extra)
     ]
     env = os.environ | {
@@ -149,7 +149,7 @@ async def test_daily_limit_holds_with_four_execution_processes_racing(
             "quantum_trader",
             "execution",
             env=env | {"QT_CONSUMER": f"exec-{n}"},
-        )  # fmt: skip
+        )
         for n in range(RACE_PROCESSES)
     ]
     try:

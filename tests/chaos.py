@@ -1,0 +1,90 @@
+"""The effectively-once check: read everything back and list every violation."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from quantum_trader import keys
+from quantum_trader.bus.connection import Redis
+
+
+@dataclass
+class Ledger:
+    """Everything the pipeline wrote, read back from the server."""
+
+    decisions: list[tuple[str, dict[str, str]]]
+    rejections: list[dict[str, Any]]
+    intents: list[tuple[str, dict[str, Any]]]
+    results: list[dict[str, Any]]
+    orders: dict[str, dict[str, Any]]
+    balances: dict[str, Decimal]
+    counter: int
+
+
+async def _all(r: Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
+    out: list[tuple[str, dict[str, str]]] = []
+    start = "-"
+    while True:
+        chunk = await r.xrange(stream, min=start, max="+", count=10_000)
+        chunk = [c for c in chunk if not out or c[0] != out[-1][0]]
+        if not chunk:
+            return out
+        out += chunk
+        start = chunk[-1][0]
+
+
+async def read_ledger(r: Redis, day_key: str) -> Ledger:
+    """Read the decision, intent, rejection and result streams, the paper orders, balances and counter."""
+    decisions = await _all(r, "quantum:stream:ai.decision")
+    rejections = [json.loads(f["payload"]) for _, f in await _all(r, "quantum:stream:decision.rejected")]
+    intents = [(i, json.loads(f["payload"])) for i, f in await _all(r, "quantum:stream:trade.intent")]
+    results = [json.loads(f["payload"]) for _, f in await _all(r, "quantum:stream:execution.result")]
+    orders = {k: json.loads(v) for k, v in (await r.hgetall(keys.paper_orders())).items()}
+    balances = {k: Decimal(v) for k, v in (await r.hgetall(keys.paper_balances())).items()}
+    return Ledger(decisions, rejections, intents, results, orders, balances, int(await r.get(day_key) or 0))
+
+
+def violations(ledger: Ledger, start_balances: dict[str, Decimal], quote: str = "USDT") -> list[str]:
+    """Every way the run broke effectively-once; empty when it held."""
+    problems: list[str] = []
+    outcomes: Counter[str] = Counter()
+    for rej in ledger.rejections:
+        outcomes[rej["original_id"]] += 1
+    intent_of = {}
+    for intent_id, payload in ledger.intents:
+        intent_of[intent_id] = payload["decision_id"]
+    per_intent = Counter(res["intent_id"] for res in ledger.results)
+    for intent_id, decision_id in intent_of.items():
+        outcomes[decision_id] += 1
+        if per_intent[intent_id] != 1:
+            problems.append(f"intent {intent_id} has {per_intent[intent_id]} results")
+    for decision_id, _fields in ledger.decisions:
+        if outcomes[decision_id] != 1:
+            problems.append(f"decision {decision_id} has {outcomes[decision_id]} outcomes")
+    coids = Counter(res["client_order_id"] for res in ledger.results if res["exchange"] == "paper")
+    for coid, count in coids.items():
+        if count > 1:
+            problems.append(f"client order id {coid} reported {count} times")
+    for coid in ledger.orders:
+        if coid not in coids:
+            problems.append(f"order {coid} on the exchange has no result")
+    approved = sum(1 for res in ledger.results if res["exchange"] == "paper")
+    if ledger.counter != approved:
+        problems.append(f"daily counter {ledger.counter} != approved intents {approved}")
+    expected = dict(start_balances)
+    for res in ledger.results:
+        if res["status"] != "FILLED":
+            continue
+        base = res["symbol"].removesuffix(quote)
+        qty, price, fee = Decimal(res["filled_qty"]), Decimal(res["avg_price"]), Decimal(res["fee"])
+        sign = 1 if res["side"] == "BUY" else -1
+        expected[base] = expected.get(base, Decimal(0)) + sign * qty
+        expected[quote] = expected.get(quote, Decimal(0)) - sign * qty * price - fee
+    for asset in set(expected) | set(ledger.balances):
+        if expected.get(asset, Decimal(0)) != ledger.balances.get(asset, Decimal(0)):
+            problems.append(f"balance {asset}: {ledger.balances.get(asset)} != sum of fills {expected.get(asset)}")
+    return problems
