@@ -1,0 +1,100 @@
+"""Settings: one strict object; a wrong value stops start-up with one line that says what to do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from quantum_trader.errors import ConfigError
+from quantum_trader.settings import LIVE_CONFIRMATION, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if (name.startswith("QT_") and not name.startswith("QT_TEST_")) or name.startswith("EXECUTION_RESULT"):
+            monkeypatch.delenv(name)
+
+
+def test_seed_names_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXECUTION_RESULT_STREAM", "custom:results")
+    monkeypatch.setenv("EXECUTION_RESULT_STREAM_LEGACY", "legacy:results")
+    settings = load_settings()
+    assert settings.streams.result == "custom:results"
+    assert settings.streams.result_legacy == "legacy:results"
+    assert settings.streams.intent == "quantum:stream:trade.intent"
+    assert settings.streams.execution_group == "quantum:group:execution:trade.intent"
+    assert settings.dedup_window_s == 300
+    assert settings.mode == "paper"
+
+
+def test_testnet_daily_limit_defaults_to_the_seeds_million(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QT_MODE", "testnet")
+    assert load_settings().effective_daily_limit == 1_000_000
+    monkeypatch.setenv("QT_DAILY_LIMIT", "5")
+    assert load_settings().effective_daily_limit == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("QT_MAX_INTENT_AGE_S", "abc", "QT_MAX_INTENT_AGE_S='abc'"),
+        ("QT_MAX_INTENT_AGE_S", "-1", "greater than 0"),
+        ("QT_MODE", "yolo", "'paper', 'testnet' or 'live'"),
+        ("QT_REDIS_URL", "http://x", "redis://, rediss:// or unix://"),
+        ("QT_DEDUP_FIELDS", "symbol", "allowed: correlation_id, trace_id, msg_id"),
+        ("QT_PAPER_BALANCES", "USDT:5", "ASSET=AMOUNT"),
+        ("QT_MAX_NOTINAL", "5", "did you mean QT_MAX_NOTIONAL"),
+    ],
+)
+def test_bad_values_name_the_variable_and_the_fix(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_live_mode_refuses_without_confirmation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QT_MODE", "live")
+    with pytest.raises(ConfigError, match="QT_LIVE_CONFIRM"):
+        load_settings()
+    monkeypatch.setenv("QT_LIVE_CONFIRM", LIVE_CONFIRMATION)
+    assert load_settings().effective_daily_limit == 100
+
+
+def test_env_file_in_systemd_syntax(tmp_path: Path) -> None:
+    env_file = tmp_path / "core_gates.env"
+    env_file.write_text(
+        "# quantum trader\nQT_MAX_NOTIONAL=2500.50\nQT_SYMBOL_ALLOWLIST=ethusdt, BTCUSDT\n"
+        'EXECUTION_RESULT_STREAM="quantum:stream:execution.result.v2"\nQT_PAPER_BALANCES=USDT=10,ETH=1.5\n'
+    )
+    settings = load_settings(env_file)
+    assert settings.max_notional == Decimal("2500.50")
+    assert settings.symbol_allowlist == ["ETHUSDT", "BTCUSDT"]
+    assert settings.result_stream == "quantum:stream:execution.result.v2"
+    assert settings.paper_balances == {"USDT": Decimal(10), "ETH": Decimal("1.5")}
+
+
+def test_missing_or_unreadable_env_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.env")
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_config() -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_BATCH_SIZE": "lots"}
+    done = subprocess.run([sys.executable, "-m", "quantum_trader", "status"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: invalid configuration: QT_BATCH_SIZE='lots'")
+    assert "Traceback" not in done.stderr
