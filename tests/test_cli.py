@@ -42,7 +42,8 @@ async def test_status_shows_a_lagging_group(r: Redis, clean_url: str) -> None:
     assert table.returncode == 0
     row = next(line for line in table.stdout.splitlines() if stream in line)
     assert group in row
-    assert row.split()[1:3] == ["30", "30"]  # XLEN, entries-added
+    cells = [cell.strip() for cell in row.split("│") if cell.strip()]
+    assert cells[:3] == [stream, "30", "30"]  # stream, XLEN, entries-added
 
 
 def test_unreachable_redis_is_one_clear_line() -> None:
