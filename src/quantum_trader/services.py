@@ -45,7 +45,16 @@ async def build_exchange(redis: Redis, settings: Settings) -> Exchange:
         )
         await paper.fund()
         return paper
-    raise ConfigError(f"QT_EXCHANGE={settings.exchange!r}: only 'paper' is available in this version")
+    # Imported here: ccxt takes a second to import and the paper exchange does not need it.
+    from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
+
+    exchange = CcxtExchange.from_settings(redis, settings)
+    try:
+        await exchange.start()
+    except BaseException:
+        await exchange.close()
+        raise
+    return exchange
 
 
 async def build_stage(name: str, redis: Redis, settings: Settings) -> Router | Execution:

@@ -16,6 +16,7 @@ fill partially and (optionally) complete later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -399,10 +400,8 @@ class FakeBinance:
         self.orders.append(order)
         if behaviour == "hang_after_accept":
             # Accepted and filled, but the answer never arrives in time: the duplicate-order trap.
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._release.wait(), self.hang_s)
-            except TimeoutError:
-                pass
         if behaviour == "500_after_accept":
             return self._error(500, -1001, "Internal error; unable to process your request. Please try again.")
         body = order.view() | {"transactTime": order.created_ms, "fills": order.fills}
