@@ -23,8 +23,8 @@ demo: $(STAMP)
 	$(BIN)/quantum-trader demo
 
 test: $(DEV_STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
+	$(BIN)/ruff format --check src tests $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
