@@ -9,7 +9,8 @@ blind resend of a filled order really does create a second order here.
 
 Scenario switches: ``script("order", ...)`` queues one behaviour per incoming
 ``POST /api/v3/order`` (``ok``, ``hang_after_accept``, ``429``, ``418``, ``503``,
-``500_after_accept``); ``limit_fill`` and ``fill_rest_after_queries`` make LIMIT orders
+``500_after_accept``); ``script("query", "503", ...)`` does the same for
+``GET /api/v3/order``; ``limit_fill`` and ``fill_rest_after_queries`` make LIMIT orders
 fill partially and (optionally) complete later.
 """
 
@@ -119,6 +120,7 @@ class FakeBinance:
         self.orders: list[FakeOrder] = []
         self.requests: list[tuple[str, str]] = []
         self.order_script: deque[str] = deque()
+        self.query_script: deque[str] = deque()
         self.hang_s = 10.0
         self.limit_fill = Decimal(1)
         self.fill_rest_after_queries: int | None = None
@@ -133,9 +135,9 @@ class FakeBinance:
     # ---- scenario switches -------------------------------------------------------
 
     def script(self, endpoint: str, *behaviours: str) -> None:
-        """Queue behaviours for the next calls to an endpoint (only ``order`` POST for now)."""
-        assert endpoint == "order"
-        self.order_script.extend(behaviours)
+        """Queue behaviours for the next calls to ``order`` (POST) or ``query`` (GET order)."""
+        queue = {"order": self.order_script, "query": self.query_script}[endpoint]
+        queue.extend(behaviours)
 
     def placed(self, client_order_id: str | None = None) -> list[FakeOrder]:
         """Orders the exchange accepted (all, or those with one client order id)."""
@@ -429,6 +431,8 @@ class FakeBinance:
         params = await self._signed(request)
         if isinstance(params, web.Response):
             return params
+        if self.query_script and self.query_script.popleft() == "503":
+            return web.Response(status=503, text="Service Unavailable")
         order = self._find(params)
         if order is None:
             return self._error(400, -2013, "Order does not exist.")

@@ -101,7 +101,7 @@ def classify(exc: BaseException) -> ErrorKind:
         return ErrorKind.NOT_FOUND
     if isinstance(exc, ccxt.DuplicateOrderId) or "Duplicate order" in text:
         return ErrorKind.DUPLICATE
-    if isinstance(exc, ccxt.DDoSProtection | ccxt.InvalidNonce):
+    if isinstance(exc, ccxt.DDoSProtection | ccxt.RateLimitExceeded | ccxt.InvalidNonce):
         return ErrorKind.NOT_SENT
     if isinstance(exc, ccxt.OperationFailed | asyncio.TimeoutError | OSError):
         return ErrorKind.UNKNOWN
@@ -425,6 +425,18 @@ def _options(exchange: str) -> dict[str, Any]:
     return {"defaultType": "spot"}
 
 
+def check_settings(settings: Settings) -> None:
+    """ConfigError unless the settings name a ccxt exchange and a mode that trades on it."""
+    if settings.exchange not in ccxt_async.exchanges:
+        raise ConfigError(
+            f"QT_EXCHANGE={settings.exchange!r} is not a ccxt exchange id (e.g. binance, kraken, okx) nor 'paper'"
+        )
+    if settings.mode == "paper":
+        raise ConfigError(
+            f"QT_EXCHANGE={settings.exchange} sends real orders; use QT_MODE=testnet (or QT_EXCHANGE=paper)"
+        )
+
+
 class CcxtExchange:
     """An exchange reached through ccxt's async client."""
 
@@ -437,11 +449,8 @@ class CcxtExchange:
         rand: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        check_settings(settings)
         exchange = settings.exchange
-        if exchange not in ccxt_async.exchanges:
-            raise ConfigError(f"QT_EXCHANGE={exchange!r} is not a ccxt exchange id (e.g. binance, kraken, okx)")
-        if settings.mode == "paper":
-            raise ConfigError(f"QT_EXCHANGE={exchange} trades for real; use QT_MODE=testnet (or QT_EXCHANGE=paper)")
         self.name = exchange
         self.redis = redis
         self.settings = settings
@@ -481,6 +490,7 @@ class CcxtExchange:
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings) -> CcxtExchange:
         """The adapter the settings describe, credentials from ``QT_SECRETS_FILE``."""
+        check_settings(settings)
         return cls(redis, settings, load_credentials(settings.secrets_file, settings.exchange))
 
     # ---- plumbing ----------------------------------------------------------------------
