@@ -226,7 +226,7 @@ def test_load_credentials_warns_when_others_can_read_the_file(tmp_path: Path, lo
 
 def test_load_credentials_errors_say_what_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BINANCE_API_KEY", "from-the-environment")
-    with pytest.raises(ConfigError, match="not read from the environment.*QT_SECRETS_FILE"):
+    with pytest.raises(ConfigError, match=r"not read from the environment.*QT_SECRETS_FILE"):
         load_credentials(None, "binance")
     with pytest.raises(ConfigError, match="does not exist"):
         load_credentials(tmp_path / "missing.env", "binance")
