@@ -671,7 +671,12 @@ class CcxtExchange:
                     halted.set()
                     return await self._auth_failed(order.client_order_id, str(exc), announce=first)
 
-        return list(await asyncio.gather(*(one(order) for order in orders)))
+        # Every order runs to its end before an error is raised, so none is left in flight.
+        done = await asyncio.gather(*(one(order) for order in orders), return_exceptions=True)
+        for item in done:
+            if isinstance(item, BaseException):
+                raise item
+        return [item for item in done if isinstance(item, OrderOutcome)]
 
     async def close(self) -> None:
         """Close ccxt's HTTP session."""

@@ -1,0 +1,131 @@
+"""Decision → router → execution → result, with the ccxt adapter on the fake Binance server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from quantum_trader import keys
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import publish
+from quantum_trader.exchanges.base import Exchange
+from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
+from quantum_trader.execution import Execution
+from quantum_trader.router import Router
+from quantum_trader.services import build_exchange
+from quantum_trader.settings import Settings
+from tests.exchanges.conftest import LogTrap, write_secrets
+from tests.exchanges.fake_binance import FakeBinance
+from tests.pipeline import decision, drain, results
+
+DECISIONS = "quantum:stream:ai.decision"
+INTENTS = "quantum:stream:trade.intent"
+GROUP = "quantum:group:execution:trade.intent"
+
+
+@dataclass
+class Pipeline:
+    """Router and execution wired as ``services.build_stage`` wires them."""
+
+    r: Redis
+    settings: Settings
+    router: Router
+    execution: Execution
+
+    async def run(self, *decisions: dict[str, str]) -> list[dict[str, Any]]:
+        await publish(self.r, DECISIONS, list(decisions))
+        await drain(self.router)
+        await drain(self.execution)
+        return await results(self.r, self.settings.result_stream)
+
+
+@pytest.fixture
+async def make_pipeline(r: Redis, exchange_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
+    exchanges: list[Exchange] = []
+
+    async def make(**overrides: Any) -> Pipeline:
+        settings = exchange_settings(**overrides)
+        exchange = await build_exchange(r, settings)
+        exchanges.append(exchange)
+        return Pipeline(r, settings, Router(r, settings), Execution(r, settings, exchange))
+
+    yield make
+    for exchange in exchanges:
+        await exchange.close()
+
+
+async def test_decision_is_filled_on_the_exchange_with_its_price_and_fee(
+    r: Redis, make_pipeline: Callable[..., Any], fake: FakeBinance
+) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    fake.market_fill_split = 2  # fills at 3000.00 and 3000.01
+    pipeline = await make_pipeline()
+    assert isinstance(pipeline.execution.exchange, CcxtExchange)
+    [res] = await pipeline.run(decision("ETHUSDT", "BUY", qty="0.1", price="3000"))
+    [order] = fake.placed()
+    assert res["status"] == "FILLED"
+    assert res["exchange"] == "binance"
+    assert res["client_order_id"] == order.client_order_id
+    assert res["exchange_order_id"] == str(order.order_id)
+    assert res["filled_qty"] == "0.1"
+    assert res["avg_price"] == "3000.005"
+    assert (res["fee"], res["fee_asset"]) == ("0.0001", "ETH")
+
+
+async def test_timeout_after_accept_gives_one_order_and_one_filled_result(
+    r: Redis, make_pipeline: Callable[..., Any], fake: FakeBinance
+) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    fake.script("order", "hang_after_accept")
+    pipeline = await make_pipeline()
+    [res] = await pipeline.run(decision(qty="0.1"))
+    assert len(fake.placed()) == 1
+    assert fake.calls("POST", "/api/v3/order") == 1
+    assert res["status"] == "FILLED"
+    assert res["client_order_id"] == fake.placed()[0].client_order_id
+    assert (await r.xpending(INTENTS, GROUP))["pending"] == 0
+
+
+async def test_crash_after_the_order_restart_reports_it_without_resending(
+    r: Redis, make_pipeline: Callable[..., Any], fake: FakeBinance
+) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    first = await make_pipeline()
+
+    async def crash(_done: object) -> None:
+        raise SystemExit("process died after placing the order, before writing the result")
+
+    first.execution.commit = crash
+    with pytest.raises(SystemExit):
+        await first.run(decision(qty="0.1"))
+    assert len(fake.placed()) == 1
+    assert (await r.xpending(INTENTS, GROUP))["pending"] == 1
+
+    restarted = await make_pipeline()  # new process: new adapter, same consumer name
+    await drain(restarted.execution)
+    [res] = await results(r)
+    assert res["status"] == "FILLED"
+    assert res["fee"] == "0.0001"
+    assert len(fake.placed()) == 1
+    assert fake.calls("POST", "/api/v3/order") == 1
+
+
+async def test_bad_credentials_fail_the_order_and_halt_the_pipeline(
+    r: Redis, make_pipeline: Callable[..., Any], fake: FakeBinance, log_trap: LogTrap, tmp_path: Any
+) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    wrong = write_secrets(tmp_path / "wrong.env", key="revoked-key-000000000000000000")
+    pipeline = await make_pipeline(secrets_file=wrong)
+    [res] = await pipeline.run(decision(qty="0.1"))
+    assert res["status"] == "FAILED"
+    assert res["reason"] == "AUTH_FAILED"
+    assert await r.get(keys.KILL_SWITCH) == "1"
+    # Fail-closed: the next decision is stopped by the governor, never sent.
+    _, res2 = await pipeline.run(decision(qty="0.1"))
+    assert (res2["status"], res2["reason"]) == ("REJECTED", "KILL_SWITCH")
+    assert fake.placed() == []
+    assert len(log_trap.lines("exchange_auth_failed")) == 1
+    assert "revoked-key-000000000000000000" not in log_trap.text()
