@@ -51,21 +51,21 @@ async def drain(stage: Router | Execution) -> int:
         handled += len(batch)
 
 
-async def results(r: Redis, stream: str = "quantum:stream:execution.result") -> list[dict[str, Any]]:
-    """Every result payload, with the envelope fields alongside under ``_env``."""
+async def payloads(r: Redis, stream: str) -> list[dict[str, Any]]:
+    """Every entry's payload, with the entry's own fields alongside under ``_env``."""
     out = []
     for entry_id, fields in await r.xrange(stream):
         payload = json.loads(fields["payload"])
         payload["_env"] = fields | {"_id": entry_id}
         out.append(payload)
     return out
+
+
+async def results(r: Redis, stream: str = "quantum:stream:execution.result") -> list[dict[str, Any]]:
+    """Every result payload."""
+    return await payloads(r, stream)
 
 
 async def rejections(r: Redis, stream: str = "quantum:stream:decision.rejected") -> list[dict[str, Any]]:
-    """Every rejection payload, with the top-level fields alongside under ``_env``."""
-    out = []
-    for entry_id, fields in await r.xrange(stream):
-        payload = json.loads(fields["payload"])
-        payload["_env"] = fields | {"_id": entry_id}
-        out.append(payload)
-    return out
+    """Every rejection payload."""
+    return await payloads(r, stream)

@@ -44,17 +44,9 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     model_version: str | None = None
 
 
-class TradeIntent(msgspec.Struct, frozen=True, kw_only=True):
+class TradeIntent(Decision, frozen=True, kw_only=True):
     """A valid, first-seen decision handed to execution (payload of ``trade.intent``)."""
 
-    symbol: str
-    side: Side
-    qty: Decimal
-    order_type: OrderType = "MARKET"
-    price: Decimal | None = None
-    confidence: float | None = None
-    strategy: str | None = None
-    model_version: str | None = None
     decision_id: str = ""
     decision_ts: str = ""
 

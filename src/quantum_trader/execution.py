@@ -104,16 +104,8 @@ class Execution:
         self.governor = gov.Governor(redis, settings)
         self.limits = self.governor.limits
         self._commit = register(redis, "commit")
-        self.consumer = GroupConsumer(
-            redis,
-            self.streams.intent,
-            self.streams.execution_group,
-            settings.consumer_name("execution"),
-            self.streams.dead_letter,
-            batch_size=settings.batch_size,
-            block_ms=settings.block_ms,
-            claim_idle_ms=settings.claim_idle_ms,
-            max_deliveries=settings.max_deliveries,
+        self.consumer = GroupConsumer.for_stage(
+            redis, settings, "execution", self.streams.intent, self.streams.execution_group
         )
         self.totals: dict[str, int] = {"FILLED": 0, "REJECTED": 0, "EXPIRED": 0, "FAILED": 0}
 

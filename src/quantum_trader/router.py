@@ -234,16 +234,8 @@ class Router:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.streams = settings.streams
         self._route = register(redis, "route")
-        self.consumer = GroupConsumer(
-            redis,
-            self.streams.decision,
-            self.streams.router_group,
-            settings.consumer_name("router"),
-            self.streams.dead_letter,
-            batch_size=settings.batch_size,
-            block_ms=settings.block_ms,
-            claim_idle_ms=settings.claim_idle_ms,
-            max_deliveries=settings.max_deliveries,
+        self.consumer = GroupConsumer.for_stage(
+            redis, settings, "router", self.streams.decision, self.streams.router_group
         )
         self.totals = {"intents": 0, "duplicates": 0, "invalid": 0, "skipped": 0}
 

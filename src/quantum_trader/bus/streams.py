@@ -20,6 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from quantum_trader.bus.connection import Redis
 from quantum_trader.events import DEAD_LETTER, Fields, envelope
 from quantum_trader.logs import get_logger
+from quantum_trader.settings import Settings
 
 log = get_logger("bus")
 
@@ -101,6 +102,21 @@ class GroupConsumer:
     claim_every_s: float = 5.0
     _recheck_own: bool = field(default=True, init=False)
     _last_claim: float = field(default=0.0, init=False)
+
+    @classmethod
+    def for_stage(cls, redis: Redis, settings: Settings, service: str, stream: str, group: str) -> GroupConsumer:
+        """The consumer of one stage, tuned by the settings (batch, block, claim, poison limit)."""
+        return cls(
+            redis,
+            stream,
+            group,
+            settings.consumer_name(service),
+            settings.dead_letter_stream,
+            batch_size=settings.batch_size,
+            block_ms=settings.block_ms,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+        )
 
     async def setup(self) -> None:
         """Create the group if needed."""
