@@ -100,11 +100,11 @@ class LogTrap:
 
     def __init__(self) -> None:
         self.structured = io.StringIO()
-        self.extra = ""
+        self.stdlib = io.StringIO()
 
     def text(self) -> str:
-        """All captured log text so far."""
-        return self.structured.getvalue() + self.extra
+        """All captured log text so far (structlog and stdlib logging, every test phase)."""
+        return self.structured.getvalue() + self.stdlib.getvalue()
 
     def lines(self, event: str) -> list[str]:
         """Captured lines that mention ``event``."""
@@ -112,18 +112,26 @@ class LogTrap:
 
 
 @pytest.fixture(autouse=True)
-def log_trap(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> Iterator[LogTrap]:
-    """Capture every log line of the test; afterwards, assert no credential appears in any."""
+def log_trap(capfd: pytest.CaptureFixture[str]) -> Iterator[LogTrap]:
+    """Capture every log line of the test, at debug level; afterwards, assert no credential appears in any."""
     trap = LogTrap()
     saved = (logs._Outcomes.out, logs._Outcomes.json, logs._Outcomes.enabled)
     logs.configure("debug", "json", trap.structured)
-    caplog.set_level(logging.DEBUG)
+    root = logging.getLogger()
+    handler = logging.StreamHandler(trap.stdlib)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)  # ccxt logs request headers at debug: the level where a key would leak
     try:
         yield trap
     finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
         structlog.reset_defaults()
         logs._Outcomes.out, logs._Outcomes.json, logs._Outcomes.enabled = saved
     out, err = capfd.readouterr()
-    everything = trap.text() + caplog.text + out + err
+    everything = trap.text() + out + err
     for secret in (API_KEY, API_SECRET):
         assert secret not in everything, "a credential leaked into the logs"

@@ -296,3 +296,13 @@ async def test_misconfiguration_stops_start_up_with_the_fix(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         await build_exchange(r, exchange_settings(**overrides))
+
+
+async def test_ccxt_debug_logging_never_shows_the_key(make_exchange: MakeExchange, log_trap: LogTrap) -> None:
+    exchange = await make_exchange()
+    await exchange.balances()  # a signed request: ccxt logs its headers at debug level
+    ccxt_lines = [line for line in log_trap.stdlib.getvalue().splitlines() if line.startswith("ccxt")]
+    assert any("/api/v3/account" in line for line in ccxt_lines)  # the request was logged...
+    assert any("X-MBX-APIKEY" in line for line in ccxt_lines)  # ...with its headers...
+    assert API_KEY not in log_trap.text()  # ...but not the key
+    assert "signature=" not in log_trap.text()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import logging
 import os
 import random
 import re
@@ -425,6 +426,35 @@ def _options(exchange: str) -> dict[str, Any]:
     return {"defaultType": "spot"}
 
 
+class ScrubbingLogger:
+    """The logger handed to ccxt: its debug lines carry request headers (the API key) and signed URLs."""
+
+    def __init__(self, target: logging.Logger, secrets: list[str]) -> None:
+        self.target = target
+        self.secrets = secrets
+
+    def _log(self, level: int, msg: object, *args: object) -> None:
+        if self.target.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            self.target.log(level, "%s", scrub(text, self.secrets))
+
+    def debug(self, msg: object, *args: object, **_: object) -> None:
+        """Scrubbed ``logging.Logger.debug``."""
+        self._log(logging.DEBUG, msg, *args)
+
+    def info(self, msg: object, *args: object, **_: object) -> None:
+        """Scrubbed ``logging.Logger.info``."""
+        self._log(logging.INFO, msg, *args)
+
+    def warning(self, msg: object, *args: object, **_: object) -> None:
+        """Scrubbed ``logging.Logger.warning``."""
+        self._log(logging.WARNING, msg, *args)
+
+    def error(self, msg: object, *args: object, **_: object) -> None:
+        """Scrubbed ``logging.Logger.error``."""
+        self._log(logging.ERROR, msg, *args)
+
+
 def check_settings(settings: Settings) -> None:
     """ConfigError unless the settings name a ccxt exchange and a mode that trades on it."""
     if settings.exchange not in ccxt_async.exchanges:
@@ -467,6 +497,7 @@ class CcxtExchange:
         if credentials.password is not None:
             config["password"] = credentials.password.get_secret_value()
         self.client: Any = getattr(ccxt_async, exchange)(config)
+        self.client.logger = ScrubbingLogger(logging.getLogger("ccxt.base.exchange"), self._secrets)
         try:
             if settings.mode == "testnet":
                 self.client.set_sandbox_mode(True)
