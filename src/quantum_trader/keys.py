@@ -16,6 +16,7 @@ DEDUP_PREFIX = "quantum:dedup:decision:"
 HEARTBEAT_PREFIX = "quantum:heartbeat:"
 PAPER_PREFIX = "quantum:paper:"
 PRICE_HASH = "quantum:market:last_price"
+EXCHANGE_SENT_PREFIX = "quantum:exchange:sent:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,3 +73,8 @@ def paper_orders() -> str:
 def paper_balances() -> str:
     """Hash: asset -> balance (decimal string) on the paper exchange."""
     return f"{PAPER_PREFIX}balances"
+
+
+def exchange_sent(exchange: str, client_order_id: str) -> str:
+    """Record that an order was sent to a real exchange (holds its symbol for look-ups)."""
+    return f"{EXCHANGE_SENT_PREFIX}{exchange}:{client_order_id}"

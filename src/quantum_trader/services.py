@@ -126,6 +126,9 @@ class Runner:
         finally:
             self.stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for stage in self.stages.values():
+                if isinstance(stage, Execution):
+                    await stage.exchange.close()
             log.info(
                 "stopped",
                 stages=list(self.stages),

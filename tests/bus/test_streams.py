@@ -102,3 +102,23 @@ async def test_run_stops_after_the_batch_in_hand(r: Redis) -> None:
     await asyncio.wait_for(c.run(handler, stop), timeout=5)
     assert handled == [10]
     assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+
+
+async def test_transient_exchange_error_leaves_the_batch_pending_and_retries(r: Redis) -> None:
+    from quantum_trader.errors import TransientExchangeError
+
+    c = consumer(r, "a", batch_size=10, block_ms=20)
+    [entry_id] = await publish(r, STREAM, [fields(1)])
+    stop = asyncio.Event()
+    attempts: list[int] = []
+
+    async def handler(batch: list[Entry]) -> None:
+        attempts.append(batch[0].deliveries)
+        if len(attempts) == 1:
+            raise TransientExchangeError("exchange timed out; order state unknown")
+        await r.xack(STREAM, GROUP, entry_id)
+        stop.set()
+
+    await asyncio.wait_for(c.run(handler, stop), timeout=5)
+    assert attempts == [1, 2]  # the same entry again, from our own pending list
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 0

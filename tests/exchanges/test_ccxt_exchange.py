@@ -14,7 +14,7 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.base import OrderRequest
-from quantum_trader.exchanges.ccxt_exchange import CcxtExchange, Credentials, OrderStateUnknown, sent_key
+from quantum_trader.exchanges.ccxt_exchange import CcxtExchange, Credentials, OrderStateUnknown
 from quantum_trader.services import build_exchange
 from quantum_trader.settings import Settings
 from tests.exchanges.conftest import LogTrap
@@ -238,7 +238,7 @@ async def test_crash_between_record_and_send_sends_once(
     r: Redis, make_exchange: MakeExchange, fake: FakeBinance
 ) -> None:
     # The write-ahead record exists but the process died before the request left.
-    await r.set(sent_key("binance", buy().client_order_id), '{"symbol": "ETH/USDT", "at": 0}')
+    await r.set(keys.exchange_sent("binance", buy().client_order_id), '{"symbol": "ETH/USDT", "at": 0}')
     exchange = await make_exchange()
     assert await exchange.fetch_orders([buy().client_order_id]) == {}
     [out] = await exchange.place_orders([buy()])

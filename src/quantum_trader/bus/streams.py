@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import RedisError, ResponseError
 
 from quantum_trader.bus.connection import Redis
+from quantum_trader.errors import TransientExchangeError
 from quantum_trader.events import DEAD_LETTER, Fields, envelope
 from quantum_trader.logs import get_logger
 from quantum_trader.settings import Settings
@@ -219,8 +220,8 @@ class GroupConsumer:
     ) -> None:
         """Consume until ``stop`` is set; the batch in hand is always finished first.
 
-        A handler or server error leaves the batch pending; it is retried (and counted
-        towards the poison limit) after a short back-off.
+        A server error or a transient exchange error leaves the batch pending; it is
+        retried (and counted towards the poison limit) after a back-off.
         """
         await self.setup()
         backoff = 0.1
@@ -232,9 +233,11 @@ class GroupConsumer:
                 elif on_idle is not None:
                     await on_idle()
                 backoff = 0.1
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TransientExchangeError) as exc:
+                # The batch stays pending: the next attempt (ours, or another consumer's after
+                # the idle threshold) looks orders up before sending anything.
                 self._recheck_own = True
-                log.error("stream_error", stream=self.stream, error=str(exc), retry_in_s=backoff)
+                log.error("batch_retry", stream=self.stream, error=str(exc), retry_in_s=backoff)
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 await _reconnect_group(self)

@@ -48,6 +48,7 @@ import ccxt.async_support as ccxt_async  # type: ignore[import-untyped]
 from pydantic import SecretStr
 from redis.exceptions import RedisError
 
+from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError, FatalExchangeError, TransientExchangeError
 from quantum_trader.exchanges.base import OrderOutcome, OrderRequest
@@ -57,19 +58,11 @@ from quantum_trader.settings import Settings, redacted
 
 log = get_logger("exchange")
 
-# Write-ahead records of orders about to be sent. Key names belong in keys.py; this one waits
-# here until that module's owner moves it (it is only read and written in this file).
-SENT_PREFIX = "quantum:exchange:sent:"
 SENT_TTL_S = 7 * 86_400
 # ccxt precision modes (ccxt.base.decimal_to_precision)
 _DECIMAL_PLACES, _SIGNIFICANT_DIGITS, _TICK_SIZE = 2, 3, 4
 _AUTH_CODES = re.compile(r'"code":\s*-(2015|2014|1022)\b')
 _URL_QUERY = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
-
-
-def sent_key(exchange: str, client_order_id: str) -> str:
-    """Write-ahead record of an order this adapter is about to send (holds its symbol)."""
-    return f"{SENT_PREFIX}{exchange}:{client_order_id}"
 
 
 class OrderStateUnknown(TransientExchangeError):
@@ -607,13 +600,13 @@ class CcxtExchange:
     async def _remember(self, client_order_id: str, symbol: str) -> None:
         """Write-ahead record: from now on, this id is looked up before it is ever sent again."""
         record = json.dumps({"symbol": symbol, "at": time.time()})
-        await self.redis.set(sent_key(self.name, client_order_id), record, ex=SENT_TTL_S)
+        await self.redis.set(keys.exchange_sent(self.name, client_order_id), record, ex=SENT_TTL_S)
 
     async def _remembered(self, client_order_ids: list[str]) -> dict[str, str]:
         """Symbol of every id this adapter has started sending."""
         if not client_order_ids:
             return {}
-        raw = await self.redis.mget([sent_key(self.name, coid) for coid in client_order_ids])
+        raw = await self.redis.mget([keys.exchange_sent(self.name, coid) for coid in client_order_ids])
         return {
             coid: str(json.loads(value)["symbol"])
             for coid, value in zip(client_order_ids, raw, strict=True)
