@@ -32,11 +32,11 @@ from quantum_trader.events import (
     Status,
     TradeIntent,
     decode_event,
-    envelope,
+    encode_payload,
     now_iso,
 )
 from quantum_trader.exchanges.base import Exchange, OrderOutcome, OrderRequest, client_order_id
-from quantum_trader.logs import emit_outcomes, get_logger
+from quantum_trader.logs import emit_outcomes, get_logger, outcomes_enabled
 from quantum_trader.scripts import register
 from quantum_trader.settings import Settings
 
@@ -187,44 +187,31 @@ class Execution:
         """Acknowledge the intents and write their results in one atomic script call."""
         if not done:
             return
-        stamp = now_iso(self.clock())
-        args: list[str] = [self.streams.execution_group]
-        records = []
+        now = self.clock()
+        args: list[str] = [self.streams.execution_group, EXECUTION_RESULT, now_iso(now), "execution"]
         for job, result in done:
-            fields = envelope(
-                EXECUTION_RESULT,
-                result,
-                trace_id=job.env.trace_id,
-                correlation_id=job.env.correlation_id,
-                source="execution",
-                timestamp=stamp,
-            )
-            args += [job.entry.id, str(len(fields) * 2)]
-            for name, value in fields.items():
-                args += (name, value)
-            records.append(
-                {
-                    "event": "intent_done",
-                    "outcome": result.status,
-                    "reason": result.reason,
-                    "detail": result.detail,
-                    "symbol": result.symbol,
-                    "side": result.side,
-                    "qty": result.qty,
-                    "intent_id": job.entry.id,
-                    "client_order_id": job.coid,
-                    "trace_id": job.env.trace_id,
-                    "correlation_id": job.env.correlation_id,
-                }
-            )
-        script_keys = [
-            self.streams.intent,
-            self.streams.result,
-            keys.counted(self.clock().astimezone(UTC).date()),
-        ]
+            args += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result))
+        script_keys = [self.streams.intent, self.streams.result, keys.counted(now.astimezone(UTC).date())]
         if self.streams.result_legacy:
             script_keys.append(self.streams.result_legacy)
         await self._commit(keys=script_keys, args=args)
         for _job, result in done:
             self.totals[result.status] += 1
-        emit_outcomes("execution", records)
+        if outcomes_enabled():
+            emit_outcomes("execution", [_outcome_record(job, result) for job, result in done])
+
+
+def _outcome_record(job: Job, result: ExecutionResult) -> dict[str, object]:
+    return {
+        "event": "intent_done",
+        "outcome": result.status,
+        "reason": result.reason,
+        "detail": result.detail,
+        "symbol": result.symbol,
+        "side": result.side,
+        "qty": result.qty,
+        "intent_id": job.entry.id,
+        "client_order_id": job.coid,
+        "trace_id": job.env.trace_id,
+        "correlation_id": job.env.correlation_id,
+    }

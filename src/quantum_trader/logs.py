@@ -56,6 +56,11 @@ def configure_outcomes(level: str, fmt: str, stream: Any = None) -> None:
     _Outcomes.json = fmt == "json" or (fmt == "auto" and not out.isatty())
 
 
+def outcomes_enabled() -> bool:
+    """Whether outcome lines are written (build the records only then)."""
+    return _Outcomes.enabled
+
+
 def emit_outcomes(component: str, records: list[dict[str, Any]]) -> None:
     """One log line per terminal outcome, written for a whole batch at once.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
 from typing import Literal, Protocol
 
 OrderStatus = Literal["FILLED", "REJECTED", "FAILED"]
@@ -72,6 +73,11 @@ def client_order_id(intent_id: str, trace_id: str, correlation_id: str) -> str:
 
 def split_symbol(symbol: str, quote_assets: list[str]) -> tuple[str, str]:
     """``ETHUSDT`` -> (``ETH``, ``USDT``) using the known quote assets (longest match first)."""
+    return _split(symbol, tuple(quote_assets))
+
+
+@lru_cache(maxsize=4096)
+def _split(symbol: str, quote_assets: tuple[str, ...]) -> tuple[str, str]:
     if "/" in symbol:
         base, _, quote = symbol.partition("/")
         return base, quote.split(":")[0]

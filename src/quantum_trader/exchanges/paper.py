@@ -10,7 +10,6 @@ execution processes, and an order id already stored is returned, never placed ag
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from decimal import Decimal
 from typing import Any
 
@@ -22,19 +21,18 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, split_symbol
 
 _BPS = Decimal(10_000)
+
+
 _encoder = msgspec.json.Encoder(decimal_format="string")
+_decoder = msgspec.json.Decoder(OrderOutcome)
 
 
 def _outcome_from_json(text: str) -> OrderOutcome:
-    data: dict[str, Any] = msgspec.json.decode(text)
-    for name in ("filled_qty", "fee"):
-        data[name] = Decimal(data[name])
-    data["avg_price"] = Decimal(data["avg_price"]) if data.get("avg_price") is not None else None
-    return OrderOutcome(**data)
+    return _decoder.decode(text)
 
 
 def _outcome_to_json(outcome: OrderOutcome) -> str:
-    return _encoder.encode(asdict(outcome)).decode()
+    return _encoder.encode(outcome).decode()
 
 
 def fill(

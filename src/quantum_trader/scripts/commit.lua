@@ -1,19 +1,16 @@
 -- Execution batch commit: acknowledge each intent and write its one result, atomically.
 -- KEYS[1] intent stream, KEYS[2] result stream, KEYS[3] counted-intents hash,
 -- KEYS[4] legacy result stream (optional: dual write when present).
--- ARGV: group, then per intent: entry_id, n_fields, result fields...
+-- ARGV: group, event_type, timestamp, source, then per intent: entry_id, trace_id, correlation_id, payload.
 -- The XACK gates the write: an intent another consumer already finished gets no second result.
 -- Returns the number of results written.
-local group = ARGV[1]
-local pos = 2
+local group, event_type, stamp, source = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local written = 0
-while pos <= #ARGV do
+for pos = 5, #ARGV, 4 do
   local id = ARGV[pos]
-  local n = tonumber(ARGV[pos + 1])
-  local fields = {}
-  for j = 1, n do fields[j] = ARGV[pos + 1 + j] end
-  pos = pos + 2 + n
   if redis.call('XACK', KEYS[1], group, id) == 1 then
+    local fields = {'event_type', event_type, 'payload', ARGV[pos + 3], 'trace_id', ARGV[pos + 1],
+                    'correlation_id', ARGV[pos + 2], 'timestamp', stamp, 'source', source}
     redis.call('XADD', KEYS[2], '*', unpack(fields))
     if KEYS[4] then redis.call('XADD', KEYS[4], '*', unpack(fields)) end
     redis.call('HDEL', KEYS[3], id)
