@@ -69,16 +69,16 @@ async def test_anything_but_exactly_zero_halts(r: Redis, governor: Governor, kil
     ids = await pending_intents(r, 2)
     if kill is not None:
         await r.set(keys.KILL_SWITCH, kill)
-    assert await governor.gate(ids, NOW) == ["KILL_SWITCH", "KILL_SWITCH"]
+    assert await governor.gate(ids, NOW, "g") == ["KILL_SWITCH", "KILL_SWITCH"]
     assert await r.get(keys.daily_trades(NOW.date())) is None
 
 
 async def test_daily_limit_counts_each_intent_once_even_when_redelivered(r: Redis, governor: Governor) -> None:
     await r.set(keys.KILL_SWITCH, "0")
     ids = await pending_intents(r, 5)
-    assert await governor.gate(ids[:2], NOW) == ["APPROVED"] * 2
-    assert await governor.gate(ids[:2], NOW) == ["APPROVED"] * 2  # redelivered: not counted again
-    assert await governor.gate(ids, NOW) == ["APPROVED", "APPROVED", "APPROVED", "DAILY_LIMIT", "DAILY_LIMIT"]
+    assert await governor.gate(ids[:2], NOW, "g") == ["APPROVED"] * 2
+    assert await governor.gate(ids[:2], NOW, "g") == ["APPROVED"] * 2  # redelivered: not counted again
+    assert await governor.gate(ids, NOW, "g") == ["APPROVED", "APPROVED", "APPROVED", "DAILY_LIMIT", "DAILY_LIMIT"]
     key = keys.daily_trades(NOW.date())
     assert await r.get(key) == "3"
     assert key == "quantum:governor:daily_trades:20260117"
@@ -89,7 +89,7 @@ async def test_finished_intent_is_gone_not_counted(r: Redis, governor: Governor)
     await r.set(keys.KILL_SWITCH, "0")
     ids = await pending_intents(r, 1)
     await r.xack(INTENTS, GROUP, ids[0])  # another consumer finished it meanwhile
-    assert await governor.gate(ids, NOW) == ["GONE"]
+    assert await governor.gate(ids, NOW, "g") == ["GONE"]
     assert await r.get(keys.daily_trades(NOW.date())) is None
 
 
@@ -108,7 +108,7 @@ async def test_unreachable_server_never_approves(
         gov = Governor(redis, settings_for(server.url))
         server.kill()
         with pytest.raises(Exception, match=r"(?i)connect|closed|refused"):
-            await gov.gate(ids, NOW)
+            await gov.gate(ids, NOW, "g")
     finally:
         await redis.aclose()
 

@@ -157,7 +157,7 @@ class Execution:
             else:
                 gated.append(job)
 
-        verdicts = await self.governor.gate([job.entry.id for job in gated], self.clock())
+        verdicts = await self.governor.gate([job.entry.id for job in gated], self.clock(), self.consumer.consumer)
         approved = []
         for job, verdict in zip(gated, verdicts, strict=True):
             if verdict == gov.APPROVED:

@@ -16,6 +16,7 @@ from decimal import Decimal
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import parse_id
 from quantum_trader.events import TradeIntent, parse_iso
 from quantum_trader.scripts import register
 from quantum_trader.settings import Settings
@@ -89,8 +90,10 @@ class Governor:
         self.group = settings.execution_group
         self._gate = register(redis, "gate")
 
-    async def gate(self, intent_ids: list[str], now: datetime) -> list[str]:
+    async def gate(self, intent_ids: list[str], now: datetime, consumer: str) -> list[str]:
         """One verdict per intent (APPROVED, KILL_SWITCH, DAILY_LIMIT or GONE), one script call.
+
+        GONE: the intent is no longer pending on ``consumer`` (finished or taken over).
 
         Raises RedisError when the server cannot answer: the caller leaves the batch
         pending and retries, so nothing is approved while the state is unknown.
@@ -100,7 +103,15 @@ class Governor:
         day = now.astimezone(UTC).date()
         verdicts = await self._gate(
             keys=[keys.KILL_SWITCH, keys.daily_trades(day), keys.counted(day), self.intent_stream],
-            args=[self.group, self.limits.daily_limit, counter_ttl(now), *intent_ids],
+            args=[
+                self.group,
+                consumer,
+                self.limits.daily_limit,
+                counter_ttl(now),
+                min(intent_ids, key=parse_id),
+                max(intent_ids, key=parse_id),
+                *intent_ids,
+            ],
         )
         return [str(v) for v in verdicts]
 

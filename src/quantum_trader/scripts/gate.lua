@@ -1,36 +1,46 @@
 -- Governor gate for a batch of intents: kill switch and daily limit, atomically.
 -- KEYS[1] kill switch, KEYS[2] daily counter, KEYS[3] counted-intents hash, KEYS[4] intent stream
--- ARGV: group, limit, ttl_s, then intent ids.
+-- ARGV: group, consumer, limit, ttl_s, lowest id, highest id, then the intent ids.
 -- Trading is allowed only while the kill switch is exactly "0".
 -- An intent is counted once: the counted hash remembers it until its result is committed.
--- An intent no longer pending (finished by another consumer) is reported GONE, not counted.
+-- An intent no longer pending on this consumer (finished, or taken over by another consumer)
+-- is reported GONE and not counted: whoever holds it now will gate it.
 -- Returns one verdict per intent: "APPROVED", "KILL_SWITCH", "DAILY_LIMIT" or "GONE".
-local group = ARGV[1]
-local limit = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local kill = redis.call('GET', KEYS[1])
+local group, consumer = ARGV[1], ARGV[2]
+local limit, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local low, high = ARGV[5], ARGV[6]
+local ids = {}
+for i = 7, #ARGV do ids[#ids + 1] = ARGV[i] end
 local out = {}
+if #ids == 0 then return out end
+
+-- One range query for the whole batch: which of these are still pending on this consumer.
+local mine = {}
+for _, entry in ipairs(redis.call('XPENDING', KEYS[4], group, low, high, #ids * 4 + 1000, consumer)) do
+  mine[entry[1]] = true
+end
+local kill = redis.call('GET', KEYS[1])
+local seen = redis.call('HMGET', KEYS[3], unpack(ids))
 local count = tonumber(redis.call('GET', KEYS[2]) or '0')
-local touched = false
-for i = 4, #ARGV do
-  local id = ARGV[i]
-  local pending = redis.call('XPENDING', KEYS[4], group, id, id, 1)
-  if #pending == 0 then
-    out[#out + 1] = 'GONE'
+local counted = {}
+for i, id in ipairs(ids) do
+  if not mine[id] then
+    out[i] = 'GONE'
   elseif kill ~= '0' then
-    out[#out + 1] = 'KILL_SWITCH'
-  elseif redis.call('HEXISTS', KEYS[3], id) == 1 then
-    out[#out + 1] = 'APPROVED'
+    out[i] = 'KILL_SWITCH'
+  elseif seen[i] then
+    out[i] = 'APPROVED'
   elseif count >= limit then
-    out[#out + 1] = 'DAILY_LIMIT'
+    out[i] = 'DAILY_LIMIT'
   else
     count = count + 1
-    redis.call('HSET', KEYS[3], id, '1')
-    out[#out + 1] = 'APPROVED'
-    touched = true
+    counted[#counted + 1] = id
+    counted[#counted + 1] = '1'
+    out[i] = 'APPROVED'
   end
 end
-if touched then
+if #counted > 0 then
+  redis.call('HSET', KEYS[3], unpack(counted))
   redis.call('SET', KEYS[2], count, 'EX', ttl)
   redis.call('EXPIRE', KEYS[3], ttl)
 end
