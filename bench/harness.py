@@ -31,13 +31,15 @@ INTENT_GROUP = "quantum:group:execution:trade.intent"
 
 # Every guard stays on: kill switch armed at "0", a daily limit far above the run, a max age long
 # enough that a preloaded backlog is still fresh when drained (a 750,000-intent backlog takes longer
-# to build than the default 60 s), validation and dedup as in production.
+# to build than the default 60 s), validation and dedup as in production. Outcome log lines are off
+# (QT_LOG_LEVEL=warning): the figures measure the pipeline, not the terminal.
 ENV = {
     "QT_DAILY_LIMIT": "100000000",
     "QT_MAX_INTENT_AGE_S": "3600",
     "QT_MAX_NOTIONAL": "1000000",
     "QT_PAPER_BALANCES": "USDT=1000000000000,ETH=1000000000",
     "QT_LOG_LEVEL": "warning",
+    "QT_TRIM_KEEP_S": "0",  # trim as soon as consumed: server memory must stay bounded
 }
 
 

@@ -104,7 +104,7 @@ class Runner:
                     await trim_consumed(
                         self.redis,
                         stage.consumer.stream,
-                        self.settings.trim_keep,
+                        self.settings.trim_keep_s,
                         native_acked=native,
                     )
                 except RedisError as exc:

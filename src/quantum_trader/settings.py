@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, gt=0)
     consumer: str = Field(default="", description="consumer name; empty = <service>-<hostname>")
     heartbeat_s: float = Field(default=5.0, gt=0)
-    trim_keep: int = Field(default=10_000, ge=0, description="entries kept for inspection after trimming")
+    trim_keep_s: float = Field(default=600, ge=0, description="seconds of consumed entries kept for inspection")
 
     paper_fee_rate: Decimal = Field(default=Decimal("0.001"), ge=0, lt=1)
     paper_slippage_bps: Decimal = Field(default=Decimal("0"), ge=0, lt=10_000)

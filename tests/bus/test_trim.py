@@ -44,11 +44,14 @@ async def test_stream_without_groups_is_left_alone(r: Redis) -> None:
     assert await r.xlen(STREAM) == 10
 
 
-async def test_keep_retains_recent_consumed_entries_for_inspection(r: Redis) -> None:
+async def test_recent_consumed_entries_are_kept_for_inspection(r: Redis) -> None:
     await ensure_group(r, STREAM, "g")
-    ids = await publish(r, STREAM, [{"n": str(i)} for i in range(50)])
+    old = [await r.xadd(STREAM, {"n": str(i)}, id=f"{1_000 + i}-0") for i in range(40)]
+    recent = [await r.xadd(STREAM, {"n": str(i)}, id=f"{9_000 + i}-0") for i in range(10)]
     read = await r.xreadgroup("g", "c", {STREAM: ">"}, count=50)
     await r.xack(STREAM, "g", *[i for i, _ in read[0][1]])
 
-    assert await trim_consumed(r, STREAM, keep=10) == 40
-    assert [i for i, _ in await r.xrange(STREAM)] == ids[40:]
+    # keep the last 5 s of a clock at 10 s: everything from 5000 ms on stays
+    assert await trim_consumed(r, STREAM, keep_s=5, now_ms=10_000) == 40
+    assert [i for i, _ in await r.xrange(STREAM)] == recent
+    assert len(old) == 40

@@ -4,12 +4,14 @@ The seed capped its intent stream at ~10,000 entries while its group lagged
 750,000 behind, silently deleting intents nobody had processed. Here the trim
 point is computed from the consumer groups: below every group's oldest pending
 entry and at or below every group's last-delivered id. A stream with no group is
-never trimmed (nobody has said they read it). ``keep`` recent entries stay for
-inspection even once consumed.
+never trimmed (nobody has said they read it). Entries younger than ``keep_s``
+seconds stay for inspection even once consumed; the boundary comes from the clock
+(stream ids are milliseconds), so finding it reads nothing from the stream.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from quantum_trader.bus.connection import Redis
@@ -52,26 +54,26 @@ async def group_positions(redis: Redis, stream: str) -> list[GroupPosition]:
     return positions
 
 
-async def trim_consumed(redis: Redis, stream: str, keep: int = 0, *, native_acked: bool = False) -> int:
+async def trim_consumed(
+    redis: Redis, stream: str, keep_s: float = 0, *, now_ms: int | None = None, native_acked: bool = False
+) -> int:
     """Delete entries every group has delivered and acknowledged; returns how many.
 
-    ``native_acked`` uses the server's own ``XTRIM ... ACKED`` (Redis 8.2+), which
-    applies the same rule inside the server; older servers get the computed MINID.
+    ``native_acked`` uses the server's own ``XTRIM … ACKED`` (Redis 8.2+), which applies the
+    same rule inside the server; older servers get the computed MINID.
     """
     if not await redis.exists(stream):
         return 0
+    keep_from = None
+    if keep_s > 0:
+        clock_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        keep_from = f"{max(0, clock_ms - int(keep_s * 1000))}-0"
     if native_acked:
         if not await redis.xinfo_groups(stream):
             return 0
-        return int(await redis.execute_command("XTRIM", stream, "MAXLEN", "=", keep, "ACKED"))
-    positions = await group_positions(redis, stream)
-    keep_from = None
-    if keep > 0:
-        tail = await redis.xrevrange(stream, count=keep)
-        if len(tail) < keep:
-            return 0
-        keep_from = tail[-1][0]
-    bound = safe_min_id(positions, keep_from)
+        args: list[object] = ["XTRIM", stream, "MINID", "=", keep_from or "+", "ACKED"]
+        return int(await redis.execute_command(*args))
+    bound = safe_min_id(await group_positions(redis, stream), keep_from)
     if bound is None:
         return 0
     return int(await redis.xtrim(stream, minid=bound, approximate=False))
