@@ -30,13 +30,13 @@ from quantum_trader.errors import DecodeError
 from quantum_trader.events import (
     DECISION,
     DECISION_REJECTED,
-    TRADE_INTENT,
     Decision,
     Envelope,
     Fields,
     Rejection,
     TradeIntent,
     decode_envelope,
+    encode_payload,
     envelope,
     now_iso,
     parse_iso,
@@ -139,8 +139,8 @@ def dedup_identity(env: Envelope, entry_id: str, fields: list[str]) -> str:
     return "||".join(values[name] for name in fields)
 
 
-def to_intent(env: Envelope, decision: Decision, entry_id: str, now: datetime) -> Fields:
-    """The trade intent entry for a routed decision (same trace and correlation ids)."""
+def intent_payload(env: Envelope, decision: Decision, entry_id: str) -> str:
+    """The trade intent's payload for a routed decision (the router script adds the envelope)."""
     intent = TradeIntent(
         symbol=decision.symbol,
         side=decision.side,
@@ -153,14 +153,7 @@ def to_intent(env: Envelope, decision: Decision, entry_id: str, now: datetime) -
         decision_id=entry_id,
         decision_ts=env.timestamp,
     )
-    return envelope(
-        TRADE_INTENT,
-        intent,
-        trace_id=env.trace_id,
-        correlation_id=env.correlation_id,
-        source="router",
-        timestamp=now_iso(now),
-    )
+    return encode_payload(intent)
 
 
 def to_rejection(raw: Fields, entry_id: str, reason: str, detail: str, field: str, now: datetime) -> Fields:
@@ -180,15 +173,27 @@ def to_rejection(raw: Fields, entry_id: str, reason: str, detail: str, field: st
 
 
 @dataclass(frozen=True, slots=True)
+class Routed:
+    """A valid decision, ready for the router script."""
+
+    entry_id: str
+    dedup_key: str
+    payload: str
+    trace_id: str
+    correlation_id: str
+    original: str
+
+
+@dataclass(frozen=True, slots=True)
 class RoutePlan:
     """What one batch will do, decided without the server."""
 
-    valid: list[tuple[str, str, Fields, Fields]]  # entry id, dedup key, intent, duplicate rejection
+    valid: list[Routed]
     invalid: list[tuple[str, Fields, str]]  # entry id, rejection, detail
 
 
 def plan_batch(entries: list[Entry], settings: Settings, now: datetime) -> RoutePlan:
-    """Validate a batch and prepare every entry the script may write."""
+    """Validate a batch and prepare everything the script may write."""
     skew = timedelta(seconds=settings.clock_skew_s)
     valid = []
     invalid = []
@@ -197,24 +202,19 @@ def plan_batch(entries: list[Entry], settings: Settings, now: datetime) -> Route
             env, decision = validate(entry.fields, now, skew)
         except DecodeError as exc:
             detail = f"{exc.field}: {exc.reason}" if exc.field else exc.reason
-            invalid.append(
-                (
-                    entry.id,
-                    to_rejection(entry.fields, entry.id, "INVALID", detail, exc.field, now),
-                    detail,
-                )
-            )
+            invalid.append((entry.id, to_rejection(entry.fields, entry.id, "INVALID", detail, exc.field, now), detail))
             continue
         identity = dedup_identity(env, entry.id, settings.dedup_fields)
-        dup = to_rejection(
-            entry.fields,
-            entry.id,
-            "DUPLICATE_SKIP",
-            f"decision {identity} already routed within {settings.dedup_window_s}s",
-            "",
-            now,
+        valid.append(
+            Routed(
+                entry.id,
+                keys.dedup(identity),
+                intent_payload(env, decision, entry.id),
+                env.trace_id,
+                env.correlation_id,
+                encode_payload(entry.fields),
+            )
         )
-        valid.append((entry.id, keys.dedup(identity), to_intent(env, decision, entry.id, now), dup))
     return RoutePlan(valid, invalid)
 
 
@@ -248,13 +248,14 @@ class Router:
             self.settings.dedup_window_s,
             len(plan.valid),
             len(plan.invalid),
+            now_iso(now),
         ]
-        for entry_id, _key, intent, dup in plan.valid:
-            args += [entry_id, *_flat(intent), *_flat(dup)]
+        for routed in plan.valid:
+            args += (routed.entry_id, routed.payload, routed.trace_id, routed.correlation_id, routed.original)
         for entry_id, rejection, _detail in plan.invalid:
             args += [entry_id, *_flat(rejection)]
         script_keys = [self.streams.decision, self.streams.intent, self.streams.rejected]
-        script_keys += [key for _id, key, _i, _d in plan.valid]
+        script_keys += [routed.dedup_key for routed in plan.valid]
         reply = await self._route(keys=script_keys, args=args)
         for name, count in zip(self.totals, reply[:4], strict=True):
             self.totals[name] += int(count)

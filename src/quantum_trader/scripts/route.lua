@@ -1,38 +1,35 @@
 -- Router batch: dedup, intents, rejections and acks in one atomic step.
 -- KEYS[1] decision stream, KEYS[2] intent stream, KEYS[3] rejected stream,
 -- KEYS[3 + i] dedup key of the i-th valid decision.
--- ARGV: group, window_s, n_valid, n_invalid, then per valid decision:
---   entry_id, n_intent, intent fields..., n_dup, duplicate-rejection fields...
--- then per invalid decision: entry_id, n_rej, rejection fields...
+-- ARGV: group, window_s, n_valid, n_invalid, timestamp, then per valid decision:
+--   entry_id, intent payload (JSON), trace_id, correlation_id, original fields (JSON object)
+-- then per invalid decision: entry_id, n_fields, rejection fields...
 -- An entry another router already acknowledged is skipped: each decision is routed once.
 -- Returns {intents, duplicates, invalid, skipped, duplicate entry ids...}.
 local group = ARGV[1]
 local window = tonumber(ARGV[2])
 local n_valid = tonumber(ARGV[3])
 local n_invalid = tonumber(ARGV[4])
-local pos = 5
+local stamp = ARGV[5]
+local pos = 6
 local intents, dups, invalid, skipped = 0, 0, 0, 0
 local dup_ids = {}
 
-local function take(count)
-  local out = {}
-  for j = 1, count do out[j] = ARGV[pos + j - 1] end
-  pos = pos + count
-  return out
-end
-
 for i = 1, n_valid do
-  local id = ARGV[pos]; pos = pos + 1
-  local n_intent = tonumber(ARGV[pos]); pos = pos + 1
-  local intent = take(n_intent)
-  local n_dup = tonumber(ARGV[pos]); pos = pos + 1
-  local dup = take(n_dup)
+  local id, payload, trace, corr, original = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3], ARGV[pos + 4]
+  pos = pos + 5
   if redis.call('XACK', KEYS[1], group, id) == 1 then
     if redis.call('SET', KEYS[3 + i], id, 'NX', 'EX', window) then
-      redis.call('XADD', KEYS[2], '*', unpack(intent))
+      redis.call('XADD', KEYS[2], '*', 'event_type', 'trade.intent', 'payload', payload, 'trace_id', trace,
+                 'correlation_id', corr, 'timestamp', stamp, 'source', 'router')
       intents = intents + 1
     else
-      redis.call('XADD', KEYS[3], '*', unpack(dup))
+      local detail = 'decision already routed within ' .. window .. 's (dedup key ' .. KEYS[3 + i] .. ')'
+      local rejection = '{"reason":"DUPLICATE_SKIP","detail":' .. cjson.encode(detail) ..
+                        ',"field":"","original_id":' .. cjson.encode(id) .. ',"original":' .. original .. '}'
+      redis.call('XADD', KEYS[3], '*', 'event_type', 'decision.rejected', 'payload', rejection, 'trace_id', trace,
+                 'correlation_id', corr, 'timestamp', stamp, 'source', 'router', 'reason', 'DUPLICATE_SKIP',
+                 'original_id', id)
       dups = dups + 1
       dup_ids[#dup_ids + 1] = id
     end
@@ -42,11 +39,13 @@ for i = 1, n_valid do
 end
 
 for _ = 1, n_invalid do
-  local id = ARGV[pos]; pos = pos + 1
-  local n_rej = tonumber(ARGV[pos]); pos = pos + 1
-  local rej = take(n_rej)
+  local id = ARGV[pos]
+  local n = tonumber(ARGV[pos + 1])
+  local fields = {}
+  for j = 1, n do fields[j] = ARGV[pos + 1 + j] end
+  pos = pos + 2 + n
   if redis.call('XACK', KEYS[1], group, id) == 1 then
-    redis.call('XADD', KEYS[3], '*', unpack(rej))
+    redis.call('XADD', KEYS[3], '*', unpack(fields))
     invalid = invalid + 1
   else
     skipped = skipped + 1
