@@ -26,7 +26,7 @@ def order(side: str = "BUY", qty: str = "1", order_type: str = "MARKET", price: 
 
 def run_fill(o: OrderRequest, market: str | None, balances: dict[str, Decimal] = RICH, slip: str = "0") -> tuple:
     return fill(o, Decimal(market) if market else None, balances, fee_rate=Decimal("0.001"),
-                slippage_bps=Decimal(slip), quote_assets=QUOTES, order_no=7)  # fmt: skip
+                slippage_bps=Decimal(slip), quote_assets=QUOTES)  # fmt: skip
 
 
 def test_market_buy_fills_at_market_with_slippage_against_the_trader() -> None:

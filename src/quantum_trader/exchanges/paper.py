@@ -43,7 +43,6 @@ def fill(
     fee_rate: Decimal,
     slippage_bps: Decimal,
     quote_assets: list[str],
-    order_no: int,
 ) -> tuple[OrderOutcome, dict[str, Decimal]]:
     """Pure fill rule: the outcome of one order and the balance changes it makes."""
     try:
@@ -99,7 +98,7 @@ def fill(
         avg_price=price,
         fee=fee,
         fee_asset=quote,
-        exchange_order_id=f"paper-{order_no}",
+        exchange_order_id=f"paper-{order.client_order_id.removeprefix('qt-')}",
     )
     return outcome, changes
 
@@ -169,7 +168,6 @@ class PaperExchange:
                     existing_raw = await pipe_any.hmget(keys.paper_orders(), ids)
                     balance_raw = await pipe_any.hgetall(keys.paper_balances())
                     prices = await self.last_prices([order.symbol for order in orders])
-                    order_count = int(await pipe_any.hlen(keys.paper_orders()))
                     balances = {a: Decimal(v) for a, v in balance_raw.items()}
                     outcomes: list[OrderOutcome] = []
                     new: dict[str, str] = {}
@@ -180,7 +178,6 @@ class PaperExchange:
                         if order.client_order_id in new:
                             outcomes.append(_outcome_from_json(new[order.client_order_id]))
                             continue
-                        order_count += 1
                         outcome, changes = fill(
                             order,
                             prices.get(order.symbol),
@@ -188,7 +185,6 @@ class PaperExchange:
                             fee_rate=self.fee_rate,
                             slippage_bps=self.slippage_bps,
                             quote_assets=self.quote_assets,
-                            order_no=order_count,
                         )
                         for asset, delta in changes.items():
                             balances[asset] = balances.get(asset, Decimal(0)) + delta
