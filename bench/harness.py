@@ -127,6 +127,8 @@ def stages(url: str, specs: list[tuple[str, str]]) -> list[Stage]:
 def wait_for(client: redis.Redis, stream: str, target: int, procs: list[Stage], limit_s: float) -> float:
     """Sample RSS until ``stream`` holds ``target`` entries; returns the wall time waited."""
     started = time.perf_counter()
+    for stage in procs:
+        stage.sample()
     while client.xlen(stream) < target:
         for stage in procs:
             stage.sample()

@@ -126,6 +126,7 @@ def latency(rates: list[int], seconds: float) -> dict[str, Any]:
         procs[0].start()
         try:
             time.sleep(2.0)  # the process is up and blocked on its groups
+            procs[0].sample()
             first = 0
             for rate in rates:
                 before = client.xlen(RESULTS)
