@@ -259,7 +259,7 @@ def demo(
 
 
 # Command groups that live in their own modules: each module has ``register(app)``.
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["cli_operations"]
 for _module in EXTENSIONS:
     importlib.import_module(f"quantum_trader.{_module}").register(app)
 

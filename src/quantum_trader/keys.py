@@ -17,6 +17,7 @@ HEARTBEAT_PREFIX = "quantum:heartbeat:"
 PAPER_PREFIX = "quantum:paper:"
 PRICE_HASH = "quantum:market:last_price"
 EXCHANGE_SENT_PREFIX = "quantum:exchange:sent:"
+PROOF_SNAPSHOTS = "quantum:proof:snapshots"
 
 
 @dataclass(frozen=True, slots=True)

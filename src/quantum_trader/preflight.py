@@ -1,0 +1,186 @@
+"""``quantum-trader doctor``: every check an operator needs before and after a deploy.
+
+Pure checks over data (file modes, versions, figures) return a ``Check`` with a
+verdict and the exact fix; ``run_checks`` gathers the data from the filesystem and
+the server. A FAIL makes the command exit non-zero so it can gate a deploy. No
+secret value is ever read into a check's text.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from redis.exceptions import RedisError
+
+from quantum_trader.bus.connection import Redis, server_version
+from quantum_trader.settings import Settings
+from quantum_trader.status import pipeline_status
+
+Verdict = Literal["PASS", "WARN", "FAIL"]
+MIN_VERSION = {"redis": (7, 0), "valkey": (7, 2)}
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the doctor's table."""
+
+    name: str
+    verdict: Verdict
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``--json``."""
+        return asdict(self)
+
+
+def _owner(uid: int, gid: int) -> str:
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return f"{user}:{group}"
+
+
+def check_secret_file(path: Path, mode: int, uid: int, gid: int, *, what: str = "secrets file") -> Check:
+    """Credentials must be readable by the service's user and group only (0640 or stricter)."""
+    owner = _owner(uid, gid)
+    perms = stat.S_IMODE(mode)
+    fix = f"chown root:{owner.split(':')[1]} {path} && chmod 0640 {path}"
+    if perms & 0o007:
+        return Check(what, "FAIL", f"{path} is {perms:04o} ({owner}): readable by every user on the machine", fix)
+    if perms & 0o020 or (perms & 0o200 and owner.split(":")[0] != "root"):
+        return Check(what, "WARN", f"{path} is {perms:04o} ({owner}): writable by the service", fix)
+    return Check(what, "PASS", f"{path} is {perms:04o} ({owner})")
+
+
+def check_config_dir(path: Path, mode: int, uid: int, gid: int) -> Check:
+    """The directory holding secrets must not be listable by everyone (the seed opened it to 0755)."""
+    owner = _owner(uid, gid)
+    perms = stat.S_IMODE(mode)
+    if perms & 0o007:
+        return Check(
+            "config directory",
+            "FAIL",
+            f"{path} is {perms:04o} ({owner}): every user can list and open it",
+            f"chown root:{owner.split(':')[1]} {path} && chmod 0750 {path}",
+        )
+    return Check("config directory", "PASS", f"{path} is {perms:04o} ({owner})")
+
+
+def check_file(path: Path | None, *, secret: bool) -> list[Check]:
+    """Mode and ownership of a settings or secrets file and its directory."""
+    what = "secrets file" if secret else "env file"
+    if path is None:
+        return [
+            Check(what, "PASS" if not secret else "WARN", "not configured", "" if not secret else "set QT_SECRETS_FILE")
+        ]
+    if not path.exists():
+        return [Check(what, "FAIL", f"{path} does not exist", "create it (mode 0640) or unset the setting naming it")]
+    if not os.access(path, os.R_OK):
+        return [Check(what, "FAIL", f"{path} is not readable by uid {os.getuid()}",
+                      f"chgrp <service-group> {path} && chmod 0640 {path}")]  # fmt: skip
+    info = path.stat()
+    checks = []
+    if secret:
+        checks.append(check_secret_file(path, info.st_mode, info.st_uid, info.st_gid))
+    elif stat.S_IMODE(info.st_mode) & 0o002:
+        checks.append(Check(what, "FAIL", f"{path} is writable by every user", f"chmod 0640 {path}"))
+    else:
+        checks.append(Check(what, "PASS", f"{path} is {stat.S_IMODE(info.st_mode):04o}"))
+    parent = path.parent.stat()
+    if secret:
+        checks.append(check_config_dir(path.parent, parent.st_mode, parent.st_uid, parent.st_gid))
+    return checks
+
+
+def check_version(server: str, version: tuple[int, ...]) -> Check:
+    """Streams with consumer-group lag need Redis >= 7.0 or Valkey >= 7.2."""
+    need = MIN_VERSION.get(server, (7, 0))
+    text = ".".join(str(part) for part in version)
+    if version[:2] < need:
+        wanted = ".".join(str(part) for part in need)
+        return Check("server version", "FAIL", f"{server} {text}", f"upgrade to {server} >= {wanted}")
+    return Check("server version", "PASS", f"{server} {text}")
+
+
+def check_kill(value: str | None) -> Check:
+    """Trading only while the kill switch is exactly 0."""
+    if value == "0":
+        return Check("kill switch", "PASS", "quantum:kill = '0': trading allowed")
+    shown = "absent" if value is None else repr(value)
+    return Check("kill switch", "WARN", f"quantum:kill is {shown}: trading halted (fail-closed)",
+                 "quantum-trader kill off  (when you mean to trade)")  # fmt: skip
+
+
+def check_skew(host_s: float, server_s: float, limit_s: float) -> Check:
+    """Decision ages and the governor's day are computed from clocks: they must agree."""
+    skew = host_s - server_s
+    if abs(skew) > limit_s:
+        return Check(
+            "clock skew", "FAIL", f"host is {skew:+.2f}s from the server", "enable NTP: timedatectl set-ntp true"
+        )
+    if abs(skew) > limit_s / 5:
+        return Check(
+            "clock skew", "WARN", f"host is {skew:+.2f}s from the server", "enable NTP: timedatectl set-ntp true"
+        )
+    return Check("clock skew", "PASS", f"{skew:+.3f}s")
+
+
+def check_dead_letters(count: int) -> Check:
+    """Entries set aside need an operator's look."""
+    if count:
+        return Check("dead letters", "WARN", f"{count} entries on the dead-letter stream", "quantum-trader dlq list")
+    return Check("dead letters", "PASS", "none")
+
+
+async def run_checks(
+    redis: Redis | None, settings: Settings, *, env_file: Path | None = None, secrets_file: Path | None = None
+) -> list[Check]:
+    """Every check; ``redis`` is None when the server could not be reached."""
+    checks = [Check("configuration", "PASS", f"mode {settings.mode}, exchange {settings.exchange}")]
+    checks += check_file(env_file, secret=False)
+    checks += check_file(secrets_file or settings.secrets_file, secret=True)
+    if redis is None:
+        checks.append(Check("server", "FAIL", "cannot reach the server", "check QT_REDIS_URL or start the server"))
+        return checks
+    try:
+        server, version = await server_version(redis)
+        checks.append(check_version(server, version))
+        checks.append(check_kill(await redis.get("quantum:kill")))
+        seconds, micros = await redis.time()
+        checks.append(check_skew(time.time(), seconds + micros / 1e6, settings.clock_skew_s))
+        streams = settings.streams
+        expected = {streams.decision: streams.router_group, streams.intent: streams.execution_group}
+        for stat_ in await pipeline_status(redis, streams.pipeline()):
+            group = expected.get(stat_.name)
+            if group is not None:
+                found = next((g for g in stat_.groups if g.name == group), None)
+                if found is None:
+                    checks.append(Check(f"group {group}", "FAIL", "missing", "quantum-trader recover"))
+                else:
+                    verdict: Verdict = "WARN" if (found.lag or 0) > settings.batch_size * 100 else "PASS"
+                    checks.append(Check(f"group {group}", verdict,
+                                        f"lag {found.lag}, pending {found.pending}, consumers {found.consumers}",
+                                        "start more execution processes" if verdict == "WARN" else ""))  # fmt: skip
+            if stat_.name == streams.dead_letter:
+                checks.append(check_dead_letters(stat_.length))
+    except RedisError as exc:
+        checks.append(Check("server", "FAIL", f"error while checking: {exc}", "check the server's log"))
+    return checks
+
+
+def failed(checks: list[Check]) -> bool:
+    """True when any check failed (the command then exits 1)."""
+    return any(check.verdict == "FAIL" for check in checks)

@@ -1,0 +1,154 @@
+"""``quantum-trader recover``: the step systemd runs before a service starts (``ExecStartPre``).
+
+Idempotent and safe while services run. It creates missing groups, expires intents
+older than the max age that dead consumers left pending or that wait undelivered at
+the head of the backlog (EXPIRED results, written by execution's own atomic commit,
+so no intent gets two results), and removes consumers that are idle and hold
+nothing. It never places an order: intents still fresh are left for execution,
+which reclaims them itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from quantum_trader import governor as gov
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import Entry, ensure_group, next_id
+from quantum_trader.errors import ExchangeError
+from quantum_trader.exchanges.base import OrderOutcome, OrderRequest
+from quantum_trader.execution import Execution, result_for
+from quantum_trader.settings import Settings
+
+RECOVER_CONSUMER = "recover"
+
+
+class _NoOrders:
+    """The exchange recovery hands to execution's commit path: it refuses to trade."""
+
+    name = "none"
+
+    async def last_prices(self, symbols: list[str]) -> dict[str, Decimal]:
+        return {}
+
+    async def fetch_orders(self, client_order_ids: list[str]) -> dict[str, OrderOutcome]:
+        return {}
+
+    async def place_orders(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
+        raise ExchangeError("recover never places orders")
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass
+class RecoveryReport:
+    """What one run of ``recover`` did."""
+
+    groups_created: list[str] = field(default_factory=list)
+    stale_pending: int = 0
+    expired: int = 0
+    left_for_execution: int = 0
+    undecodable: int = 0
+    consumers_deleted: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``--json``."""
+        return asdict(self)
+
+
+async def _expire(execution: Execution, entries: list[Entry], now: datetime, report: RecoveryReport) -> list[Entry]:
+    """Commit EXPIRED results for the stale intents among ``entries``; return the fresh ones."""
+    jobs, bad = execution._decode(entries)
+    report.undecodable += len(bad)
+    if bad:
+        await execution.consumer.dead_letter([entry for entry, _ in bad], "undecodable trade intent (found by recover)")
+    limits = execution.limits
+    expired = [job for job in jobs if gov.is_expired(job.intent, job.env.timestamp, now, limits.max_age)]
+    reason = f"{gov.EXPIRED}: decision older than {limits.max_age.total_seconds():g}s (found by recover)"
+    await execution.commit([(job, result_for(job, "EXPIRED", reason)) for job in expired])
+    report.expired += len(expired)
+    done = {job.entry.id for job in expired}
+    return [job.entry for job in jobs if job.entry.id not in done]
+
+
+async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: datetime | None = None) -> RecoveryReport:
+    """Run the recovery step once (see the module docstring)."""
+    moment = now or datetime.now(UTC)
+    streams = settings.streams
+    report = RecoveryReport()
+    for stream, group in ((streams.decision, streams.router_group), (streams.intent, streams.execution_group)):
+        if await ensure_group(redis, stream, group):
+            report.groups_created.append(f"{stream} / {group}")
+
+    execution = Execution(redis, settings, _NoOrders(), clock=lambda: moment)
+    execution.consumer.consumer = RECOVER_CONSUMER
+
+    # 1. Intents that consumers idle past the threshold hold.
+    start = "-"
+    while True:
+        pending = await redis.xpending_range(streams.intent, streams.execution_group, min=start, max="+",
+                                             count=1000, idle=idle_ms)  # fmt: skip
+        pending = [p for p in pending if p["consumer"] != RECOVER_CONSUMER]
+        if not pending:
+            break
+        report.stale_pending += len(pending)
+        ids = [p["message_id"] for p in pending]
+        async with redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xrange(streams.intent, min=entry_id, max=entry_id)
+            found = [rows[0] for rows in await pipe.execute() if rows]
+        entries = [Entry(entry_id, fields, 2) for entry_id, fields in found]
+        stale = await _stale_only(execution, entries, moment)
+        if stale:
+            claimed = await redis.xclaim(streams.intent, streams.execution_group, RECOVER_CONSUMER, idle_ms,
+                                         [e.id for e in stale])  # fmt: skip
+            claimed_entries = [Entry(entry_id, fields, 2) for entry_id, fields in claimed if fields is not None]
+            fresh = await _expire(execution, claimed_entries, moment, report)
+            report.left_for_execution += len(fresh)
+        report.left_for_execution += len(entries) - len(stale)
+        start = next_id(ids[-1])
+
+    # 2. Undelivered intents at the head of the backlog that are already too old.
+    while True:
+        info = next(g for g in await redis.xinfo_groups(streams.intent) if g["name"] == streams.execution_group)
+        head = await redis.xrange(streams.intent, min=f"({info['last-delivered-id']}", max="+", count=1000)
+        entries = [Entry(entry_id, fields) for entry_id, fields in head]
+        stale = await _stale_only(execution, entries, moment)
+        prefix = 0
+        for entry in entries:
+            if prefix < len(stale) and stale[prefix].id == entry.id:
+                prefix += 1
+            else:
+                break
+        if prefix == 0:
+            break
+        reply = await redis.xreadgroup(streams.execution_group, RECOVER_CONSUMER, {streams.intent: ">"}, count=prefix)
+        delivered = [Entry(entry_id, fields) for entry_id, fields in (reply[0][1] if reply else [])]
+        fresh = await _expire(execution, delivered, moment, report)
+        # A fresh intent delivered here (execution read the same head meanwhile) stays pending on
+        # "recover" and is reclaimed by execution after QT_CLAIM_IDLE_MS: late, never lost.
+        report.left_for_execution += len(fresh)
+        if prefix < 1000:
+            break
+
+    # 3. Consumers that hold nothing and have been idle past the threshold.
+    for stream, group in ((streams.decision, streams.router_group), (streams.intent, streams.execution_group)):
+        for consumer in await redis.xinfo_consumers(stream, group):
+            empty = int(consumer["pending"]) == 0
+            if empty and (int(consumer["idle"]) >= idle_ms or consumer["name"] == RECOVER_CONSUMER):
+                await redis.xgroup_delconsumer(stream, group, consumer["name"])
+                if consumer["name"] != RECOVER_CONSUMER:
+                    report.consumers_deleted.append(f"{group} / {consumer['name']}")
+    return report
+
+
+async def _stale_only(execution: Execution, entries: list[Entry], now: datetime) -> list[Entry]:
+    """The entries whose intent is too old (undecodable ones count as stale: they need setting aside)."""
+    jobs, bad = execution._decode(entries)
+    old = {job.entry.id for job in jobs if gov.is_expired(job.intent, job.env.timestamp, now, execution.limits.max_age)}
+    old |= {entry.id for entry, _ in bad}
+    return [entry for entry in entries if entry.id in old]
