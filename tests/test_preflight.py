@@ -1,0 +1,90 @@
+"""doctor: each check's verdict and fix, then the command against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantum_trader.preflight import check_config_dir, check_kill, check_secret_file, check_skew, check_version
+
+
+def test_world_readable_secrets_fail_with_the_exact_fix() -> None:
+    check = check_secret_file(Path("/etc/quantum/testnet.env"), 0o100644, 0, 0)
+    assert check.verdict == "FAIL"
+    assert "readable by every user" in check.detail
+    assert check.fix == "chown root:root /etc/quantum/testnet.env && chmod 0640 /etc/quantum/testnet.env"
+    assert check_secret_file(Path("/x"), 0o100640, 0, 0).verdict == "PASS"
+    assert check_secret_file(Path("/x"), 0o100600, 0, 0).verdict == "PASS"
+
+
+def test_the_seeds_open_config_directory_is_flagged() -> None:
+    check = check_config_dir(Path("/etc/quantum"), 0o040755, 0, 0)
+    assert (check.verdict, check.fix) == ("FAIL", "chown root:root /etc/quantum && chmod 0750 /etc/quantum")
+    assert check_config_dir(Path("/etc/quantum"), 0o040750, 0, 0).verdict == "PASS"
+
+
+def test_versions_kill_switch_and_clock() -> None:
+    assert check_version("redis", (6, 2, 14)).verdict == "FAIL"
+    assert check_version("redis", (7, 0, 15)).verdict == "PASS"
+    assert check_version("valkey", (7, 0, 0)).verdict == "FAIL"
+    assert check_kill(None).verdict == "WARN"
+    assert check_kill("1").verdict == "WARN"
+    assert check_kill("0").verdict == "PASS"
+    assert check_skew(100.0, 100.2, 5).verdict == "PASS"
+    assert check_skew(100.0, 101.5, 5).verdict == "WARN"
+    assert check_skew(100.0, 110.0, 5).verdict == "FAIL"
+
+
+def run_doctor(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_REDIS_URL": url}
+    return subprocess.run([sys.executable, "-m", "quantum_trader", "doctor", "--json", *args], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chmod checks assume the test owns the files")
+def test_doctor_fails_on_readable_secrets_and_never_prints_them(clean_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_REDIS_URL": clean_url}
+    subprocess.run([sys.executable, "-m", "quantum_trader", "recover"], env=env, check=True, capture_output=True)
+    secrets = tmp_path / "testnet.env"
+    secrets.write_text("BINANCE_API_KEY=AKIA-super-secret-key\nBINANCE_API_SECRET=shh-very-secret\n")
+    secrets.chmod(0o644)
+    done = run_doctor(clean_url, "--secrets-file", str(secrets))
+    assert done.returncode == 1
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows["secrets file"]["verdict"] == "FAIL"
+    assert "chmod 0640" in rows["secrets file"]["fix"]
+    assert rows["server version"]["verdict"] == "PASS"
+    assert rows["kill switch"]["verdict"] == "WARN"
+    assert "super-secret" not in done.stdout + done.stderr
+    assert "very-secret" not in done.stdout + done.stderr
+
+    secrets.chmod(0o640)
+    tmp_path.chmod(0o750)
+    fixed = run_doctor(clean_url, "--secrets-file", str(secrets))
+    assert fixed.returncode == 0, fixed.stdout  # the only FAIL was the file's mode
+    rows = {row["name"]: row for row in json.loads(fixed.stdout)}
+    assert rows["secrets file"]["verdict"] == "PASS"
+
+
+def test_doctor_reports_missing_groups_then_recover_creates_them(clean_url: str) -> None:
+    rows = {row["name"]: row for row in json.loads(run_doctor(clean_url).stdout)}
+    assert rows["group quantum:group:execution:trade.intent"]["verdict"] == "FAIL"
+    assert rows["group quantum:group:execution:trade.intent"]["fix"] == "quantum-trader recover"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_REDIS_URL": clean_url}
+    subprocess.run([sys.executable, "-m", "quantum_trader", "recover"], env=env, check=True, capture_output=True)
+    after = run_doctor(clean_url)
+    assert after.returncode == 0, after.stdout
+    rows = {row["name"]: row for row in json.loads(after.stdout)}
+    assert rows["group quantum:group:execution:trade.intent"]["verdict"] == "PASS"
+
+
+def test_doctor_without_a_server_still_checks_files_and_fails() -> None:
+    done = run_doctor("redis://127.0.0.1:1/0")
+    assert done.returncode == 1
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows["server"]["verdict"] == "FAIL"

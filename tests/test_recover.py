@@ -1,0 +1,85 @@
+"""recover: stale intents of dead consumers and at the backlog's head get EXPIRED once; fresh ones are left."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from quantum_trader import keys
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import ensure_group, publish
+from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope, now_iso
+from quantum_trader.recover import recover
+from quantum_trader.settings import Settings
+from tests.pipeline import results
+
+INTENTS = "quantum:stream:trade.intent"
+GROUP = "quantum:group:execution:trade.intent"
+NOW = datetime.now(UTC)
+
+
+def intent(age_s: float, n: int) -> dict[str, str]:
+    born = now_iso(NOW - timedelta(seconds=age_s))
+    payload = TradeIntent(symbol="ETHUSDT", side="BUY", qty=Decimal("0.1"), decision_ts=born)
+    return envelope(TRADE_INTENT, payload, trace_id=f"t{n}", correlation_id=f"c{n}", source="router")
+
+
+async def test_groups_are_created_once(r: Redis, settings_for: Callable[..., Settings], clean_url: str) -> None:
+    first = await recover(r, settings_for(clean_url), idle_ms=0)
+    again = await recover(r, settings_for(clean_url), idle_ms=0)
+    assert len(first.groups_created) == 2
+    assert again.groups_created == []
+
+
+async def test_stale_intents_of_a_dead_consumer_expire_and_fresh_ones_stay(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, max_intent_age_s=60)
+    await ensure_group(r, INTENTS, GROUP)
+    old_ids = await publish(r, INTENTS, [intent(600, n) for n in range(3)])
+    fresh_ids = await publish(r, INTENTS, [intent(1, n) for n in range(3, 5)])
+    await r.xreadgroup(GROUP, "dead-exec", {INTENTS: ">"}, count=5)  # then the process died
+
+    report = await recover(r, settings, idle_ms=0)
+
+    assert (report.stale_pending, report.expired, report.left_for_execution) == (5, 3, 2)
+    out = await results(r)
+    assert sorted(res["intent_id"] for res in out) == sorted(old_ids)
+    assert {res["status"] for res in out} == {"EXPIRED"}
+    pending = await r.xpending_range(INTENTS, GROUP, min="-", max="+", count=10)
+    assert sorted(p["message_id"] for p in pending) == sorted(
+        fresh_ids
+    )  # still the dead consumer's: execution reclaims
+    assert await r.hlen(keys.paper_orders()) == 0  # recover never trades
+
+    again = await recover(r, settings, idle_ms=0)
+    assert again.expired == 0
+    assert len(await results(r)) == 3
+
+
+async def test_old_undelivered_backlog_head_expires_up_to_the_first_fresh_intent(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, max_intent_age_s=60)
+    await ensure_group(r, INTENTS, GROUP)
+    old_ids = await publish(r, INTENTS, [intent(3600, n) for n in range(4)])
+    await publish(r, INTENTS, [intent(1, 9), intent(3600, 10)])
+
+    report = await recover(r, settings, idle_ms=60_000)
+
+    assert report.expired == 4
+    assert sorted(res["intent_id"] for res in await results(r)) == sorted(old_ids)
+    [group] = await r.xinfo_groups(INTENTS)
+    assert group["lag"] == 2  # the fresh intent and everything after it wait for execution
+    assert group["pending"] == 0
+
+
+async def test_idle_empty_consumers_are_removed(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    await ensure_group(r, INTENTS, GROUP)
+    await r.xreadgroup(GROUP, "gone-1", {INTENTS: ">"}, count=1)
+    report = await recover(r, settings_for(clean_url), idle_ms=0)
+    assert report.consumers_deleted == [f"{GROUP} / gone-1"]
+    assert await r.xinfo_consumers(INTENTS, GROUP) == []
