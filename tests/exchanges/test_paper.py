@@ -105,3 +105,11 @@ async def test_concurrent_batches_keep_balances_exact(r: Redis, paper: PaperExch
     assert balances["ETH"] == Decimal("4.0")
     assert balances["USDT"] == Decimal(10_000) - 40 * (Decimal("200.0") + Decimal("0.2000"))
     assert await r.hlen(keys.paper_orders()) == 40
+
+
+async def test_an_unfunded_account_rejects_without_error(r: Redis) -> None:
+    empty = PaperExchange(r, quote_assets=QUOTES)
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "2000")
+    [outcome] = await empty.place_orders([order("BUY", "1", coid="qt-z")])
+    assert outcome.reason.startswith("INSUFFICIENT_BALANCE")
+    assert await empty.balances() == {}

@@ -193,6 +193,7 @@ class PaperExchange:
                     pipe.multi()
                     if new:
                         pipe.hset(keys.paper_orders(), mapping=new)
+                    if balances:
                         pipe.hset(keys.paper_balances(), mapping={a: str(v) for a, v in balances.items()})
                     await pipe.execute()
                     return outcomes
