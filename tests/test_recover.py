@@ -16,11 +16,10 @@ from tests.pipeline import results
 
 INTENTS = "quantum:stream:trade.intent"
 GROUP = "quantum:group:execution:trade.intent"
-NOW = datetime.now(UTC)
 
 
 def intent(age_s: float, n: int) -> dict[str, str]:
-    born = now_iso(NOW - timedelta(seconds=age_s))
+    born = now_iso(datetime.now(UTC) - timedelta(seconds=age_s))
     payload = TradeIntent(symbol="ETHUSDT", side="BUY", qty=Decimal("0.1"), decision_ts=born)
     return envelope(TRADE_INTENT, payload, trace_id=f"t{n}", correlation_id=f"c{n}", source="router")
 

@@ -21,12 +21,11 @@ from quantum_trader.settings import Settings
 from quantum_trader.snapshots import find, report, take
 from tests.pipeline import decision, drain
 
-T0 = datetime.now(UTC).replace(microsecond=0)
-
 
 async def test_report_shows_what_a_run_did_between_two_snapshots(
     r: Redis, settings_for: Callable[..., Settings], clean_url: str
 ) -> None:
+    t0 = datetime.now(UTC).replace(microsecond=0)
     settings = settings_for(clean_url, block_ms=10, paper_balances={"USDT": Decimal(100_000)})
     await r.set(keys.KILL_SWITCH, "0")
     router = Router(r, settings)
@@ -36,11 +35,11 @@ async def test_report_shows_what_a_run_did_between_two_snapshots(
     await execution.consumer.setup()
     await publish(r, "quantum:stream:ai.decision", [decision(qty="0.01") for _ in range(30)])
     await drain(router)  # 30 intents now wait for execution: lag 30
-    before = await take(r, settings, "before", now=T0)
+    before = await take(r, settings, "before", now=t0)
 
     await paper.fund()
     await drain(execution)
-    after = await take(r, settings, "after", now=T0 + timedelta(seconds=10))
+    after = await take(r, settings, "after", now=t0 + timedelta(seconds=10))
 
     text = report(before, after)
     intent_row = next(line for line in text.splitlines() if line.startswith("| quantum:stream:trade.intent | quantum:"))
@@ -48,7 +47,7 @@ async def test_report_shows_what_a_run_did_between_two_snapshots(
     assert cells[2:9] == ["30", "0", "-30", "0", "0", "30", "3.0"]  # lag before/after/change, pending, processed, /s
     result_row = next(line for line in text.splitlines() if line.startswith("| quantum:stream:execution.result |"))
     assert [cell.strip() for cell in result_row.strip("|").split("|")][5:7] == ["+30", "3.0"]
-    assert f"| daily trades ({T0.date()}) | 0 / 1,000,000 | 30 / 1,000,000 |" in text
+    assert f"| daily trades ({t0.date()}) | 0 / 1,000,000 | 30 / 1,000,000 |" in text
     assert (await find(r, "before"))["taken_at"] == before["taken_at"]
 
 
