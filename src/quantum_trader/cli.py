@@ -46,7 +46,7 @@ def _root(
     state["env_file"] = env_file
 
 
-def _run_stages(stage_names: list[str], duration: float | None) -> None:
+def run_stages(stage_names: list[str], duration: float | None) -> None:
     settings = cli_support.settings()
 
     async def main(url: str) -> None:
@@ -65,19 +65,19 @@ def run(
     duration: float | None = typer.Option(None, envvar="QT_DURATION", help="Stop after this many seconds."),
 ) -> None:
     """Run the whole pipeline (or the named stages) in one process."""
-    _run_stages([name.strip() for name in stages.split(",") if name.strip()], duration)
+    run_stages([name.strip() for name in stages.split(",") if name.strip()], duration)
 
 
 @app.command()
 def router(duration: float | None = typer.Option(None, envvar="QT_DURATION")) -> None:
     """Run the router alone (one systemd unit)."""
-    _run_stages(["router"], duration)
+    run_stages(["router"], duration)
 
 
 @app.command()
 def execution(duration: float | None = typer.Option(None, envvar="QT_DURATION")) -> None:
     """Run execution alone; several processes with different QT_CONSUMER share the group."""
-    _run_stages(["execution"], duration)
+    run_stages(["execution"], duration)
 
 
 @app.command()
@@ -259,7 +259,7 @@ def demo(
 
 
 # Command groups that live in their own modules: each module has ``register(app)``.
-EXTENSIONS: list[str] = ["cli_operations"]
+EXTENSIONS: list[str] = ["cli_operations", "cli_ai"]
 for _module in EXTENSIONS:
     importlib.import_module(f"quantum_trader.{_module}").register(app)
 

@@ -24,6 +24,7 @@ PROOF_SNAPSHOTS = "quantum:proof:snapshots"
 class StreamNames:
     """The pipeline's streams and consumer groups (configurable, seed defaults)."""
 
+    candle: str = "quantum:stream:market.candle"
     decision: str = "quantum:stream:ai.decision"
     intent: str = "quantum:stream:trade.intent"
     result: str = "quantum:stream:execution.result"
@@ -35,7 +36,7 @@ class StreamNames:
 
     def pipeline(self) -> list[str]:
         """Streams shown by ``status``, in pipeline order."""
-        streams = [self.decision, self.intent, self.result, self.rejected, self.dead_letter]
+        streams = [self.candle, self.decision, self.intent, self.result, self.rejected, self.dead_letter]
         if self.result_legacy:
             streams.append(self.result_legacy)
         return streams

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
@@ -30,7 +31,13 @@ from quantum_trader.router import Router
 from quantum_trader.settings import Settings
 
 log = get_logger("services")
-STAGES = ("router", "execution")
+if TYPE_CHECKING:
+    from quantum_trader.ai_engine import AiEngine
+
+    Stage = AiEngine | Router | Execution
+else:
+    Stage = object
+STAGES = ("ai-engine", "router", "execution")
 
 
 async def build_exchange(redis: Redis, settings: Settings) -> Exchange:
@@ -57,8 +64,12 @@ async def build_exchange(redis: Redis, settings: Settings) -> Exchange:
     return exchange
 
 
-async def build_stage(name: str, redis: Redis, settings: Settings) -> Router | Execution:
+async def build_stage(name: str, redis: Redis, settings: Settings) -> Stage:
     """One stage, ready to run."""
+    if name == "ai-engine":
+        from quantum_trader.ai_engine import AiEngine  # numpy, pandas, scikit-learn: only when needed
+
+        return AiEngine(redis, settings)
     if name == "router":
         return Router(redis, settings)
     if name == "execution":
@@ -72,7 +83,7 @@ class Runner:
 
     redis: Redis
     settings: Settings
-    stages: dict[str, Router | Execution]
+    stages: dict[str, Stage]
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     trim_every_s: float = 5.0
 

@@ -112,6 +112,15 @@ class Settings(BaseSettings):
     )
 
     # --- market data and AI engine: add fields below this line ---
+    candle_stream: str = "quantum:stream:market.candle"
+    ai_group: str = "quantum:group:ai-engine:market.candle"
+    ai_strategies: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["ema-cross", "rsi"])
+    ai_model_path: Path | None = Field(default=None, description="a model saved by `quantum-trader train`")
+    ai_sizing: Literal["fixed", "fraction"] = "fixed"
+    ai_notional: Decimal = Field(default=Decimal("100"), gt=0, description="quote amount per decision (fixed)")
+    ai_fraction: Decimal = Field(default=Decimal("0.01"), gt=0, le=1, description="share of the quote balance")
+    ai_min_confidence: float = Field(default=0.0, ge=0, le=1)
+    ai_history: int = Field(default=500, ge=50, description="closes kept per symbol")
 
     # --- exchange connectivity (ccxt): add fields below this line ---
     exchange_api_url: str = Field(
@@ -137,7 +146,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     secrets_file: Path | None = None
 
-    @field_validator("dedup_fields", "symbol_allowlist", "quote_assets", mode="before")
+    @field_validator("dedup_fields", "symbol_allowlist", "quote_assets", "ai_strategies", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -194,6 +203,7 @@ class Settings(BaseSettings):
     def streams(self) -> StreamNames:
         """The stream and group names in force."""
         return StreamNames(
+            candle=self.candle_stream,
             decision=self.decision_stream,
             intent=self.intent_stream,
             result=self.result_stream,
