@@ -11,7 +11,6 @@ same decision again, which the router then skips as a duplicate.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -80,7 +79,8 @@ class AiEngine:
         self.settings = settings
         self.strategies = strategies if strategies is not None else build_strategies(settings)
         self.clock = clock or (lambda: datetime.now(UTC))
-        self.run_id = uuid.uuid4().hex[:8]
+        # Stable across restarts (the consumer name), so a replayed candle repeats the same identity.
+        self.run_id = settings.consumer_name("ai-engine")
         self.history: dict[str, deque[float]] = {}
         self.last_time: dict[str, int] = {}
         self.consumer = GroupConsumer.for_stage(redis, settings, "ai-engine", settings.candle_stream, settings.ai_group)

@@ -123,7 +123,7 @@ def _epoch_ms(column: pd.Series) -> pd.Series:
         # epoch seconds or milliseconds: anything past year 2286 in seconds is milliseconds
         return (values.where(values > 1e10, values * 1000)).astype("int64")
     parsed = pd.to_datetime(column, utc=True, format="mixed")
-    return (parsed.astype("int64") // 1_000_000).astype("int64")
+    return parsed.dt.as_unit("ms").astype("int64")
 
 
 def read_file(path: Path, symbol: str | None = None, interval: str = "") -> list[Candle]:

@@ -1,0 +1,71 @@
+"""Built-in strategies on series where the right answer is known; the learned model's round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import backtesting
+import numpy as np
+import pytest
+
+from quantum_trader.errors import ConfigError
+from quantum_trader.marketdata import read_file
+from quantum_trader.strategies import EmaCross, RsiReversion
+from quantum_trader.strategies.learned import LearnedModel, features, load, save, train
+
+SAMPLES = Path(backtesting.__file__).parent / "test"
+
+
+def test_ema_cross_buys_on_the_upward_cross_only() -> None:
+    strategy = EmaCross(fast=3, slow=8)
+    falling = np.linspace(100, 80, 30)
+    assert strategy.decide(falling) is None
+    series = np.concatenate([falling, np.linspace(80, 100, 20)])
+    calls = [strategy.decide(series[: n + 1]) for n in range(strategy.warmup, len(series))]
+    buys = [i for i, s in enumerate(calls) if s is not None and s.side == "BUY"]
+    assert len(buys) == 1  # exactly the candle where the fast average crosses above
+    assert all(s is None or s.side == "BUY" for s in calls)
+    turn = np.concatenate([np.linspace(80, 100, 30), np.linspace(100, 90, 10)])
+    calls = [strategy.decide(turn[: n + 1]) for n in range(strategy.warmup, len(turn))]
+    assert [s.side for s in calls if s is not None] == ["SELL"]
+
+
+def test_rsi_buys_oversold_and_sells_overbought() -> None:
+    strategy = RsiReversion()
+    down = 100 - np.arange(30) + np.tile([0.0, 0.3], 15)
+    up = 100 + np.arange(30) - np.tile([0.0, 0.3], 15)
+    flat = 100 + np.tile([1.0, -1.0], 15)
+    assert strategy.decide(down).side == "BUY"  # type: ignore[union-attr]
+    assert strategy.decide(up).side == "SELL"  # type: ignore[union-attr]
+    assert strategy.decide(flat) is None
+
+
+def test_learned_model_round_trip_gives_identical_predictions(tmp_path: Path) -> None:
+    candles = read_file(SAMPLES / "EURUSD.csv")
+    closes = np.array([c.close for c in candles])
+    trained = train(closes, [c.open_time for c in candles])
+    metrics = trained.metadata["metrics"]
+    assert metrics["train_rows"] > metrics["validation_rows"] > 100
+    assert 0.0 <= metrics["validation_accuracy"] <= 1.0
+    assert trained.metadata["training_range"] == [candles[0].open_time, candles[-1].open_time]
+
+    meta = save(trained, tmp_path / "model.joblib")
+    again = load(tmp_path / "model.joblib")
+    rows = features(closes).dropna()
+    assert np.array_equal(trained.model.predict_proba(rows), again.model.predict_proba(rows))
+    assert LearnedModel(again).version == meta["sha256"][:12]
+
+    (tmp_path / "model.joblib").write_bytes((tmp_path / "model.joblib").read_bytes() + b"tampered")
+    with pytest.raises(ConfigError, match="does not match the hash"):
+        load(tmp_path / "model.joblib")
+
+
+def test_learned_model_speaks_only_above_its_threshold() -> None:
+    candles = read_file(SAMPLES / "EURUSD.csv")
+    closes = np.array([c.close for c in candles])
+    trained = train(closes)
+    always = LearnedModel(trained, threshold=0.5)
+    never = LearnedModel(trained, threshold=1.0)
+    window = closes[:200]
+    assert always.decide(window) is not None
+    assert never.decide(window) is None
