@@ -44,7 +44,7 @@ async def drain(stage: Router | Execution) -> int:
     while True:
         batch = await stage.consumer.next_batch()
         if not batch:
-            batch = await stage.consumer.read_new(block_ms=1)
+            batch = await stage.consumer.read_new(wait=False)
             if not batch:
                 return handled
         await stage.handle(batch)

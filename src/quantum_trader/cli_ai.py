@@ -11,6 +11,7 @@ import typer
 from quantum_trader.bus.connection import Redis
 from quantum_trader.cli_support import console, settings, with_redis
 from quantum_trader.errors import ConfigError
+from quantum_trader.logs import configure
 
 SYMBOLS = {"BTCUSDT": 60_000.0, "ETHUSDT": 3_000.0, "SOLUSDT": 150.0}
 
@@ -76,8 +77,61 @@ def train(
     console.print(f"saved {out} (sha256 {metadata['sha256'][:12]}…); {len(skipped)} bad candles skipped")
 
 
+def backtest(
+    data: Path = typer.Option(..., "--data", help="CSV or Parquet candles of one symbol."),
+    symbol: str | None = typer.Option(None, help="Symbol (default: the file's stem), e.g. ETHUSDT."),
+    strategy: str = typer.Option("ema-cross,rsi", help="Comma-separated: ema-cross, rsi, learned."),
+    model: Path | None = typer.Option(None, "--model", help="Model for the learned strategy."),
+    notional: float = typer.Option(1000.0, min=0.0001, help="Quote amount per decision."),
+    balance: float = typer.Option(10_000.0, min=1, help="Starting quote balance."),
+    html_out: Path | None = typer.Option(None, "--html", help="Write an HTML report with the equity curve."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Replay a file through engine, router, governor and paper exchange on a private server."""
+    from decimal import Decimal
+
+    from rich.progress import Progress
+
+    from quantum_trader import backtest as bt
+    from quantum_trader import marketdata
+    from quantum_trader.ai_engine import build_strategies
+
+    cfg = settings().model_copy(
+        update={"ai_strategies": [s.strip() for s in strategy.split(",") if s.strip()], "ai_model_path": model}
+    )
+    if cfg.log_level == "info":
+        # One outcome line per simulated trade would bury the progress bar and the report.
+        configure("warning", cfg.log_format)
+    try:
+        strategies = build_strategies(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"--strategy/--model: {exc}") from None
+    candles = marketdata.read_file(data, symbol)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"backtest {candles[0].symbol if candles else ''}", total=len(candles))
+        report = asyncio.run(
+            bt.run(
+                candles,
+                strategies,
+                start_quote=Decimal(str(balance)),
+                notional=Decimal(str(notional)),
+                progress=lambda n: bar.update(task, completed=n),
+            )
+        )
+    if html_out is not None:
+        html_out.write_text(bt.html(report))
+    if as_json:
+        print(json.dumps(report.summary()))
+        return
+    for name, value in report.summary().items():
+        console.print(f"{name:<18}{value}")
+    if html_out is not None:
+        console.print(f"report: {html_out}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the AI commands to the main CLI."""
     app.command("ai-engine")(ai_engine)
     app.command("feed")(feed)
     app.command("train")(train)
+    app.command("backtest")(backtest)

@@ -123,14 +123,18 @@ class GroupConsumer:
         """Create the group if needed."""
         await ensure_group(self.redis, self.stream, self.group)
 
-    async def read_new(self, block_ms: int | None = None) -> list[Entry]:
-        """Up to ``batch_size`` entries never delivered to the group, blocking up to ``block_ms``."""
+    async def read_new(self, block_ms: int | None = None, *, wait: bool = True) -> list[Entry]:
+        """Up to ``batch_size`` entries never delivered to the group, blocking up to ``block_ms``.
+
+        ``wait=False`` returns at once when nothing is there (a server times blocked reads
+        out on its cron tick, ~100 ms, however short the block asked for).
+        """
         reply = await self.redis.xreadgroup(
             self.group,
             self.consumer,
             {self.stream: ">"},
             count=self.batch_size,
-            block=self.block_ms if block_ms is None else block_ms,
+            block=(self.block_ms if block_ms is None else block_ms) if wait else None,
         )
         if not reply:
             return []
