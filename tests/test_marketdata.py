@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import backtesting
+import msgspec
 import pandas as pd
 import pytest
 
@@ -12,7 +14,18 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError
 from quantum_trader.events import decode_event
-from quantum_trader.marketdata import MARKET_CANDLE, Candle, clean, publish, read_file, synthetic
+from quantum_trader.marketdata import (
+    MARKET_CANDLE,
+    Candle,
+    clean,
+    gap,
+    interval_ms,
+    publish,
+    read_file,
+    replay,
+    run_feed,
+    synthetic,
+)
 
 SAMPLES = Path(backtesting.__file__).parent / "test"
 
@@ -82,3 +95,45 @@ async def test_publish_writes_candles_and_latest_prices(r: Redis) -> None:
     entries = await r.xrange("quantum:stream:market.candle")
     assert [decode_event(fields, Candle, MARKET_CANDLE)[1] for _, fields in entries] == candles
     assert await r.hget(keys.PRICE_HASH, "X") == "11.0"
+
+
+async def test_replay_paces_by_candle_times_at_a_speed_factor() -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    candles = [bar(0), bar(60_000), msgspec.structs.replace(bar(60_000), symbol="Y"), bar(180_000)]
+    batches = [b async for b in replay(candles, speed=60, sleep=sleep)]
+    assert [[c.open_time for c in b] for b in batches] == [[0], [60_000, 60_000], [180_000]]
+    assert slept == [1.0, 2.0]  # one minute of market time a second
+
+    slept.clear()
+    assert [len(b) async for b in replay([bar(i) for i in range(25)], rate=100, sleep=sleep)] == [10, 10, 5]
+    assert slept == [0.1, 0.1, 0.05]
+
+
+def test_a_gap_is_more_than_three_intervals() -> None:
+    assert interval_ms("1m") == 60_000
+    assert interval_ms("3600s") == 3_600_000
+    assert interval_ms("soon") is None
+    assert not gap(0, bar(180_000))  # three minutes on: still the same market
+    assert gap(0, bar(240_000))
+    assert not gap(0, msgspec.structs.replace(bar(10**9), interval=""))  # unknown interval: no gap rule
+
+
+def test_read_file_infers_the_interval_from_the_spacing(tmp_path: Path) -> None:
+    rows = [f"{1_700_000_000 + 3600 * i},1,2,0.5,1.5,10" for i in (0, 1, 2, 10, 11)]  # one gap does not skew it
+    (tmp_path / "ethusdt.csv").write_text("time,open,high,low,close,volume\n" + "\n".join(rows) + "\n")
+    assert {c.interval for c in read_file(tmp_path / "ethusdt.csv")} == {"3600s"}
+
+
+async def test_run_feed_cleans_then_publishes(r: Redis) -> None:
+    async def source() -> AsyncIterator[list[Candle]]:
+        yield [bar(1), bar(2, close=-5.0)]
+        yield [bar(1), bar(3)]  # bar(1) again: a duplicate across batches
+
+    totals = await run_feed(r, "quantum:stream:market.candle", source())
+    assert (totals.published, totals.skipped) == (2, 2)
+    entries = await r.xrange("quantum:stream:market.candle")
+    assert [decode_event(f, Candle, MARKET_CANDLE)[1].open_time for _, f in entries] == [1, 3]

@@ -25,7 +25,7 @@ from quantum_trader.errors import ConfigError, DecodeError
 from quantum_trader.events import DECISION, Fields, decode_event, envelope, now_iso
 from quantum_trader.exchanges.base import split_symbol
 from quantum_trader.logs import get_logger
-from quantum_trader.marketdata import MARKET_CANDLE, Candle, clean
+from quantum_trader.marketdata import MARKET_CANDLE, Candle, clean, gap
 from quantum_trader.settings import Settings
 from quantum_trader.strategies import BUILT_IN, Signal, Strategy
 
@@ -83,6 +83,7 @@ class AiEngine:
         self.run_id = settings.consumer_name("ai-engine")
         self.history: dict[str, deque[float]] = {}
         self.last_time: dict[str, int] = {}
+        self.previous: dict[str, int] = {}
         self.consumer = GroupConsumer.for_stage(redis, settings, "ai-engine", settings.candle_stream, settings.ai_group)
         self.totals: dict[str, int] = {"candles": 0, "decisions": 0, "skipped": 0}
 
@@ -91,6 +92,13 @@ class AiEngine:
         out = []
         for entry_id, candle in candles:
             closes = self.history.setdefault(candle.symbol, deque(maxlen=self.settings.ai_history))
+            previous = self.previous.get(candle.symbol)
+            if previous is not None and gap(previous, candle):
+                # Indicators across a hole would mix two markets: warm up again from here.
+                log.warning("candle_gap", symbol=candle.symbol, after_open_time=previous,
+                            open_time=candle.open_time, action="history reset, warm-up again")  # fmt: skip
+                closes.clear()
+            self.previous[candle.symbol] = candle.open_time
             closes.append(candle.close)
             array = np.fromiter(closes, dtype=np.float64, count=len(closes))
             for strategy in self.strategies:

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -227,33 +228,56 @@ def server() -> None:
 
 @app.command()
 def demo(
-    decisions: int = typer.Option(2000, min=1, envvar="QT_DEMO_DECISIONS", help="Distinct decisions to publish."),
-    rate: float = typer.Option(500.0, min=1, envvar="QT_DEMO_RATE", help="Decisions per second."),
-    timeout: float = typer.Option(60.0, min=1, help="Give up after this many seconds."),
+    source: str = typer.Option("candles", help="candles: AI engine on synthetic market data; decisions: generated."),
+    count: int = typer.Option(
+        600, min=1, envvar="QT_DEMO_COUNT", help="Candles per symbol (candles) or distinct decisions (decisions)."
+    ),
+    rate: float = typer.Option(300.0, min=1, envvar="QT_DEMO_RATE", help="Candles or decisions per second."),
+    duration: float | None = typer.Option(None, envvar="QT_DURATION", help="Stop after this many seconds."),
+    timeout: float = typer.Option(120.0, min=1, help="Give up after this many seconds (without --duration)."),
     seed: int = typer.Option(7),
 ) -> None:
-    """Run the pipeline on the paper exchange with generated decisions and show the outcomes."""
+    """Run market data → AI engine → router → governor → execution on the paper exchange, live."""
     settings = cli_support.settings()
+    if source not in ("candles", "decisions"):
+        raise ConfigError(f"--source {source!r}: choose candles or decisions")
+    if settings.mode != "paper" or settings.exchange != "paper":
+        raise ConfigError(
+            "the demo turns the kill switch off and trades: it runs only with QT_MODE=paper and QT_EXCHANGE=paper"
+        )
     log_path = settings.data_dir / "demo.log"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_path.open("a", encoding="utf-8")
     configure(settings.log_level, "json", log_file)  # keep the live table readable; outcomes go to the file
     console.print(f"outcome log: {log_path}")
-    if settings.mode != "paper" or settings.exchange != "paper":
-        raise ConfigError(
-            "the demo turns the kill switch off and trades: it runs only with QT_MODE=paper and QT_EXCHANGE=paper"
-        )
     report = with_redis(
         settings,
         lambda r: ops.run_demo(
-            r, settings, decisions=decisions, rate=rate, limit_s=timeout, seed=seed, console=console
+            r,
+            settings,
+            source=source,
+            count=count,
+            rate=rate,
+            duration=duration,
+            limit_s=timeout,
+            seed=seed,
+            console=console,
         ),
     )
-    console.print(f"\npublished {report.published:,} decisions ({report.distinct:,} distinct, the rest retries)")
-    for outcome, count in sorted(report.outcomes.items()):
-        console.print(f"  {outcome:<16}{count:>8,}")
-    console.print("paper balances: " + ", ".join(f"{a} {v}" for a, v in report.balances.items()))
-    if not report.complete:
+    if report.source == "candles":
+        console.print(f"\n{report.candles:,} candles → {report.published:,} decisions by the AI engine's strategies")
+    else:
+        console.print(f"\npublished {report.published:,} decisions ({report.distinct:,} distinct, the rest retries)")
+    for outcome, count_ in sorted(report.outcomes.items()):
+        console.print(f"  {outcome:<34}{count_:>8,}")
+    shown = (
+        f"{asset} {Decimal(value).quantize(Decimal('0.00000001')).normalize():f}"
+        for asset, value in report.balances.items()
+    )
+    console.print("paper balances: " + ", ".join(shown))
+    if report.interrupted:
+        console.print("stopped before the end (Ctrl-C or --duration); unfinished entries stay pending for the next run")
+    elif not report.complete:
         err.print("not every decision reached an outcome before the timeout")
         raise typer.Exit(1)
 

@@ -26,36 +26,60 @@ def ai_engine(
 
 
 def feed(
-    source: str = typer.Option("synthetic", help="synthetic or file"),
+    source: str = typer.Option("synthetic", help="synthetic, file or live"),
     data: Path | None = typer.Option(None, "--data", help="CSV or Parquet file (source file)."),
     symbol: str | None = typer.Option(None, help="Symbol of the file's candles (default: the file's stem)."),
+    symbols: str = typer.Option(",".join(SYMBOLS), help="Symbols to poll (source live)."),
+    interval: str = typer.Option("1m", help="Candle interval to poll (source live), e.g. 1m, 1h."),
+    poll_s: float = typer.Option(10.0, "--poll-s", min=0.1, help="Seconds between polls (source live)."),
     count: int = typer.Option(1000, min=1, help="Synthetic candles per symbol."),
     rate: float = typer.Option(0, min=0, help="Candles per second; 0 = as fast as possible."),
+    speed: float = typer.Option(0, min=0, help="Pace by the candles' own times: 1 = real time, 60 = 60x; 0 = off."),
+    duration: float | None = typer.Option(None, envvar="QT_DURATION", help="Stop after this many seconds."),
     seed: int = typer.Option(7),
 ) -> None:
     """Publish candles to the candle stream (and latest prices for the paper exchange)."""
     from quantum_trader import marketdata
 
     cfg = settings()
-    if source == "synthetic":
-        candles = marketdata.synthetic(SYMBOLS, count, seed=seed)
-    elif source == "file":
-        if data is None:
-            raise ConfigError("--source file needs --data FILE")
-        candles = marketdata.read_file(data, symbol)
-    else:
-        raise ConfigError(f"--source {source!r}: choose synthetic or file")
-    kept, skipped = marketdata.clean(candles)
+    if source not in ("synthetic", "file", "live"):
+        raise ConfigError(f"--source {source!r}: choose synthetic, file or live")
+    if source == "file" and data is None:
+        raise ConfigError("--source file needs --data FILE")
+    if source == "live" and marketdata.interval_ms(interval) is None:
+        raise ConfigError(f"--interval {interval!r}: use a number and one of s, m, h, d, w (e.g. 1m, 1h)")
 
-    async def publish(redis: Redis) -> None:
-        step = 500 if rate == 0 else max(1, int(rate / 10))
-        for first in range(0, len(kept), step):
-            await marketdata.publish(redis, cfg.candle_stream, kept[first : first + step])
-            if rate:
-                await asyncio.sleep(step / rate)
+    async def go(redis: Redis) -> marketdata.FeedTotals:
+        totals = marketdata.FeedTotals()
+        closers = []
+        if source == "live":
+            from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
 
-    with_redis(cfg, publish)
-    console.print(f"published {len(kept):,} candles to {cfg.candle_stream} ({len(skipped):,} skipped as bad data)")
+            exchange = CcxtExchange.public(redis, cfg, cfg.feed_exchange)
+            closers.append(exchange.close)
+            batches = marketdata.live(exchange, [s.strip().upper() for s in symbols.split(",") if s.strip()],
+                                      timeframe=interval, poll_s=poll_s)  # fmt: skip
+        else:
+            candles = (
+                marketdata.synthetic(SYMBOLS, count, seed=seed)
+                if source == "synthetic"
+                else marketdata.read_file(data, symbol)  # type: ignore[arg-type]  # checked above
+            )
+            batches = marketdata.replay(candles, rate=rate, speed=speed)
+        try:
+            # On --duration the feed is cancelled between batches; what it published is in totals.
+            await asyncio.wait_for(marketdata.run_feed(redis, cfg.candle_stream, batches, totals=totals), duration)
+        except TimeoutError:
+            pass
+        finally:
+            for close in closers:
+                await close()
+        return totals
+
+    totals = with_redis(cfg, go)
+    console.print(
+        f"published {totals.published:,} candles to {cfg.candle_stream} ({totals.skipped:,} skipped as bad data)"
+    )
 
 
 def train(

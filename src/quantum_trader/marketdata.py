@@ -1,19 +1,28 @@
-"""Market data: candles from a synthetic generator or a file, cleaned, then published.
+"""Market data: candles from a synthetic generator, a file or an exchange, cleaned, then published.
 
-Sources yield ``Candle`` lists; ``clean`` drops what a strategy must never see
-(non-finite or non-positive prices, high below low, out-of-order or duplicate
-open times) and says why; ``publish`` XADDs a batch of candles to the candle
-stream in one pipeline and records each symbol's latest close where the paper
-exchange reads prices.
+A source is an async iterator of ``Candle`` batches: ``replay`` (a list, as fast as
+possible, at a fixed rate, or paced by the candles' own times at a speed factor) and
+``live`` (polling an exchange's public OHLCV endpoint). ``run_feed`` drives any
+source: ``clean`` drops what a strategy must never see (non-finite or non-positive
+prices, high below low, out-of-order or duplicate open times) and says why;
+``publish`` XADDs a batch of candles to the candle stream in one pipeline and
+records each symbol's latest close where the paper exchange reads prices. Gaps
+(missing candles) are not filled with invented prices: the AI engine restarts the
+symbol's warm-up after one (``gap``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 import numpy as np
@@ -21,7 +30,7 @@ import pandas as pd
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.errors import ConfigError
+from quantum_trader.errors import ConfigError, QuantumTraderError
 from quantum_trader.events import Fields, envelope
 from quantum_trader.logs import get_logger
 
@@ -29,6 +38,22 @@ log = get_logger("marketdata")
 MARKET_CANDLE = "market.candle"
 TIME_COLUMNS = ("timestamp", "time", "date", "datetime")
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
+_UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+GAP_INTERVALS = 3  # more than this many intervals without a candle is a gap
+
+
+def interval_ms(interval: str) -> int | None:
+    """``"1m"`` -> 60000, ``"3600s"`` -> 3600000; None when the text is not a known interval."""
+    match = re.fullmatch(r"(\d+)([smhdw])", interval.strip())
+    if match is None or int(match.group(1)) == 0:
+        return None
+    return int(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def gap(previous_ms: int, candle: Candle) -> bool:
+    """True when more than ``GAP_INTERVALS`` intervals passed since the previous candle (pure)."""
+    step = interval_ms(candle.interval)
+    return step is not None and candle.open_time - previous_ms > GAP_INTERVALS * step
 
 
 class Candle(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,6 +176,10 @@ def read_file(path: Path, symbol: str | None = None, interval: str = "") -> list
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"data file {path}: column {time_name!r} is not ISO-8601 or epoch time: {exc}") from None
     name = (symbol or path.stem).upper()
+    if not interval and len(times) > 1:
+        # The file's own spacing (median, so that gaps do not skew it) gives the interval.
+        spacing = int(times.diff().iloc[1:].median() // 1000)
+        interval = f"{spacing}s" if spacing > 0 else ""
     values = {
         col: pd.to_numeric(frame[columns[col]], errors="coerce").astype("float64").to_numpy() for col in PRICE_COLUMNS
     }
@@ -187,3 +216,115 @@ async def publish(redis: Redis, stream: str, candles: list[Candle]) -> None:
             pipe.xadd(stream, candle_fields(candle))
         pipe.hset(keys.PRICE_HASH, mapping=latest)
         await pipe.execute()
+
+
+# ---- sources and the feed --------------------------------------------------------------
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+async def replay(
+    candles: list[Candle], *, rate: float = 0, speed: float = 0, sleep: Sleep = asyncio.sleep, batch: int = 500
+) -> AsyncIterator[list[Candle]]:
+    """A list as a source: as fast as possible, ``rate`` candles a second, or paced by the
+    candles' own open times divided by ``speed`` (1 = real time, 60 = a minute a second)."""
+    if speed > 0:
+        index = 0
+        while index < len(candles):
+            stamp = candles[index].open_time
+            end = index
+            while end < len(candles) and candles[end].open_time == stamp:
+                end += 1
+            yield candles[index:end]
+            if end < len(candles):
+                await sleep(max(0.0, (candles[end].open_time - stamp) / 1000 / speed))
+            index = end
+        return
+    step = batch if rate <= 0 else max(1, int(rate / 10))
+    for first in range(0, len(candles), step):
+        chunk = candles[first : first + step]
+        yield chunk
+        if rate > 0:
+            await sleep(len(chunk) / rate)
+
+
+class OhlcvSource(Protocol):
+    """What ``live`` needs of an exchange: its public candles (``CcxtExchange`` has them)."""
+
+    async def candles(self, symbol: str, timeframe: str = "1m", limit: int = 100) -> list[list[Decimal]]:
+        """``[open_ms, open, high, low, close, volume]`` rows, oldest first."""
+        ...
+
+
+async def live(
+    source: OhlcvSource,
+    symbols: list[str],
+    *,
+    timeframe: str = "1m",
+    poll_s: float = 10.0,
+    limit: int = 100,
+    now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    sleep: Sleep = asyncio.sleep,
+    polls: int | None = None,
+) -> AsyncIterator[list[Candle]]:
+    """Poll an exchange's public OHLCV endpoint; yield each closed candle once, oldest first.
+
+    The candle still forming (its close time in the future) is left for a later poll. A
+    failed poll is logged and retried at the next one: a live feed does not stop for a
+    passing network error.
+    """
+    step = interval_ms(timeframe)
+    if step is None:
+        raise ConfigError(f"timeframe {timeframe!r}: use a number and one of s, m, h, d, w (e.g. 1m, 1h)")
+    newest: dict[str, int] = {}
+    done = 0
+    while polls is None or done < polls:
+        out: list[Candle] = []
+        for symbol in symbols:
+            try:
+                rows = await source.candles(symbol, timeframe, limit)
+            except (QuantumTraderError, OSError, ValueError) as exc:
+                log.warning("live_poll_failed", symbol=symbol, error=str(exc), retry_in_s=poll_s)
+                continue
+            closed_before = now_ms() - step
+            for row in rows:
+                open_ms = int(row[0])
+                if open_ms > closed_before or open_ms <= newest.get(symbol, -1):
+                    continue
+                out.append(Candle(symbol=symbol, interval=timeframe, open_time=open_ms, open=float(row[1]),
+                                  high=float(row[2]), low=float(row[3]), close=float(row[4]),
+                                  volume=float(row[5])))  # fmt: skip
+                newest[symbol] = open_ms
+        done += 1
+        if out:
+            yield sorted(out, key=lambda c: (c.open_time, c.symbol))
+        if polls is None or done < polls:
+            await sleep(poll_s)
+
+
+@dataclass
+class FeedTotals:
+    """What a feed did so far."""
+
+    published: int = 0
+    skipped: int = 0
+    last: dict[str, int] = field(default_factory=dict)
+
+
+async def run_feed(
+    redis: Redis,
+    stream: str,
+    source: AsyncIterator[list[Candle]],
+    stop: asyncio.Event | None = None,
+    totals: FeedTotals | None = None,
+) -> FeedTotals:
+    """Clean and publish every batch of ``source`` until it ends or ``stop`` is set."""
+    totals = totals or FeedTotals()
+    async for batch in source:
+        kept, skipped = clean(batch, totals.last)
+        await publish(redis, stream, kept)
+        totals.published += len(kept)
+        totals.skipped += len(skipped)
+        if stop is not None and stop.is_set():
+            break
+    return totals

@@ -5,25 +5,30 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from redis.exceptions import ResponseError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
+from quantum_trader.demo import START_PRICES as DEMO_SYMBOLS
 from quantum_trader.demo import DecisionGenerator
 from quantum_trader.governor import set_kill
-from quantum_trader.services import Runner, serve
+from quantum_trader.marketdata import FeedTotals, replay, run_feed, synthetic
+from quantum_trader.services import Runner, install_signal_handlers, serve
 from quantum_trader.settings import Settings
 from quantum_trader.status import pipeline_status
 from quantum_trader.views import status_table
 
 
 async def outcome_counts(redis: Redis, settings: Settings, since: dict[str, str]) -> Counter[str]:
-    """Terminal outcomes written after the ids in ``since`` (results by status, rejections by reason)."""
+    """Terminal outcomes written after the ids in ``since``: results by status and reason, rejections by reason."""
     counts: Counter[str] = Counter()
     streams = settings.streams
     for stream in (streams.result, streams.rejected):
@@ -36,7 +41,8 @@ async def outcome_counts(redis: Redis, settings: Settings, since: dict[str, str]
                 if stream == streams.rejected:
                     counts[fields.get("reason", "?")] += 1
                 else:
-                    counts[json.loads(fields["payload"])["status"]] += 1
+                    result = json.loads(fields["payload"])
+                    counts[" ".join(filter(None, (result["status"], result.get("reason"))))] += 1
             start = chunk[-1][0]
     return counts
 
@@ -54,66 +60,130 @@ async def last_ids(redis: Redis, streams: list[str]) -> dict[str, str]:
 class DemoReport:
     """What the demo did."""
 
+    source: str
+    candles: int
     published: int
     distinct: int
     outcomes: dict[str, int]
     balances: dict[str, str]
     complete: bool
+    interrupted: bool
+
+
+async def _entries_added(redis: Redis, stream: str) -> int:
+    try:
+        info = await redis.xinfo_stream(stream)
+    except ResponseError:  # no such stream yet
+        return 0
+    return int(info.get("entries-added", info.get("length", 0)))
+
+
+async def _group_idle(redis: Redis, stream: str, group: str) -> bool:
+    """True once the group has read and acknowledged everything on the stream."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return False
+    for info in groups:
+        if info["name"] == group:
+            return int(info.get("pending", 0)) == 0 and info.get("lag") == 0
+    return False
 
 
 async def run_demo(
     redis: Redis,
     settings: Settings,
     *,
-    decisions: int,
+    source: str,
+    count: int,
     rate: float,
+    duration: float | None,
     limit_s: float,
     seed: int,
     console: Console,
 ) -> DemoReport:
-    """Run router + execution on the paper exchange with generated decisions, showing live status."""
+    """The pipeline on the paper exchange with a live status table, until done, ``duration``, or Ctrl-C.
+
+    ``source="candles"``: synthetic market data (``count`` candles per symbol at ``rate`` a
+    second) through the AI engine's strategies, the router, the governor and execution.
+    ``source="decisions"``: ``count`` generated decisions with retries and malformed ones
+    mixed in, so that every outcome path shows up.
+    """
     streams = settings.streams
     since = await last_ids(redis, [streams.result, streams.rejected])
+    decisions_before = await _entries_added(redis, streams.decision)
     await set_kill(redis, on=False)
-    generator = DecisionGenerator(redis, streams.decision, seed=seed)
     stop = asyncio.Event()
-    feeder_stop = asyncio.Event()
+    install_signal_handlers(stop)
+    interrupted = asyncio.Event()
+    feed_totals = FeedTotals()
+    generator = DecisionGenerator(redis, streams.decision, seed=seed)
+    stages = ["router", "execution"]
+    if source == "candles":
+        stages.insert(0, "ai-engine")
+        start = datetime.now(UTC) - timedelta(minutes=count)
+        candles = synthetic(DEMO_SYMBOLS, count, seed=seed, start=start)
+        feeder: Coroutine[Any, Any, object] = run_feed(
+            redis, streams.candle, replay(candles, rate=rate), totals=feed_totals
+        )
+    else:
+        feeder = generator.run(count, rate, stop)
     watcher: list[asyncio.Task[None]] = []
 
     async def watch(runner: Runner) -> None:
         async def loop() -> None:
-            feeder = asyncio.create_task(generator.run(decisions, rate, feeder_stop))
-            deadline = asyncio.get_running_loop().time() + limit_s
+            feeding = asyncio.create_task(feeder)
+            began = asyncio.get_running_loop().time()
             with Live(console=console, refresh_per_second=4, transient=False) as live:
                 while True:
                     counts = await outcome_counts(redis, settings, since)
                     done = sum(counts.values())
+                    decided = await _entries_added(redis, streams.decision) - decisions_before
                     stats = await pipeline_status(redis, streams.pipeline())
-                    line = Text(
-                        f"published {generator.published:,} (distinct {generator.distinct:,})  "
-                        f"outcomes {done:,}  " + "  ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+                    elapsed = asyncio.get_running_loop().time() - began
+                    head = (
+                        f"candles {feed_totals.published:,}/{count * len(DEMO_SYMBOLS):,}  decisions {decided:,}"
+                        if source == "candles"
+                        else f"decisions {generator.published:,} (distinct {generator.distinct:,}/{count:,})"
                     )
-                    live.update(Group(status_table(stats, "Demo: paper exchange, embedded Valkey"), line))
-                    finished = feeder.done() and done >= generator.published
-                    if finished or asyncio.get_running_loop().time() > deadline or stop.is_set():
+                    line = Text(
+                        f"{elapsed:5.1f}s  {head}  outcomes {done:,}  "
+                        + "  ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+                    )
+                    live.update(Group(status_table(stats, f"Demo ({source}): paper exchange"), line))
+                    caught_up = done >= decided and (
+                        source != "candles" or await _group_idle(redis, streams.candle, settings.ai_group)
+                    )
+                    if feeding.done() and caught_up:
+                        break
+                    if stop.is_set():
+                        interrupted.set()
+                        break
+                    if elapsed > (duration if duration is not None else limit_s):
+                        interrupted.set()
                         break
                     await asyncio.sleep(0.25)
-            feeder_stop.set()
-            await feeder
+            if not feeding.done():
+                feeding.cancel()
+            await asyncio.gather(feeding, return_exceptions=True)
             stop.set()
 
         watcher.append(asyncio.create_task(loop()))
 
-    await serve(redis, settings, ["router", "execution"], stop, on_start=watch)
+    await serve(redis, settings, stages, stop, on_start=watch)
     await asyncio.gather(*watcher)
     counts = await outcome_counts(redis, settings, since)
+    decided = await _entries_added(redis, streams.decision) - decisions_before
     balances = await redis.hgetall(keys.paper_balances())
     return DemoReport(
-        published=generator.published,
+        source=source,
+        candles=feed_totals.published,
+        published=decided,
         distinct=generator.distinct,
         outcomes=dict(counts),
         balances=dict(sorted(balances.items())),
-        complete=sum(counts.values()) >= generator.published,
+        complete=sum(counts.values()) >= decided,
+        interrupted=interrupted.is_set(),
     )
 
 

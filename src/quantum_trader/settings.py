@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     ai_fraction: Decimal = Field(default=Decimal("0.01"), gt=0, le=1, description="share of the quote balance")
     ai_min_confidence: float = Field(default=0.0, ge=0, le=1)
     ai_history: int = Field(default=500, ge=50, description="closes kept per symbol")
+    feed_exchange: str = Field(default="binance", description="ccxt id whose public candles the live feed polls")
 
     # --- exchange connectivity (ccxt): add fields below this line ---
     exchange_api_url: str = Field(

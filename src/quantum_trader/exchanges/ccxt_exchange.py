@@ -471,13 +471,19 @@ class CcxtExchange:
         *,
         rand: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        public_only: bool = False,
     ) -> None:
-        check_settings(settings)
+        if public_only:
+            if settings.exchange not in ccxt_async.exchanges:
+                raise ConfigError(f"exchange {settings.exchange!r} is not a ccxt exchange id (e.g. binance, kraken)")
+        else:
+            check_settings(settings)
         exchange = settings.exchange
         self.name = exchange
         self.redis = redis
         self.settings = settings
         self._secrets = credentials.values()
+        self._public_only = public_only
         self._rand = rand
         self._sleep = sleep
         config: dict[str, Any] = {
@@ -518,6 +524,15 @@ class CcxtExchange:
         return cls(redis, settings, load_credentials(settings.secrets_file, settings.exchange))
 
     # ---- plumbing ----------------------------------------------------------------------
+
+    @classmethod
+    def public(cls, redis: Redis, settings: Settings, exchange: str) -> CcxtExchange:
+        """Market data only: no credentials, so it can read public endpoints and place nothing.
+
+        ``QT_MODE=testnet`` reads the exchange's sandbox; otherwise its production data.
+        """
+        blank = Credentials(api_key=SecretStr(""), secret=SecretStr(""))
+        return cls(redis, settings.model_copy(update={"exchange": exchange}), blank, public_only=True)
 
     def _clean(self, exc: BaseException | str) -> str:
         text = str(exc) or type(exc).__name__
@@ -677,6 +692,8 @@ class CcxtExchange:
         """Place each order once (see the module docstring); outcomes in the same order."""
         if not orders:
             return []
+        if self._public_only:
+            raise ConfigError(f"the {self.name} market-data client has no credentials and places no orders")
         gate = asyncio.Semaphore(self.settings.exchange_concurrency)
         halted = asyncio.Event()
 
