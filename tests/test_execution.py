@@ -222,6 +222,56 @@ async def test_crash_between_order_and_result_places_no_second_order(
     assert (await r.xpending(INTENTS, GROUP))["pending"] == 0
 
 
+@pytest.mark.parametrize(
+    ("after_crash", "outcome"),
+    [
+        ("kill switch turned on", ("REJECTED", "KILL_SWITCH")),
+        ("intent now older than the max age", ("EXPIRED", "EXPIRED")),
+    ],
+)
+async def test_intent_counted_then_ended_without_an_order_gives_its_count_back(
+    r: Redis, make_pipeline: Callable[..., Pipeline], after_crash: str, outcome: tuple[str, str]
+) -> None:
+    await allow(r)
+    first = make_pipeline(max_intent_age_s=60)
+
+    async def crash(_orders: object) -> None:
+        raise SystemExit("process died after the gate counted the intent, before the order left")
+
+    first.paper.place_orders = crash  # type: ignore[method-assign]
+    with pytest.raises(SystemExit):
+        await first.run(decision(qty="0.1"))
+    today = datetime.now(UTC).date()
+    assert await r.get(keys.daily_trades(today)) == "1"
+    assert await r.hlen(keys.counted(today)) == 1
+
+    later = datetime.now(UTC)
+    if after_crash == "kill switch turned on":
+        await r.set(keys.KILL_SWITCH, "1")
+    else:
+        later += timedelta(seconds=120)
+    restarted = Execution(
+        r, first.settings, PaperExchange(r, quote_assets=first.settings.quote_assets), clock=lambda: later
+    )
+    await drain(restarted)
+
+    [res] = await results(r)
+    assert (res["status"], res["reason"]) == outcome
+    assert await r.hlen(keys.paper_orders()) == 0
+    assert await r.get(keys.daily_trades(today)) == "0"  # the counter equals the orders sent
+    assert await r.hlen(keys.counted(today)) == 0
+    assert await r.ttl(keys.daily_trades(today)) > 0  # DECR kept the expiry
+
+
+async def test_rejection_of_an_uncounted_intent_leaves_the_counter_alone(
+    r: Redis, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    await allow(r)
+    out = await make_pipeline(daily_limit=1).run(decision(qty="0.01"), decision(qty="0.01"))
+    assert sorted((o["status"], o["reason"]) for o in out) == [("FILLED", ""), ("REJECTED", "DAILY_LIMIT")]
+    assert await r.get(keys.daily_trades(datetime.now(UTC).date())) == "1"
+
+
 async def test_undecodable_intent_goes_to_dead_letter(r: Redis, make_pipeline: Callable[..., Pipeline]) -> None:
     pipeline = make_pipeline()
     await pipeline.execution.consumer.setup()

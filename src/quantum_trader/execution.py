@@ -9,7 +9,8 @@ Per batch, in order:
    daily limit) in one call, right before the orders leave;
 5. place the approved orders (idempotent per client order id);
 6. one ``commit.lua`` call acknowledges every intent and writes its result (and the legacy
-   copy), atomically; an intent someone else already finished gets no second result.
+   copy), atomically; an intent someone else already finished gets no second result, and an
+   intent the gate counted that ends without an order gives its count back.
 """
 
 from __future__ import annotations
@@ -184,14 +185,21 @@ class Execution:
         await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results])
 
     async def commit(self, done: list[tuple[Job, ExecutionResult]]) -> None:
-        """Acknowledge the intents and write their results in one atomic script call."""
+        """Acknowledge the intents and write their results in one atomic script call.
+
+        Intents counted by the gate whose result did not come from the exchange are uncounted
+        in the same call, so the daily counter always equals the orders sent.
+        """
         if not done:
             return
         now = self.clock()
         args: list[str] = [self.streams.execution_group, EXECUTION_RESULT, now_iso(now), "execution"]
         for job, result in done:
-            args += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result))
-        script_keys = [self.streams.intent, self.streams.result, keys.counted(now.astimezone(UTC).date())]
+            # An outcome with an exchange name reached the exchange: its count stays.
+            placed = "1" if result.exchange else "0"
+            args += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result), placed)
+        day = now.astimezone(UTC).date()
+        script_keys = [self.streams.intent, self.streams.result, keys.counted(day), keys.daily_trades(day)]
         if self.streams.result_legacy:
             script_keys.append(self.streams.result_legacy)
         await self._commit(keys=script_keys, args=args)

@@ -3,6 +3,8 @@
 -- ARGV: group, consumer, limit, ttl_s, lowest id, highest id, then the intent ids.
 -- Trading is allowed only while the kill switch is exactly "0".
 -- An intent is counted once: the counted hash remembers it until its result is committed.
+-- The kill switch is checked first, even for counted intents (never approve while it is not "0");
+-- commit.lua gives back the count of an intent that then ends without an order.
 -- An intent no longer pending on this consumer (finished, or taken over by another consumer)
 -- is reported GONE and not counted: whoever holds it now will gate it.
 -- Returns one verdict per intent: "APPROVED", "KILL_SWITCH", "DAILY_LIMIT" or "GONE".
