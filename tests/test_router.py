@@ -25,30 +25,38 @@ DECISIONS = "quantum:stream:ai.decision"
 INTENTS = "quantum:stream:trade.intent"
 
 
-@pytest.mark.parametrize(
-    ("change", "field"),
-    [
-        ({"symbol": None}, "symbol"),
-        ({"symbol": "  "}, "symbol"),
-        ({"symbol": "ETH USDT"}, "symbol"),
-        ({"side": "HOLD"}, "side"),
-        ({"side": None}, "side"),
-        ({"qty": None}, "qty"),
-        ({"qty": "-1"}, "qty"),
-        ({"qty": 0}, "qty"),
-        ({"qty": "NaN"}, "qty"),
-        ({"qty": "Infinity"}, "qty"),
-        ({"qty": "ten"}, "qty"),
-        ({"qty": True}, "qty"),
-        ({"order_type": "STOP"}, "order_type"),
-        ({"order_type": "LIMIT", "price": None}, "price"),
-        ({"price": "-5"}, "price"),
-        ({"confidence": 1.5}, "confidence"),
-        ({"confidence": "high"}, "confidence"),
-    ],
-)
+# One bad field per row; "timestamp_ahead" moves the decision's timestamp past the allowed skew.
+INVALID_FIELDS: list[tuple[dict[str, Any], str]] = [
+    ({"symbol": None}, "symbol"),
+    ({"symbol": "  "}, "symbol"),
+    ({"symbol": "ETH USDT"}, "symbol"),
+    ({"side": "HOLD"}, "side"),
+    ({"side": None}, "side"),
+    ({"qty": None}, "qty"),
+    ({"qty": "-1"}, "qty"),
+    ({"qty": 0}, "qty"),
+    ({"qty": "NaN"}, "qty"),
+    ({"qty": "Infinity"}, "qty"),
+    ({"qty": "ten"}, "qty"),
+    ({"qty": True}, "qty"),
+    ({"order_type": "STOP"}, "order_type"),
+    ({"order_type": "LIMIT", "price": None}, "price"),
+    ({"price": "-5"}, "price"),
+    ({"confidence": 1.5}, "confidence"),
+    ({"confidence": "high"}, "confidence"),
+    ({"timestamp_ahead": timedelta(minutes=5)}, "timestamp"),
+]
+
+
+def invalid_decision(change: dict[str, Any], now: datetime) -> dict[str, str]:
+    """A decision stamped ``now`` (or ahead of it) with one field changed."""
+    payload = {key: value for key, value in change.items() if key != "timestamp_ahead"}
+    return decision(timestamp=now + change.get("timestamp_ahead", timedelta(0)), **payload)
+
+
+@pytest.mark.parametrize(("change", "field"), INVALID_FIELDS)
 def test_each_invalid_field_is_named(change: dict[str, Any], field: str) -> None:
-    fields = decision(timestamp=NOW, **change)
+    fields = invalid_decision(change, NOW)
     with pytest.raises(DecodeError) as caught:
         validate(fields, NOW, SKEW)
     assert caught.value.field == field
@@ -146,6 +154,20 @@ async def test_invalid_decision_is_rejected_with_field_and_original(r: Redis, ro
     assert rej["field"] == "side"
     assert "BUY or SELL" in rej["detail"]
     assert rej["original_id"] == bad_id
+    assert rej["original"] == bad
+    assert await r.xlen(INTENTS) == 0
+    assert (await r.xpending(DECISIONS, router.streams.router_group))["pending"] == 0
+
+
+@pytest.mark.parametrize(("change", "field"), INVALID_FIELDS)
+async def test_each_invalid_field_is_rejected_on_the_server_naming_the_field(
+    r: Redis, router: Router, change: dict[str, Any], field: str
+) -> None:
+    bad = invalid_decision(change, datetime.now(UTC))
+    [bad_id] = await publish(r, DECISIONS, [bad])
+    await drain(router)
+    [rej] = await rejections(r)
+    assert (rej["reason"], rej["field"], rej["original_id"]) == ("INVALID", field, bad_id)
     assert rej["original"] == bad
     assert await r.xlen(INTENTS) == 0
     assert (await r.xpending(DECISIONS, router.streams.router_group))["pending"] == 0
