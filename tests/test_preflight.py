@@ -14,17 +14,20 @@ from quantum_trader.preflight import check_config_dir, check_kill, check_secret_
 
 
 def test_world_readable_secrets_fail_with_the_exact_fix() -> None:
-    check = check_secret_file(Path("/etc/quantum/testnet.env"), 0o100644, 0, 0)
+    check = check_secret_file(Path("/etc/quantum/testnet.env"), 0o100644, 0, 0)  # the seed's root:root 0644
     assert check.verdict == "FAIL"
     assert "readable by every user" in check.detail
-    assert check.fix == "chown root:root /etc/quantum/testnet.env && chmod 0640 /etc/quantum/testnet.env"
+    # The service's group, not the file's: root:root 0640 would lock the service out of its own keys.
+    assert check.fix == "chown root:quantum /etc/quantum/testnet.env && chmod 0640 /etc/quantum/testnet.env"
+    other = check_secret_file(Path("/x"), 0o100644, 0, 0, service_group="trader")
+    assert other.fix == "chown root:trader /x && chmod 0640 /x"
     assert check_secret_file(Path("/x"), 0o100640, 0, 0).verdict == "PASS"
     assert check_secret_file(Path("/x"), 0o100600, 0, 0).verdict == "PASS"
 
 
 def test_the_seeds_open_config_directory_is_flagged() -> None:
     check = check_config_dir(Path("/etc/quantum"), 0o040755, 0, 0)
-    assert (check.verdict, check.fix) == ("FAIL", "chown root:root /etc/quantum && chmod 0750 /etc/quantum")
+    assert (check.verdict, check.fix) == ("FAIL", "chown root:quantum /etc/quantum && chmod 0750 /etc/quantum")
     assert check_config_dir(Path("/etc/quantum"), 0o040750, 0, 0).verdict == "PASS"
 
 
@@ -88,3 +91,41 @@ def test_doctor_without_a_server_still_checks_files_and_fails() -> None:
     assert done.returncode == 1
     rows = {row["name"]: row for row in json.loads(done.stdout)}
     assert rows["server"]["verdict"] == "FAIL"
+
+
+def test_doctor_checks_and_loads_its_own_env_file(clean_url: str, tmp_path: Path) -> None:
+    settings = tmp_path / "quantum-trader.env"
+    settings.write_text("QT_MODE=paper\nQT_EXCHANGE=paper\n")
+    settings.chmod(0o640)
+    done = run_doctor(clean_url, "--env-file", str(settings))
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows["env file"]["verdict"] == "PASS"
+    assert str(settings) in rows["env file"]["detail"]
+
+    settings.chmod(0o666)
+    rows = {row["name"]: row for row in json.loads(run_doctor(clean_url, "--env-file", str(settings)).stdout)}
+    assert rows["env file"]["verdict"] == "FAIL"
+    assert rows["env file"]["fix"] == f"chown root:quantum {settings} && chmod 0640 {settings}"
+
+
+def test_an_invalid_settings_file_is_a_fail_row_not_an_early_exit(clean_url: str, tmp_path: Path) -> None:
+    settings = tmp_path / "quantum-trader.env"
+    settings.write_text("QT_MODE=paper\nQT_MAX_NOTIONL=5\n")
+    settings.chmod(0o640)
+    done = run_doctor(clean_url, "--env-file", str(settings), "--service-group", "trader")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows["configuration"]["verdict"] == "FAIL"
+    assert "QT_MAX_NOTIONL" in rows["configuration"]["detail"]
+    assert rows["env file"]["verdict"] == "PASS"  # the file itself is fine; its content is not
+
+    folder = tmp_path / "conf.d"
+    folder.mkdir()
+    done = run_doctor(clean_url, "--env-file", str(folder), "--service-group", "trader")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows["configuration"]["verdict"] == "FAIL"
+    assert rows["env file"]["verdict"] == "FAIL"
+    assert "not a regular file" in rows["env file"]["detail"]

@@ -13,28 +13,50 @@ from rich.table import Table
 from quantum_trader import preflight, recover, snapshots, units
 from quantum_trader.bus.connection import connected, server_url
 from quantum_trader.cli_support import JSON_OPT, console, settings, state, with_redis
-from quantum_trader.errors import BusError
+from quantum_trader.errors import BusError, ConfigError
+from quantum_trader.logs import configure
+from quantum_trader.settings import load_settings
 
 systemd_app = typer.Typer(help="Render, install and roll back hardened systemd units.", no_args_is_help=True)
 proof_app = typer.Typer(help="BEFORE/AFTER proof of a change, generated from the live state.", no_args_is_help=True)
 
 
 def doctor(
+    env_file: Path | None = typer.Option(
+        None, "--env-file", help="Check and load this settings file (default: the global --env-file / QT_ENV_FILE)."
+    ),
     secrets_file: Path | None = typer.Option(None, "--secrets-file", help="Check this secrets file."),
+    # No QT_ variable: every QT_ name in the environment must be a setting.
+    group: str = typer.Option(
+        preflight.SERVICE_GROUP, "--service-group", help="The units' group (systemd --user); the fixes name it."
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Check the server, settings, file permissions, kill switch, groups, lag, dead letters, clock."""
-    cfg = settings()
+    env_path = env_file or state["env_file"]
+    try:
+        cfg = load_settings(env_path)
+    except (ConfigError, OSError) as exc:
+        # A broken settings file is one FAIL row of the table, not an exit before it. OSError: the
+        # loader reads a directory or a file that vanished without turning that into a ConfigError.
+        reason = str(exc) if isinstance(exc, ConfigError) else f"cannot read the settings: {exc}"
+        checks = preflight.unloadable(reason, env_file=env_path, secrets_file=secrets_file, service_group=group)
+    else:
+        configure(cfg.log_level, cfg.log_format)
 
-    async def main() -> list[preflight.Check]:
-        with server_url(cfg) as url:
-            try:
-                async with connected(url) as redis:
-                    return await preflight.run_checks(redis, cfg, env_file=state["env_file"], secrets_file=secrets_file)
-            except BusError:
-                return await preflight.run_checks(None, cfg, env_file=state["env_file"], secrets_file=secrets_file)
+        async def main() -> list[preflight.Check]:
+            with server_url(cfg) as url:
+                try:
+                    async with connected(url) as redis:
+                        return await preflight.run_checks(
+                            redis, cfg, env_file=env_path, secrets_file=secrets_file, service_group=group
+                        )
+                except BusError:
+                    return await preflight.run_checks(
+                        None, cfg, env_file=env_path, secrets_file=secrets_file, service_group=group
+                    )
 
-    checks = asyncio.run(main())
+        checks = asyncio.run(main())
     if as_json:
         print(json.dumps([check.as_dict() for check in checks], indent=2))
     else:

@@ -25,6 +25,9 @@ from quantum_trader.status import pipeline_status
 
 Verdict = Literal["PASS", "WARN", "FAIL"]
 MIN_VERSION = {"redis": (7, 0), "valkey": (7, 2)}
+# The group the units run as (``systemd render --user``): the fixes hand files to it, never to
+# the file's current group (root:root for the seed's file, which would lock the service out).
+SERVICE_GROUP = "quantum"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +56,13 @@ def _owner(uid: int, gid: int) -> str:
     return f"{user}:{group}"
 
 
-def check_secret_file(path: Path, mode: int, uid: int, gid: int, *, what: str = "secrets file") -> Check:
-    """Credentials must be readable by the service's user and group only (0640 or stricter)."""
+def check_secret_file(
+    path: Path, mode: int, uid: int, gid: int, *, service_group: str = SERVICE_GROUP, what: str = "secrets file"
+) -> Check:
+    """Credentials must be readable by root and the service's ``service_group`` only (0640 or stricter)."""
     owner = _owner(uid, gid)
     perms = stat.S_IMODE(mode)
-    fix = f"chown root:{owner.split(':')[1]} {path} && chmod 0640 {path}"
+    fix = f"chown root:{service_group} {path} && chmod 0640 {path}"
     if perms & 0o007:
         return Check(what, "FAIL", f"{path} is {perms:04o} ({owner}): readable by every user on the machine", fix)
     if perms & 0o020 or (perms & 0o200 and owner.split(":")[0] != "root"):
@@ -65,7 +70,7 @@ def check_secret_file(path: Path, mode: int, uid: int, gid: int, *, what: str = 
     return Check(what, "PASS", f"{path} is {perms:04o} ({owner})")
 
 
-def check_config_dir(path: Path, mode: int, uid: int, gid: int) -> Check:
+def check_config_dir(path: Path, mode: int, uid: int, gid: int, *, service_group: str = SERVICE_GROUP) -> Check:
     """The directory holding secrets must not be listable by everyone (the seed opened it to 0755)."""
     owner = _owner(uid, gid)
     perms = stat.S_IMODE(mode)
@@ -74,12 +79,12 @@ def check_config_dir(path: Path, mode: int, uid: int, gid: int) -> Check:
             "config directory",
             "FAIL",
             f"{path} is {perms:04o} ({owner}): every user can list and open it",
-            f"chown root:{owner.split(':')[1]} {path} && chmod 0750 {path}",
+            f"chown root:{service_group} {path} && chmod 0750 {path}",
         )
     return Check("config directory", "PASS", f"{path} is {perms:04o} ({owner})")
 
 
-def check_file(path: Path | None, *, secret: bool) -> list[Check]:
+def check_file(path: Path | None, *, secret: bool, service_group: str = SERVICE_GROUP) -> list[Check]:
     """Mode and ownership of a settings or secrets file and its directory."""
     what = "secrets file" if secret else "env file"
     if path is None:
@@ -88,20 +93,39 @@ def check_file(path: Path | None, *, secret: bool) -> list[Check]:
         ]
     if not path.exists():
         return [Check(what, "FAIL", f"{path} does not exist", "create it (mode 0640) or unset the setting naming it")]
+    if not path.is_file():
+        return [Check(what, "FAIL", f"{path} is not a regular file", f"point at the file itself, not {path}")]
     if not os.access(path, os.R_OK):
         return [Check(what, "FAIL", f"{path} is not readable by uid {os.getuid()}",
-                      f"chgrp <service-group> {path} && chmod 0640 {path}")]  # fmt: skip
+                      f"chown root:{service_group} {path} && chmod 0640 {path}")]  # fmt: skip
     info = path.stat()
     checks = []
     if secret:
-        checks.append(check_secret_file(path, info.st_mode, info.st_uid, info.st_gid))
+        checks.append(check_secret_file(path, info.st_mode, info.st_uid, info.st_gid, service_group=service_group))
     elif stat.S_IMODE(info.st_mode) & 0o002:
-        checks.append(Check(what, "FAIL", f"{path} is writable by every user", f"chmod 0640 {path}"))
+        checks.append(Check(what, "FAIL", f"{path} is writable by every user",
+                            f"chown root:{service_group} {path} && chmod 0640 {path}"))  # fmt: skip
     else:
-        checks.append(Check(what, "PASS", f"{path} is {stat.S_IMODE(info.st_mode):04o}"))
+        checks.append(
+            Check(what, "PASS", f"{path} is {stat.S_IMODE(info.st_mode):04o} ({_owner(info.st_uid, info.st_gid)})")
+        )
     parent = path.parent.stat()
     if secret:
-        checks.append(check_config_dir(path.parent, parent.st_mode, parent.st_uid, parent.st_gid))
+        checks.append(
+            check_config_dir(path.parent, parent.st_mode, parent.st_uid, parent.st_gid, service_group=service_group)
+        )
+    return checks
+
+
+def unloadable(
+    error: str, *, env_file: Path | None, secrets_file: Path | None, service_group: str = SERVICE_GROUP
+) -> list[Check]:
+    """The table when the settings do not load: the reason as a FAIL row, then the file checks."""
+    checks = [Check("configuration", "FAIL", error, "fix the file or variable named here, then run doctor again")]
+    checks += check_file(env_file, secret=False, service_group=service_group)
+    if secrets_file is not None:  # else its name is in the settings that did not load
+        checks += check_file(secrets_file, secret=True, service_group=service_group)
+    checks.append(Check("server", "FAIL", "not checked: the settings did not load", "fix the configuration first"))
     return checks
 
 
@@ -146,12 +170,17 @@ def check_dead_letters(count: int) -> Check:
 
 
 async def run_checks(
-    redis: Redis | None, settings: Settings, *, env_file: Path | None = None, secrets_file: Path | None = None
+    redis: Redis | None,
+    settings: Settings,
+    *,
+    env_file: Path | None = None,
+    secrets_file: Path | None = None,
+    service_group: str = SERVICE_GROUP,
 ) -> list[Check]:
     """Every check; ``redis`` is None when the server could not be reached."""
     checks = [Check("configuration", "PASS", f"mode {settings.mode}, exchange {settings.exchange}")]
-    checks += check_file(env_file, secret=False)
-    checks += check_file(secrets_file or settings.secrets_file, secret=True)
+    checks += check_file(env_file, secret=False, service_group=service_group)
+    checks += check_file(secrets_file or settings.secrets_file, secret=True, service_group=service_group)
     if redis is None:
         checks.append(Check("server", "FAIL", "cannot reach the server", "check QT_REDIS_URL or start the server"))
         return checks
