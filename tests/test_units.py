@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import grp
+import os
 import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,8 +38,25 @@ def test_unit_runs_recover_first_with_the_venv_path_and_separate_secrets(tmp_pat
                       f"ReadWritePaths={tmp_path / 'data'}", "Restart=on-failure", "TimeoutStopSec=30s"):  # fmt: skip
         assert hardening in lines, hardening
     assert set(render_all(layout(tmp_path))) == {
-        "quantum-router.service", "quantum-execution.service", "quantum-ai-engine.service", "quantum-trader.target",
+        "quantum-trader-server.service", "quantum-router.service", "quantum-execution.service",
+        "quantum-ai-engine.service", "quantum-trader.target",
     }  # fmt: skip
+
+
+def test_every_service_waits_for_the_one_embedded_server_unit(tmp_path: Path) -> None:
+    units = render_all(layout(tmp_path))
+    server = units["quantum-trader-server.service"].splitlines()
+    assert f"ExecStart={VENV}/bin/quantum-trader server" in server
+    assert "Type=simple" in server
+    assert f"ReadWritePaths={tmp_path / 'data'}" in server
+    assert 'ExecCondition=/usr/bin/test -z "${QT_REDIS_URL}"' in server  # skipped with an external server
+    assert f"ExecStartPre=/bin/rm -f {tmp_path / 'data' / 'server.url'}" in server  # never a stale URL
+    assert not any(line.startswith("ExecStartPre=") and "recover" in line for line in server)
+    for service in ("router", "execution", "ai-engine"):
+        lines = units[f"quantum-{service}.service"].splitlines()
+        assert "Requires=quantum-trader-server.service" in lines, service
+        assert "After=network-online.target quantum-trader-server.service" in lines, service
+    assert "quantum-trader-server.service" in units["quantum-trader.target"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (Debian: systemd)")
@@ -51,10 +71,11 @@ def test_units_pass_systemd_analyze_verify_and_score_well(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr
     assert "Unknown key" not in done.stderr, done.stderr
     assert "ignoring" not in done.stderr, done.stderr
-    unit = str(tmp_path / "quantum-execution.service")
-    score = subprocess.run(["systemd-analyze", "security", "--offline=yes", unit], capture_output=True, text=True)
-    exposure = float(score.stdout.rsplit("exposure level for", 1)[1].split(":")[1].split()[0])
-    assert exposure < 3.0, score.stdout[-300:]
+    for name in ("quantum-execution.service", "quantum-trader-server.service"):
+        unit = str(tmp_path / name)
+        score = subprocess.run(["systemd-analyze", "security", "--offline=yes", unit], capture_output=True, text=True)
+        exposure = float(score.stdout.rsplit("exposure level for", 1)[1].split(":")[1].split()[0])
+        assert exposure < 3.0, (name, score.stdout[-300:])
 
 
 def test_install_writes_units_and_private_env_files_then_rollback_restores(tmp_path: Path) -> None:
@@ -83,3 +104,18 @@ def test_install_writes_units_and_private_env_files_then_rollback_restores(tmp_p
     assert back.commands[0] == "systemctl daemon-reload"
     with pytest.raises(ConfigError, match="nothing to roll back"):
         rollback(root)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing files to a group needs root")
+def test_install_hands_the_config_dir_and_env_files_to_the_service_group(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    done = install(root, replace(layout(tmp_path), user="nobody", group="nogroup"))
+    assert done.notes == []
+    for path in (root / "etc/quantum", root / "etc/quantum/quantum-trader.env", root / "etc/quantum/secrets.env"):
+        info = path.stat()
+        assert (info.st_uid, info.st_gid) == (0, grp.getgrnam("nogroup").gr_gid), path
+
+    missing = install(tmp_path / "other", replace(layout(tmp_path), group="no-such-group-here"))
+    [note] = missing.notes
+    assert "group 'no-such-group-here' does not exist" in note
+    assert "chown root:no-such-group-here" in note

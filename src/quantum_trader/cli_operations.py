@@ -111,12 +111,14 @@ def systemd_install(
     user: str = USER_OPT,
     do_apply: bool = typer.Option(False, "--apply", help="Also run the systemctl commands."),
 ) -> None:
-    """Write the units and env templates (secrets 0640, config dir 0750), backing up what they replace."""
+    """Write the units and env templates (root:<group>, secrets 0640, config dir 0750), backing up what they replace."""
     done = units.install(root, _layout(venv, data_dir, user))
     for path in done.written:
         console.print(f"wrote {path}")
     if done.backup:
         console.print(f"backup of the replaced files: {done.backup}")
+    for note in done.notes:
+        console.print(f"note: {note}")
     _next(done.commands, do_apply)
 
 
