@@ -42,7 +42,7 @@ def build_strategies(settings: Settings) -> list[Strategy]:
 
             if settings.ai_model_path is None:
                 raise ConfigError("QT_AI_STRATEGIES includes 'learned' but QT_AI_MODEL_PATH is not set")
-            out.append(LearnedModel(load(settings.ai_model_path)))
+            out.append(LearnedModel(load(settings.ai_model_path), threshold=settings.ai_model_threshold))
         elif name in BUILT_IN:
             out.append(BUILT_IN[name]())
         else:

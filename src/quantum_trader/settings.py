@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     ai_fraction: Decimal = Field(default=Decimal("0.01"), gt=0, le=1, description="share of the quote balance")
     ai_min_confidence: float = Field(default=0.0, ge=0, le=1)
     ai_history: int = Field(default=500, ge=50, description="closes kept per symbol")
+    ai_model_threshold: float = Field(
+        default=0.6, gt=0.5, le=1, description="the learned model speaks only at or above this probability"
+    )
     feed_exchange: str = Field(default="binance", description="ccxt id whose public candles the live feed polls")
 
     # --- exchange connectivity (ccxt): add fields below this line ---
