@@ -85,6 +85,19 @@ def test_env_file_in_systemd_syntax(tmp_path: Path) -> None:
     assert settings.paper_balances == {"USDT": Decimal(10), "ETH": Decimal("1.5")}
 
 
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [("; old comment", "start comments with '#'"), ("QT_SYMBOL_ALLOWLIST=ETHUSDT,\\", "continued with a backslash")],
+)
+def test_systemd_forms_the_reader_would_misread_are_refused_with_the_line(
+    tmp_path: Path, line: str, complaint: str
+) -> None:
+    env_file = tmp_path / "quantum-trader.env"
+    env_file.write_text(f"# fine\nQT_MAX_NOTIONAL=10\n{line}\nBTCUSDT\n")
+    with pytest.raises(ConfigError, match=f"line 3: .*{complaint}"):
+        load_settings(env_file)
+
+
 def test_missing_or_unreadable_env_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.env")

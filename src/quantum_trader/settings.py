@@ -252,6 +252,16 @@ def _read_env_file_names(path: Path) -> list[str]:
     return names
 
 
+def _check_env_file_syntax(path: Path) -> None:
+    """Refuse the systemd forms the dotenv reader would misread, rather than guess."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if text.startswith(";"):
+            raise ConfigError(f"env file {path}, line {number}: start comments with '#', not ';'")
+        if text.endswith("\\") and not text.startswith("#"):
+            raise ConfigError(f"env file {path}, line {number}: a value continued with a backslash; put it on one line")
+
+
 def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Settings:
     """Read settings from the environment (and ``env_file`` or ``$QT_ENV_FILE``).
 
@@ -267,6 +277,7 @@ def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Setti
                 f"env file {path} is not readable by this user (uid {os.getuid()}); "
                 f"run: chgrp <service-group> {path} && chmod 0640 {path}"
             )
+        _check_env_file_syntax(path)
     problems = _unknown_variables(dict(os.environ), path)
     if problems:
         raise ConfigError("; ".join(problems))
