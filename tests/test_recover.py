@@ -82,3 +82,44 @@ async def test_idle_empty_consumers_are_removed(
     report = await recover(r, settings_for(clean_url), idle_ms=0)
     assert report.consumers_deleted == [f"{GROUP} / gone-1"]
     assert await r.xinfo_consumers(INTENTS, GROUP) == []
+
+
+async def test_a_live_consumer_keeps_its_old_intent_and_a_dead_one_loses_it(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    # A ccxt batch can wait on the exchange longer than --idle-ms; the heartbeat says it is alive.
+    settings = settings_for(clean_url, max_intent_age_s=60)
+    await ensure_group(r, INTENTS, GROUP)
+    [old_id] = await publish(r, INTENTS, [intent(600, 1)])
+    await r.xreadgroup(GROUP, "busy-exec", {INTENTS: ">"}, count=1)
+    await r.set(keys.heartbeat("execution", "busy-exec"), "{}", ex=15)
+
+    report = await recover(r, settings, idle_ms=0)
+
+    assert (report.expired, report.stale_pending, report.held_by_live_consumers) == (0, 0, 1)
+    assert await results(r) == []
+    [held] = await r.xpending_range(INTENTS, GROUP, min="-", max="+", count=10)
+    assert (held["message_id"], held["consumer"]) == (old_id, "busy-exec")
+
+    await r.delete(keys.heartbeat("execution", "busy-exec"))  # the process died: its heartbeat expired
+    report = await recover(r, settings, idle_ms=0)
+
+    assert report.expired == 1
+    assert [(res["intent_id"], res["status"]) for res in await results(r)] == [(old_id, "EXPIRED")]
+    assert await r.xpending_range(INTENTS, GROUP, min="-", max="+", count=10) == []
+
+
+async def test_a_consumer_that_just_took_its_entries_is_not_idle_enough_to_lose_them(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, max_intent_age_s=60)
+    await ensure_group(r, INTENTS, GROUP)
+    ids = await publish(r, INTENTS, [intent(600, n) for n in range(2)])
+    await r.xreadgroup(GROUP, "worker", {INTENTS: ">"}, count=2)  # no heartbeat, but delivered just now
+
+    report = await recover(r, settings, idle_ms=60_000)
+
+    assert (report.expired, report.stale_pending) == (0, 0)
+    assert await results(r) == []
+    pending = await r.xpending_range(INTENTS, GROUP, min="-", max="+", count=10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [(i, "worker") for i in ids]

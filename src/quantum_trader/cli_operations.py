@@ -71,7 +71,9 @@ def doctor(
 
 
 def recover_command(
-    idle_ms: int = typer.Option(60_000, "--idle-ms", min=0, help="Consumers idle this long are treated as dead."),
+    idle_ms: int = typer.Option(
+        60_000, "--idle-ms", min=0, help="Consumers idle this long, with no live heartbeat, are treated as dead."
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Create missing groups, expire stale intents, drop idle empty consumers (systemd ExecStartPre)."""
@@ -83,6 +85,7 @@ def recover_command(
     console.print(
         f"recover: groups created {report.groups_created or 'none'}; stale pending {report.stale_pending}; "
         f"expired {report.expired}; left for execution {report.left_for_execution}; "
+        f"held by live consumers {report.held_by_live_consumers}; "
         f"consumers removed {report.consumers_deleted or 'none'}"
     )
 

@@ -1,10 +1,10 @@
 """``quantum-trader recover``: the step systemd runs before a service starts (``ExecStartPre``).
 
 Idempotent and safe while services run. It creates missing groups, expires intents
-older than the max age that dead consumers left pending or that wait undelivered at
-the head of the backlog (EXPIRED results, written by execution's own atomic commit,
-so no intent gets two results), and removes consumers that are idle and hold
-nothing. It never places an order: intents still fresh are left for execution,
+older than the max age that dead consumers (idle past the threshold and no live
+heartbeat) left pending or that wait undelivered at the head of the backlog (EXPIRED
+results, written by execution's own atomic commit, so no intent gets two results), and
+removes consumers that are idle and hold nothing. It never places an order: intents still fresh are left for execution,
 which reclaims them itself.
 """
 
@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from quantum_trader import governor as gov
+from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, ensure_group, next_id
 from quantum_trader.errors import ExchangeError
@@ -24,6 +25,7 @@ from quantum_trader.execution import Execution, result_for
 from quantum_trader.settings import Settings
 
 RECOVER_CONSUMER = "recover"
+EXECUTION_SERVICE = "execution"  # the stage name its heartbeat keys carry (services.STAGES)
 
 
 class _NoOrders:
@@ -52,6 +54,7 @@ class RecoveryReport:
     stale_pending: int = 0
     expired: int = 0
     left_for_execution: int = 0
+    held_by_live_consumers: int = 0
     undecodable: int = 0
     consumers_deleted: list[str] = field(default_factory=list)
 
@@ -87,14 +90,21 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
     execution = Execution(redis, settings, _NoOrders(), clock=lambda: moment)
     execution.consumer.consumer = RECOVER_CONSUMER
 
-    # 1. Intents that consumers idle past the threshold hold.
+    # 1. Intents held by consumers that are idle past the threshold AND have no live heartbeat.
+    # Idle time alone is not death: a live order batch on an exchange (order wait plus retries)
+    # can outlast any threshold, and its consumer's heartbeat keeps beating all the while.
     start = "-"
     while True:
-        pending = await redis.xpending_range(streams.intent, streams.execution_group, min=start, max="+",
-                                             count=1000, idle=idle_ms)  # fmt: skip
-        pending = [p for p in pending if p["consumer"] != RECOVER_CONSUMER]
-        if not pending:
+        page = await redis.xpending_range(streams.intent, streams.execution_group, min=start, max="+",
+                                          count=1000, idle=idle_ms)  # fmt: skip
+        if not page:
             break
+        start = next_id(page[-1]["message_id"])
+        live = await _live_consumers(redis, {p["consumer"] for p in page} - {RECOVER_CONSUMER})
+        report.held_by_live_consumers += sum(1 for p in page if p["consumer"] in live)
+        pending = [p for p in page if p["consumer"] != RECOVER_CONSUMER and p["consumer"] not in live]
+        if not pending:
+            continue
         report.stale_pending += len(pending)
         ids = [p["message_id"] for p in pending]
         async with redis.pipeline(transaction=False) as pipe:
@@ -110,7 +120,6 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
             fresh = await _expire(execution, claimed_entries, moment, report)
             report.left_for_execution += len(fresh)
         report.left_for_execution += len(entries) - len(stale)
-        start = next_id(ids[-1])
 
     # 2. Undelivered intents at the head of the backlog that are already too old.
     while True:
@@ -144,6 +153,18 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
                 if consumer["name"] != RECOVER_CONSUMER:
                     report.consumers_deleted.append(f"{group} / {consumer['name']}")
     return report
+
+
+async def _live_consumers(redis: Redis, consumers: set[str]) -> set[str]:
+    """The execution consumers among ``consumers`` whose heartbeat has not expired."""
+    names = sorted(consumers)
+    if not names:
+        return set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.exists(keys.heartbeat(EXECUTION_SERVICE, name))
+        found = await pipe.execute()
+    return {name for name, exists in zip(names, found, strict=True) if exists}
 
 
 async def _stale_only(execution: Execution, entries: list[Entry], now: datetime) -> list[Entry]:
