@@ -1,15 +1,20 @@
-"""The command line against a real server: status with a lagging group, kill switch, errors."""
+"""The command line against a real server: status with a lagging group, kill switch, errors, SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import ensure_group, publish
+from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope, now_iso
 
 
 def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -84,3 +89,58 @@ async def test_run_processes_decisions_and_check_sees_its_heartbeat(r: Redis, cl
     assert all(line["trace_id"] and line["correlation_id"] for line in filled)
     assert cli(clean_url, "check", "execution").returncode == 0  # heartbeat still within its expiry
     assert cli(clean_url, "check", "ai-nothing").returncode == 1
+
+
+async def test_router_command_routes_decisions_into_intents(r: Redis, clean_url: str) -> None:
+    from tests.pipeline import decision
+
+    await publish(r, "quantum:stream:ai.decision", [decision(), decision(side="HOLD")])
+    done = cli(clean_url, "router", "--duration", "1")
+    assert done.returncode == 0, done.stderr
+    assert await r.xlen("quantum:stream:trade.intent") == 1
+    [(_id, rejected)] = await r.xrange("quantum:stream:decision.rejected")
+    assert json.loads(rejected["payload"])["reason"] == "INVALID"
+
+
+async def test_sigterm_mid_backlog_exits_zero_and_leaves_no_intent_half_done(r: Redis, clean_url: str) -> None:
+    intents, stream, group = 3000, "quantum:stream:trade.intent", "quantum:group:execution:trade.intent"
+    await r.set("quantum:kill", "0")
+    await r.hset("quantum:market:last_price", "ETHUSDT", "3000")
+    stamp = now_iso(datetime.now(UTC))
+    backlog = [
+        envelope(
+            TRADE_INTENT,
+            TradeIntent(symbol="ETHUSDT", side="BUY", qty=Decimal("0.001"), decision_ts=stamp),
+            trace_id=f"t{n}",
+            correlation_id=f"c{n}",
+            source="test",
+        )
+        for n in range(intents)
+    ]
+    await publish(r, stream, backlog)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "quantum_trader", "execution",
+        env=base | {"QT_REDIS_URL": clean_url, "QT_BATCH_SIZE": "10", "QT_LOG_LEVEL": "warning",
+                    "QT_DAILY_LIMIT": "1000000", "QT_PAPER_BALANCES": "USDT=1000000"},
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    for _ in range(600):  # SIGTERM once it is well into the backlog
+        if await r.exists("quantum:stream:execution.result") and await r.xlen("quantum:stream:execution.result") >= 50:
+            break
+        await asyncio.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+
+    results = [json.loads(f["payload"]) for _, f in await r.xrange("quantum:stream:execution.result")]
+    assert 0 < len(results) < intents, "the signal must land mid-backlog"
+    done = [res["intent_id"] for res in results]
+    assert len(set(done)) == len(done)  # one result per intent
+    pending = {p["message_id"] for p in await r.xpending_range(stream, group, min="-", max="+", count=intents)}
+    assert not pending & set(done)  # no result without its ack
+    [info] = await r.xinfo_groups(stream)
+    unread = len(await r.xrange(stream, min=f"({info['last-delivered-id']}", max="+"))
+    assert len(done) + len(pending) + unread == intents
+    orders = await r.hgetall("quantum:paper:orders")
+    assert set(orders) == {res["client_order_id"] for res in results}  # no order without its result
