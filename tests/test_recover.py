@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
+
+import pytest
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
@@ -123,3 +131,39 @@ async def test_a_consumer_that_just_took_its_entries_is_not_idle_enough_to_lose_
     assert await results(r) == []
     pending = await r.xpending_range(INTENTS, GROUP, min="-", max="+", count=10)
     assert [(p["message_id"], p["consumer"]) for p in pending] == [(i, "worker") for i in ids]
+
+
+def run_recover(env_file: Path, *prefix: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"COLUMNS": "300"}
+    command = [*prefix, sys.executable, "-m", "quantum_trader", "--env-file", str(env_file), "recover"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every user can enter (pytest's tmp_path is 0700, which would hide the file itself)."""
+    path = Path(tempfile.mkdtemp(prefix="qt-recover-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_an_unreadable_env_file_is_one_line_naming_it_and_exit_2(open_dir: Path) -> None:
+    env_file = open_dir / "quantum-trader.env"
+    env_file.write_text("QT_MODE=paper\n")
+    os.chown(env_file, 65534, 65534)  # nobody's file, 0600
+    env_file.chmod(0o600)
+    # Root reads anything: drop the two capabilities that let it, for a real permission error.
+    # (Running as nobody is no option here: the venv's interpreter lives under /root.)
+    done = run_recover(env_file, "setpriv", "--bounding-set=-dac_override,-dac_read_search")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert any(str(env_file) in line and "not readable" in line for line in done.stderr.splitlines()), done.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="settings.py reads a directory as a file: IsADirectoryError, not ConfigError")
+def test_a_directory_given_as_env_file_is_one_line_and_exit_2(open_dir: Path) -> None:
+    done = run_recover(open_dir)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
