@@ -6,11 +6,23 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from quantum_trader.preflight import check_config_dir, check_kill, check_secret_file, check_skew, check_version
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import publish
+from quantum_trader.preflight import (
+    check_config_dir,
+    check_kill,
+    check_secret_file,
+    check_skew,
+    check_version,
+    run_checks,
+)
+from quantum_trader.recover import recover
+from quantum_trader.settings import Settings
 
 
 def test_world_readable_secrets_fail_with_the_exact_fix() -> None:
@@ -129,3 +141,26 @@ def test_an_invalid_settings_file_is_a_fail_row_not_an_early_exit(clean_url: str
     assert rows["configuration"]["verdict"] == "FAIL"
     assert rows["env file"]["verdict"] == "FAIL"
     assert "not a regular file" in rows["env file"]["detail"]
+
+
+async def test_doctor_warns_on_dead_letters_and_a_backlog_past_a_hundred_batches(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, batch_size=1)  # a backlog over 100 intents is a WARN
+    await recover(r, settings, idle_ms=0)
+    rows = {check.name: check for check in await run_checks(r, settings)}
+    intents = f"group {settings.streams.execution_group}"
+    assert (rows[intents].verdict, rows["dead letters"].verdict) == ("PASS", "PASS")
+
+    await publish(r, settings.streams.intent, [{"n": str(n)} for n in range(101)])
+    await publish(r, settings.dead_letter_stream, [{"reason": "undecodable"}, {"reason": "undecodable"}])
+    rows = {check.name: check for check in await run_checks(r, settings)}
+
+    assert rows[intents].verdict == "WARN"
+    assert rows[intents].detail.startswith("lag 101, pending 0")
+    assert rows[intents].fix == "start more execution processes"
+    assert (rows["dead letters"].verdict, rows["dead letters"].detail) == (
+        "WARN",
+        "2 entries on the dead-letter stream",
+    )
+    assert rows["dead letters"].fix == "quantum-trader dlq list"
