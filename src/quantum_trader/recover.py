@@ -4,8 +4,10 @@ Idempotent and safe while services run. It creates missing groups, expires inten
 older than the max age that dead consumers (idle past the threshold and no live
 heartbeat) left pending or that wait undelivered at the head of the backlog (EXPIRED
 results, written by execution's own atomic commit, so no intent gets two results), and
-removes consumers that are idle and hold nothing. It never places an order: intents still fresh are left for execution,
-which reclaims them itself.
+removes consumers that are idle and hold nothing. It never places an order, and never
+expires an intent whose order may exist (the paper exchange holds it, or a send to a real
+exchange was recorded): those, and intents still fresh, are left for execution, which
+reclaims them and looks their orders up first.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class RecoveryReport:
     expired: int = 0
     left_for_execution: int = 0
     held_by_live_consumers: int = 0
+    left_with_order: int = 0
     undecodable: int = 0
     consumers_deleted: list[str] = field(default_factory=list)
 
@@ -113,6 +116,9 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
             found = [rows[0] for rows in await pipe.execute() if rows]
         entries = [Entry(entry_id, fields, 2) for entry_id, fields in found]
         stale = await _stale_only(execution, entries, moment)
+        ordered = await _maybe_ordered(redis, settings, execution, stale)
+        report.left_with_order += len(ordered)
+        stale = [entry for entry in stale if entry.id not in ordered]
         if stale:
             claimed = await redis.xclaim(streams.intent, streams.execution_group, RECOVER_CONSUMER, idle_ms,
                                          [e.id for e in stale])  # fmt: skip
@@ -165,6 +171,24 @@ async def _live_consumers(redis: Redis, consumers: set[str]) -> set[str]:
             pipe.exists(keys.heartbeat(EXECUTION_SERVICE, name))
         found = await pipe.execute()
     return {name for name, exists in zip(names, found, strict=True) if exists}
+
+
+async def _maybe_ordered(redis: Redis, settings: Settings, execution: Execution, entries: list[Entry]) -> set[str]:
+    """Ids of the entries whose order may exist: the paper exchange holds it, or a send was recorded.
+
+    Their dead consumer may have placed the order before dying; only execution, which looks
+    the order up at the exchange first, may give them a result (FILLED if the order is there).
+    """
+    jobs, _bad = execution._decode(entries)
+    if not jobs:
+        return set()
+    coids = [job.coid for job in jobs]
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.paper_orders(), coids)
+        for coid in coids:
+            pipe.exists(keys.exchange_sent(settings.exchange, coid))
+        paper, *sent = await pipe.execute()
+    return {job.entry.id for job, at_paper, was_sent in zip(jobs, paper, sent, strict=True) if at_paper or was_sent}
 
 
 async def _stale_only(execution: Execution, entries: list[Entry], now: datetime) -> list[Entry]:

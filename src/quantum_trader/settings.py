@@ -272,6 +272,8 @@ def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Setti
     if path is not None:
         if not path.exists():
             raise ConfigError(f"env file {path} does not exist; create it or unset QT_ENV_FILE")
+        if not path.is_file():
+            raise ConfigError(f"env file {path} is not a regular file; name the settings file itself")
         if not os.access(path, os.R_OK):
             raise ConfigError(
                 f"env file {path} is not readable by this user (uid {os.getuid()}); "
