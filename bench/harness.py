@@ -40,6 +40,7 @@ ENV = {
     "QT_PAPER_BALANCES": "USDT=1000000000000,ETH=1000000000",
     "QT_LOG_LEVEL": "warning",
     "QT_TRIM_KEEP_S": "0",  # trim as soon as consumed: server memory must stay bounded
+    "QT_STAGES": "router,execution",  # `run` without the AI engine: the issue measures decisions onwards
 }
 
 

@@ -111,3 +111,28 @@ def test_cli_prints_one_line_and_exits_2_on_bad_config() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("error: invalid configuration: QT_BATCH_SIZE='lots'")
     assert "Traceback" not in done.stderr
+
+
+def test_every_command_option_read_from_the_environment_is_a_known_variable() -> None:
+    from typing import Any
+
+    import typer
+
+    from quantum_trader.cli import app
+    from quantum_trader.settings import COMMAND_VARIABLES
+
+    def envvars(command: Any) -> set[str]:
+        found = {p.envvar for p in command.params if isinstance(p.envvar, str)}
+        for sub in getattr(command, "commands", {}).values():
+            found |= envvars(sub)
+        return found
+
+    declared = envvars(typer.main.get_command(app))
+    assert "QT_DURATION" in declared
+    assert declared == set(COMMAND_VARIABLES)
+
+
+def test_command_variables_are_not_refused_as_unknown_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QT_DURATION", "5")
+    monkeypatch.setenv("QT_STAGES", "router,execution")
+    assert load_settings().mode == "paper"

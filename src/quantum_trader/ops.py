@@ -20,7 +20,6 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.demo import START_PRICES as DEMO_SYMBOLS
 from quantum_trader.demo import DecisionGenerator
 from quantum_trader.governor import set_kill
-from quantum_trader.marketdata import FeedTotals, replay, run_feed, synthetic
 from quantum_trader.services import Runner, install_signal_handlers, serve
 from quantum_trader.settings import Settings
 from quantum_trader.status import pipeline_status
@@ -109,6 +108,9 @@ async def run_demo(
     ``source="decisions"``: ``count`` generated decisions with retries and malformed ones
     mixed in, so that every outcome path shows up.
     """
+    # numpy and pandas: imported only when market data is used, not by every command.
+    from quantum_trader.marketdata import FeedTotals, replay, run_feed, synthetic
+
     streams = settings.streams
     since = await last_ids(redis, [streams.result, streams.rejected])
     decisions_before = await _entries_added(redis, streams.decision)

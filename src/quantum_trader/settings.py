@@ -223,6 +223,11 @@ class Settings(BaseSettings):
         return self.consumer or f"{service}-{os.uname().nodename}"
 
 
+# Options of the command line that can also come from the environment (typer ``envvar=``):
+# not settings, but not unknown either.
+COMMAND_VARIABLES = frozenset({"QT_ENV_FILE", "QT_DURATION", "QT_STAGES", "QT_JSON", "QT_DEMO_COUNT", "QT_DEMO_RATE"})
+
+
 def env_name(field: str) -> str:
     """The environment variable that sets ``field``."""
     return _SEED_NAMES.get(field, f"QT_{field.upper()}")
@@ -232,7 +237,7 @@ def _unknown_variables(environ: dict[str, str], env_file: Path | None) -> list[s
     names = set(environ)
     if env_file is not None:
         names |= set(_read_env_file_names(env_file))
-    known = {env_name(name) for name in Settings.model_fields} | {"QT_ENV_FILE"}
+    known = {env_name(name) for name in Settings.model_fields} | COMMAND_VARIABLES
     known |= {f"QT_{name.upper()}" for name in _SEED_NAMES}
     problems = []
     for name in sorted(names):
