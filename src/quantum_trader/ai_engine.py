@@ -85,6 +85,7 @@ class AiEngine:
         self.last_time: dict[str, int] = {}
         self.previous: dict[str, int] = {}
         self.consumer = GroupConsumer.for_stage(redis, settings, "ai-engine", settings.candle_stream, settings.ai_group)
+        self.consumer.depth = 1  # candles feed each symbol's history in order: one batch at a time
         self.totals: dict[str, int] = {"candles": 0, "decisions": 0, "skipped": 0}
 
     def signals(self, candles: list[tuple[str, Candle]]) -> list[tuple[str, Candle, Strategy, Signal]]:

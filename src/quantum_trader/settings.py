@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     clock_skew_s: float = Field(default=5.0, ge=0)
 
     batch_size: int = Field(default=1000, gt=0, le=100_000)
+    pipeline_depth: int = Field(
+        default=2, ge=1, le=8, description="batches a router or execution process works on at once"
+    )
     block_ms: int = Field(default=1000, gt=0)
     claim_idle_ms: int = Field(default=30_000, gt=0)
     max_deliveries: int = Field(default=5, gt=0)

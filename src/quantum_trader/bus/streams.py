@@ -101,6 +101,7 @@ class GroupConsumer:
     claim_idle_ms: int = 30_000
     max_deliveries: int = 5
     claim_every_s: float = 5.0
+    depth: int = 1
     _recheck_own: bool = field(default=True, init=False)
     _last_claim: float = field(default=0.0, init=False)
 
@@ -117,6 +118,7 @@ class GroupConsumer:
             block_ms=settings.block_ms,
             claim_idle_ms=settings.claim_idle_ms,
             max_deliveries=settings.max_deliveries,
+            depth=settings.pipeline_depth,
         )
 
     async def setup(self) -> None:
@@ -199,9 +201,12 @@ class GroupConsumer:
                 correlation_id=entry.fields.get("correlation_id", ""),
             )
 
-    async def next_batch(self) -> list[Entry]:
-        """Our own unfinished entries first, then stale ones from dead consumers, then new ones."""
-        if self._recheck_own:
+    async def next_batch(self, *, in_flight: bool = False) -> list[Entry]:
+        """Our own unfinished entries first, then stale ones from dead consumers, then new ones.
+
+        With batches ``in_flight``, our own pending entries are those batches: not taken again.
+        """
+        if self._recheck_own and not in_flight:
             self._recheck_own = False
             own = await self.claim(0, own_only=True)
             if own:
@@ -228,16 +233,55 @@ class GroupConsumer:
         retried (and counted towards the poison limit) after a back-off.
         """
         await self.setup()
+        flying: set[asyncio.Future[None]] = set()
+        try:
+            await self._loop(handler, stop, on_idle, flying)
+        finally:
+            # Stopping (or failing) finishes the batches in hand; a failed one stays pending.
+            if flying:
+                await asyncio.wait(flying)
+                for task in flying:
+                    if not task.cancelled() and task.exception() is not None:
+                        log.error("batch_failed_at_stop", stream=self.stream, error=str(task.exception()))
+
+    async def _loop(
+        self,
+        handler: Handler,
+        stop: asyncio.Event,
+        on_idle: Callable[[], Awaitable[None]] | None,
+        flying: set[asyncio.Future[None]],
+    ) -> None:
         backoff = 0.1
         while not stop.is_set():
             try:
-                batch = await self.next_batch()
+                # Up to ``depth`` batches at once: while the server runs one batch's script, this
+                # process decodes and prices the next (each batch is atomic on its own).
+                if len(flying) >= self.depth:
+                    done, _ = await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
+                    flying -= done
+                    _raise_first(done)
+                batch = await self.next_batch(in_flight=bool(flying))
                 if batch:
-                    await handler(batch)
-                elif on_idle is not None:
-                    await on_idle()
+                    if self.depth == 1:
+                        await handler(batch)
+                    else:
+                        flying.add(asyncio.ensure_future(handler(batch)))
+                else:
+                    if flying:
+                        done, _ = await asyncio.wait(flying)
+                        flying.clear()
+                        _raise_first(done)
+                    if on_idle is not None:
+                        await on_idle()
                 backoff = 0.1
             except (RedisError, OSError, TransientExchangeError) as exc:
+                if flying:
+                    # Let the other batches finish (or fail) before retrying from our pending entries.
+                    await asyncio.wait(flying)
+                    for task in flying:
+                        if not task.cancelled() and task.exception() is not None:
+                            log.error("batch_retry", stream=self.stream, error=str(task.exception()))
+                    flying.clear()
                 # The batch stays pending: the next attempt (ours, or another consumer's after
                 # the idle threshold) looks orders up before sending anything.
                 self._recheck_own = True
@@ -245,6 +289,14 @@ class GroupConsumer:
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 await _reconnect_group(self)
+
+
+def _raise_first(done: set[asyncio.Future[None]]) -> None:
+    """Re-raise the first failure among finished batches (the run loop handles it)."""
+    for task in done:
+        error = task.exception()
+        if error is not None:
+            raise error
 
 
 async def _reconnect_group(consumer: GroupConsumer) -> None:

@@ -10,6 +10,7 @@ execution processes, and an order id already stored is returned, never placed ag
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -122,6 +123,9 @@ class PaperExchange:
         self.slippage_bps = slippage_bps
         self.quote_assets = quote_assets or ["USDT"]
         self.starting_balances = starting_balances or {}
+        # Batches of one process take turns here (WATCH still guards against other processes):
+        # two of ours racing would only make one of them compute its fills twice.
+        self._placing = asyncio.Lock()
 
     async def fund(self) -> None:
         """Set the starting balances once; an existing account is left as it is."""
@@ -159,6 +163,10 @@ class PaperExchange:
         """Fill a batch atomically (optimistic WATCH on balances and orders); idempotent per id."""
         if not orders:
             return []
+        async with self._placing:
+            return await self._place(orders)
+
+    async def _place(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
         ids = [order.client_order_id for order in orders]
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
