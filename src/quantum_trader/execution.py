@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import msgspec
+
 from quantum_trader import governor as gov
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
@@ -193,11 +195,18 @@ class Execution:
         if not done:
             return
         now = self.clock()
-        args: list[str] = [self.streams.execution_group, EXECUTION_RESULT, now_iso(now), "execution"]
+        items: list[str] = []
         for job, result in done:
             # An outcome with an exchange name reached the exchange: its count stays.
             placed = "1" if result.exchange else "0"
-            args += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result), placed)
+            items += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result), placed)
+        args: list[str | bytes] = [
+            self.streams.execution_group,
+            EXECUTION_RESULT,
+            now_iso(now),
+            "execution",
+            _pack(items),
+        ]
         day = now.astimezone(UTC).date()
         script_keys = [self.streams.intent, self.streams.result, keys.counted(day), keys.daily_trades(day)]
         if self.streams.result_legacy:
@@ -207,6 +216,9 @@ class Execution:
             self.totals[result.status] += 1
         if outcomes_enabled():
             emit_outcomes("execution", [_outcome_record(job, result) for job, result in done])
+
+
+_pack = msgspec.msgpack.Encoder().encode
 
 
 def _outcome_record(job: Job, result: ExecutionResult) -> dict[str, object]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
+import msgspec
+
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import parse_id
@@ -110,10 +112,13 @@ class Governor:
                 counter_ttl(now),
                 min(intent_ids, key=parse_id),
                 max(intent_ids, key=parse_id),
-                *intent_ids,
+                _pack(intent_ids),
             ],
         )
         return [str(v) for v in verdicts]
+
+
+_pack = msgspec.msgpack.Encoder().encode
 
 
 @dataclass(frozen=True, slots=True)

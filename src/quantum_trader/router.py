@@ -219,10 +219,13 @@ def plan_batch(entries: list[Entry], settings: Settings, now: datetime) -> Route
 
 
 def _flat(fields: Fields) -> list[str]:
-    out = [str(len(fields) * 2)]
+    out: list[str] = []
     for name, value in fields.items():
         out += (name, value)
     return out
+
+
+_pack = msgspec.msgpack.Encoder().encode
 
 
 class Router:
@@ -243,17 +246,17 @@ class Router:
         """Route one batch in one script call."""
         now = self.clock()
         plan = plan_batch(entries, self.settings, now)
-        args: list[str | int] = [
+        valid: list[str] = []
+        for routed in plan.valid:
+            valid += (routed.entry_id, routed.payload, routed.trace_id, routed.correlation_id, routed.original)
+        invalid = [[entry_id, _flat(rejection)] for entry_id, rejection, _detail in plan.invalid]
+        args: list[str | int | bytes] = [
             self.streams.router_group,
             self.settings.dedup_window_s,
-            len(plan.valid),
-            len(plan.invalid),
             now_iso(now),
+            _pack(valid),
+            _pack(invalid),
         ]
-        for routed in plan.valid:
-            args += (routed.entry_id, routed.payload, routed.trace_id, routed.correlation_id, routed.original)
-        for entry_id, rejection, _detail in plan.invalid:
-            args += [entry_id, *_flat(rejection)]
         script_keys = [self.streams.decision, self.streams.intent, self.streams.rejected]
         script_keys += [routed.dedup_key for routed in plan.valid]
         reply = await self._route(keys=script_keys, args=args)

@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     max_intent_age_s: float = Field(default=60.0, gt=0)
     clock_skew_s: float = Field(default=5.0, ge=0)
 
-    batch_size: int = Field(default=1000, gt=0, le=100_000)
+    batch_size: int = Field(default=1000, gt=0, le=5000, description="entries per read (Lua unpacks a batch: <= 5000)")
     pipeline_depth: int = Field(
         default=2, ge=1, le=8, description="batches a router or execution process works on at once"
     )

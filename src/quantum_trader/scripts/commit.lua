@@ -1,24 +1,27 @@
 -- Execution batch commit: acknowledge each intent and write its one result, atomically.
 -- KEYS[1] intent stream, KEYS[2] result stream, KEYS[3] counted-intents hash, KEYS[4] daily counter,
 -- KEYS[5] legacy result stream (optional: dual write when present).
--- ARGV: group, event_type, timestamp, source, then per intent:
+-- ARGV: group, event_type, timestamp, source, and one MessagePack array holding, per intent:
 --   entry_id, trace_id, correlation_id, payload, placed ("1" when the outcome came from the exchange).
+-- (One packed argument instead of five per intent: the client spent more time packing thousands of
+-- arguments than the server spends unpacking one.)
 -- The XACK gates the write: an intent another consumer already finished gets no second result.
 -- An intent the gate counted that ends without reaching the exchange (kill switch turned on, expired
 -- after a crash between gate and order) gives its count back, so the counter equals orders sent.
 -- Returns the number of results written.
 local group, event_type, stamp, source = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local items = cmsgpack.unpack(ARGV[5])
 local written = 0
-for pos = 5, #ARGV, 5 do
-  local id = ARGV[pos]
+for pos = 1, #items, 5 do
+  local id = items[pos]
   if redis.call('XACK', KEYS[1], group, id) == 1 then
-    local fields = {'event_type', event_type, 'payload', ARGV[pos + 3], 'trace_id', ARGV[pos + 1],
-                    'correlation_id', ARGV[pos + 2], 'timestamp', stamp, 'source', source}
+    local fields = {'event_type', event_type, 'payload', items[pos + 3], 'trace_id', items[pos + 1],
+                    'correlation_id', items[pos + 2], 'timestamp', stamp, 'source', source}
     redis.call('XADD', KEYS[2], '*', unpack(fields))
     if KEYS[5] then redis.call('XADD', KEYS[5], '*', unpack(fields)) end
     local was_counted = redis.call('HDEL', KEYS[3], id) == 1
     -- DECR keeps the key's expiry; never below zero (an expired counter is not recreated).
-    if was_counted and ARGV[pos + 4] ~= '1' and tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then
+    if was_counted and items[pos + 4] ~= '1' and tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then
       redis.call('DECR', KEYS[4])
     end
     written = written + 1

@@ -1,6 +1,6 @@
 -- Governor gate for a batch of intents: kill switch and daily limit, atomically.
 -- KEYS[1] kill switch, KEYS[2] daily counter, KEYS[3] counted-intents hash, KEYS[4] intent stream
--- ARGV: group, consumer, limit, ttl_s, lowest id, highest id, then the intent ids.
+-- ARGV: group, consumer, limit, ttl_s, lowest id, highest id, and the intent ids as one MessagePack array.
 -- Trading is allowed only while the kill switch is exactly "0".
 -- An intent is counted once: the counted hash remembers it until its result is committed.
 -- The kill switch is checked first, even for counted intents (never approve while it is not "0");
@@ -11,8 +11,7 @@
 local group, consumer = ARGV[1], ARGV[2]
 local limit, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local low, high = ARGV[5], ARGV[6]
-local ids = {}
-for i = 7, #ARGV do ids[#ids + 1] = ARGV[i] end
+local ids = cmsgpack.unpack(ARGV[7])
 local out = {}
 if #ids == 0 then return out end
 
