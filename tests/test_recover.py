@@ -106,7 +106,10 @@ async def test_idle_empty_consumers_are_removed(
     r: Redis, settings_for: Callable[..., Settings], clean_url: str
 ) -> None:
     await ensure_group(r, INTENTS, GROUP)
+    [entry_id] = await publish(r, INTENTS, [intent(1, 1)])
     await r.xreadgroup(GROUP, "gone-1", {INTENTS: ">"}, count=1)
+    await r.xack(INTENTS, GROUP, entry_id)  # it finished its work, then went away
+    assert [c["name"] for c in await r.xinfo_consumers(INTENTS, GROUP)] == ["gone-1"]
     report = await recover(r, settings_for(clean_url), idle_ms=0)
     assert report.consumers_deleted == [f"{GROUP} / gone-1"]
     assert await r.xinfo_consumers(INTENTS, GROUP) == []
