@@ -65,3 +65,18 @@ async def test_candles_become_decisions_after_warmup_and_route(
     await drain(Router(r, settings))
     assert await r.xlen("quantum:stream:trade.intent") == 1
     assert [rej["reason"] for rej in await rejections(r)] == ["DUPLICATE_SKIP"]
+
+
+async def test_a_gap_in_the_candles_restarts_the_warm_up(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, block_ms=10)
+    strategy = EmaCross(fast=3, slow=8)
+    engine = AiEngine(r, settings, [strategy])
+    before = series([100.0 - i for i in range(20)])
+    after = [Candle(symbol="ETHUSDT", interval="1m", open_time=60_000 * (100 + i), open=c, high=c + 1, low=c - 1,
+                    close=c, volume=1.0) for i, c in enumerate([80.0 + 3 * i for i in range(5)])]  # fmt: skip
+    await publish(r, CANDLES, before + after)  # 80 minutes missing between the two runs
+    await drain(engine)
+    assert list(engine.history["ETHUSDT"]) == [c.close for c in after]  # nothing from before the hole
+    assert await r.xlen(DECISIONS) == 0  # 5 candles since the gap: below the warm-up of 10
