@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -11,6 +12,8 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.exchanges.base import OrderRequest, client_order_id, split_symbol
 from quantum_trader.exchanges.paper import PaperExchange, fill
+from quantum_trader.services import build_exchange
+from quantum_trader.settings import Settings
 
 QUOTES = ["USDT", "BTC"]
 RICH = {"USDT": Decimal(100_000), "ETH": Decimal(10)}
@@ -113,3 +116,15 @@ async def test_an_unfunded_account_rejects_without_error(r: Redis) -> None:
     [outcome] = await empty.place_orders([order("BUY", "1", coid="qt-z")])
     assert outcome.reason.startswith("INSUFFICIENT_BALANCE")
     assert await empty.balances() == {}
+
+
+async def test_fee_slippage_and_balances_come_from_the_settings(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, paper_fee_rate=Decimal("0.002"), paper_slippage_bps=Decimal(25),
+                            paper_balances={"USDT": Decimal(5000)})  # fmt: skip
+    paper = await build_exchange(r, settings)
+    [filled] = await paper.place_orders([order("BUY", "1", ref="3000")])
+    assert filled.avg_price == Decimal("3007.5")  # 25 bps against the buyer
+    assert filled.fee == Decimal("6.015")  # 0.2 % of the notional
+    assert (await paper.balances())["USDT"] == Decimal(5000) - Decimal("3007.5") - Decimal("6.015")
