@@ -69,4 +69,5 @@ def test_demo_stops_cleanly_on_ctrl_c(clean_url: str, tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait()
         client.close()

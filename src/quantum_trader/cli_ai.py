@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from pathlib import Path
 
 import typer
@@ -50,31 +51,34 @@ def feed(
         raise ConfigError(f"--interval {interval!r}: use a number and one of s, m, h, d, w (e.g. 1m, 1h)")
 
     async def go(redis: Redis) -> marketdata.FeedTotals:
-        totals = marketdata.FeedTotals()
-        closers = []
+        totals, stop = marketdata.FeedTotals(), asyncio.Event()
+
+        def start_clock() -> None:
+            if duration is not None:
+                asyncio.get_running_loop().call_later(duration, stop.set)
+
+        def sleep(seconds: float) -> Awaitable[None]:
+            return marketdata.pause(stop, seconds)
+
         if source == "live":
             from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
 
             exchange = CcxtExchange.public(redis, cfg, cfg.feed_exchange)
-            closers.append(exchange.close)
-            batches = marketdata.live(exchange, [s.strip().upper() for s in symbols.split(",") if s.strip()],
-                                      timeframe=interval, poll_s=poll_s)  # fmt: skip
+            wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()]
+            try:
+                batches = marketdata.live(exchange, wanted, timeframe=interval, poll_s=poll_s, sleep=sleep, stop=stop)
+                start_clock()
+                return await marketdata.run_feed(redis, cfg.candle_stream, batches, stop, totals)
+            finally:
+                await exchange.close()
+        if source == "synthetic":
+            candles = marketdata.synthetic(SYMBOLS, count, seed=seed)
         else:
-            candles = (
-                marketdata.synthetic(SYMBOLS, count, seed=seed)
-                if source == "synthetic"
-                else marketdata.read_file(data, symbol)  # type: ignore[arg-type]  # checked above
-            )
-            batches = marketdata.replay(candles, rate=rate, speed=speed)
-        try:
-            # On --duration the feed is cancelled between batches; what it published is in totals.
-            await asyncio.wait_for(marketdata.run_feed(redis, cfg.candle_stream, batches, totals=totals), duration)
-        except TimeoutError:
-            pass
-        finally:
-            for close in closers:
-                await close()
-        return totals
+            assert data is not None  # checked above
+            candles = marketdata.read_file(data, symbol)
+        batches = marketdata.replay(candles, rate=rate, speed=speed, sleep=sleep)
+        start_clock()
+        return await marketdata.run_feed(redis, cfg.candle_stream, batches, stop, totals)
 
     totals = with_redis(cfg, go)
     console.print(

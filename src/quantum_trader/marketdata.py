@@ -266,6 +266,7 @@ async def live(
     now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     sleep: Sleep = asyncio.sleep,
     polls: int | None = None,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[list[Candle]]:
     """Poll an exchange's public OHLCV endpoint; yield each closed candle once, oldest first.
 
@@ -278,7 +279,7 @@ async def live(
         raise ConfigError(f"timeframe {timeframe!r}: use a number and one of s, m, h, d, w (e.g. 1m, 1h)")
     newest: dict[str, int] = {}
     done = 0
-    while polls is None or done < polls:
+    while (polls is None or done < polls) and not (stop is not None and stop.is_set()):
         out: list[Candle] = []
         for symbol in symbols:
             try:
@@ -321,10 +322,18 @@ async def run_feed(
     """Clean and publish every batch of ``source`` until it ends or ``stop`` is set."""
     totals = totals or FeedTotals()
     async for batch in source:
+        if stop is not None and stop.is_set():
+            break
         kept, skipped = clean(batch, totals.last)
         await publish(redis, stream, kept)
         totals.published += len(kept)
         totals.skipped += len(skipped)
-        if stop is not None and stop.is_set():
-            break
     return totals
+
+
+async def pause(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less when ``stop`` is set: a source's pacing that ends promptly."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return

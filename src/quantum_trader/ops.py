@@ -109,7 +109,7 @@ async def run_demo(
     mixed in, so that every outcome path shows up.
     """
     # numpy and pandas: imported only when market data is used, not by every command.
-    from quantum_trader.marketdata import FeedTotals, replay, run_feed, synthetic
+    from quantum_trader.marketdata import FeedTotals, pause, replay, run_feed, synthetic
 
     streams = settings.streams
     since = await last_ids(redis, [streams.result, streams.rejected])
@@ -125,9 +125,8 @@ async def run_demo(
         stages.insert(0, "ai-engine")
         start = datetime.now(UTC) - timedelta(minutes=count)
         candles = synthetic(DEMO_SYMBOLS, count, seed=seed, start=start)
-        feeder: Coroutine[Any, Any, object] = run_feed(
-            redis, streams.candle, replay(candles, rate=rate), totals=feed_totals
-        )
+        source_batches = replay(candles, rate=rate, sleep=lambda seconds: pause(stop, seconds))
+        feeder: Coroutine[Any, Any, object] = run_feed(redis, streams.candle, source_batches, stop, feed_totals)
     else:
         feeder = generator.run(count, rate, stop)
     watcher: list[asyncio.Task[None]] = []
@@ -156,19 +155,19 @@ async def run_demo(
                     caught_up = done >= decided and (
                         source != "candles" or await _group_idle(redis, streams.candle, settings.ai_group)
                     )
-                    if feeding.done() and caught_up:
-                        break
                     if stop.is_set():
                         interrupted.set()
+                        break
+                    if feeding.done() and caught_up:
                         break
                     if elapsed > (duration if duration is not None else limit_s):
                         interrupted.set()
                         break
                     await asyncio.sleep(0.25)
-            if not feeding.done():
-                feeding.cancel()
-            await asyncio.gather(feeding, return_exceptions=True)
+            # The feed stops by itself between batches once ``stop`` is set; it is not cancelled
+            # (a cancellation landing inside a client call could leave it waiting for good).
             stop.set()
+            await asyncio.gather(feeding, return_exceptions=True)
 
         watcher.append(asyncio.create_task(loop()))
 
