@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import Awaitable
 from pathlib import Path
 
 import typer
 
 from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import sleep_or_stop
 from quantum_trader.cli_support import console, settings, with_redis
 from quantum_trader.errors import ConfigError
 from quantum_trader.logs import configure
@@ -57,8 +58,7 @@ def feed(
             if duration is not None:
                 asyncio.get_running_loop().call_later(duration, stop.set)
 
-        def sleep(seconds: float) -> Awaitable[None]:
-            return marketdata.pause(stop, seconds)
+        sleep = functools.partial(sleep_or_stop, stop)
 
         if source == "live":
             from quantum_trader.exchanges.ccxt_exchange import CcxtExchange

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import msgspec
-
 from quantum_trader import governor as gov
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
@@ -40,7 +38,7 @@ from quantum_trader.events import (
 )
 from quantum_trader.exchanges.base import Exchange, OrderOutcome, OrderRequest, client_order_id
 from quantum_trader.logs import emit_outcomes, get_logger, outcomes_enabled
-from quantum_trader.scripts import register
+from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
 
 log = get_logger("execution")
@@ -205,7 +203,7 @@ class Execution:
             EXECUTION_RESULT,
             now_iso(now),
             "execution",
-            _pack(items),
+            pack(items),
         ]
         day = now.astimezone(UTC).date()
         script_keys = [self.streams.intent, self.streams.result, keys.counted(day), keys.daily_trades(day)]
@@ -216,9 +214,6 @@ class Execution:
             self.totals[result.status] += 1
         if outcomes_enabled():
             emit_outcomes("execution", [_outcome_record(job, result) for job, result in done])
-
-
-_pack = msgspec.msgpack.Encoder().encode
 
 
 def _outcome_record(job: Job, result: ExecutionResult) -> dict[str, object]:

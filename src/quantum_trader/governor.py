@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
-import msgspec
-
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import parse_id
 from quantum_trader.events import TradeIntent, parse_iso
-from quantum_trader.scripts import register
+from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
 
 KILL_SWITCH = "KILL_SWITCH"
@@ -112,13 +110,10 @@ class Governor:
                 counter_ttl(now),
                 min(intent_ids, key=parse_id),
                 max(intent_ids, key=parse_id),
-                _pack(intent_ids),
+                pack(intent_ids),
             ],
         )
         return [str(v) for v in verdicts]
-
-
-_pack = msgspec.msgpack.Encoder().encode
 
 
 @dataclass(frozen=True, slots=True)

@@ -329,11 +329,3 @@ async def run_feed(
         totals.published += len(kept)
         totals.skipped += len(skipped)
     return totals
-
-
-async def pause(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep ``seconds``, or less when ``stop`` is set: a source's pacing that ends promptly."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return

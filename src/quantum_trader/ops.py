@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections import Counter
 from collections.abc import Coroutine
@@ -10,19 +11,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from redis.exceptions import ResponseError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.streams import sleep_or_stop
 from quantum_trader.demo import START_PRICES as DEMO_SYMBOLS
 from quantum_trader.demo import DecisionGenerator
 from quantum_trader.governor import set_kill
 from quantum_trader.services import Runner, install_signal_handlers, serve
 from quantum_trader.settings import Settings
-from quantum_trader.status import pipeline_status
+from quantum_trader.status import StreamStat, pipeline_status, stream_stat
 from quantum_trader.views import status_table
 
 
@@ -69,24 +70,9 @@ class DemoReport:
     interrupted: bool
 
 
-async def _entries_added(redis: Redis, stream: str) -> int:
-    try:
-        info = await redis.xinfo_stream(stream)
-    except ResponseError:  # no such stream yet
-        return 0
-    return int(info.get("entries-added", info.get("length", 0)))
-
-
-async def _group_idle(redis: Redis, stream: str, group: str) -> bool:
-    """True once the group has read and acknowledged everything on the stream."""
-    try:
-        groups = await redis.xinfo_groups(stream)
-    except ResponseError:
-        return False
-    for info in groups:
-        if info["name"] == group:
-            return int(info.get("pending", 0)) == 0 and info.get("lag") == 0
-    return False
+def _group_done(stat: StreamStat, group: str) -> bool:
+    """True once ``group`` has read and acknowledged everything on the stream."""
+    return any(g.name == group and g.pending == 0 and g.lag == 0 for g in stat.groups)
 
 
 async def run_demo(
@@ -109,11 +95,11 @@ async def run_demo(
     mixed in, so that every outcome path shows up.
     """
     # numpy and pandas: imported only when market data is used, not by every command.
-    from quantum_trader.marketdata import FeedTotals, pause, replay, run_feed, synthetic
+    from quantum_trader.marketdata import FeedTotals, replay, run_feed, synthetic
 
     streams = settings.streams
     since = await last_ids(redis, [streams.result, streams.rejected])
-    decisions_before = await _entries_added(redis, streams.decision)
+    decisions_before = (await stream_stat(redis, streams.decision)).entries_added
     await set_kill(redis, on=False)
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -125,7 +111,7 @@ async def run_demo(
         stages.insert(0, "ai-engine")
         start = datetime.now(UTC) - timedelta(minutes=count)
         candles = synthetic(DEMO_SYMBOLS, count, seed=seed, start=start)
-        source_batches = replay(candles, rate=rate, sleep=lambda seconds: pause(stop, seconds))
+        source_batches = replay(candles, rate=rate, sleep=functools.partial(sleep_or_stop, stop))
         feeder: Coroutine[Any, Any, object] = run_feed(redis, streams.candle, source_batches, stop, feed_totals)
     else:
         feeder = generator.run(count, rate, stop)
@@ -139,8 +125,8 @@ async def run_demo(
                 while True:
                     counts = await outcome_counts(redis, settings, since)
                     done = sum(counts.values())
-                    decided = await _entries_added(redis, streams.decision) - decisions_before
-                    stats = await pipeline_status(redis, streams.pipeline())
+                    stats = {stat.name: stat for stat in await pipeline_status(redis, streams.pipeline())}
+                    decided = stats[streams.decision].entries_added - decisions_before
                     elapsed = asyncio.get_running_loop().time() - began
                     head = (
                         f"candles {feed_totals.published:,}/{count * len(DEMO_SYMBOLS):,}  decisions {decided:,}"
@@ -151,9 +137,9 @@ async def run_demo(
                         f"{elapsed:5.1f}s  {head}  outcomes {done:,}  "
                         + "  ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
                     )
-                    live.update(Group(status_table(stats, f"Demo ({source}): paper exchange"), line))
+                    live.update(Group(status_table(list(stats.values()), f"Demo ({source}): paper exchange"), line))
                     caught_up = done >= decided and (
-                        source != "candles" or await _group_idle(redis, streams.candle, settings.ai_group)
+                        source != "candles" or _group_done(stats[streams.candle], settings.ai_group)
                     )
                     if stop.is_set():
                         interrupted.set()
@@ -174,7 +160,7 @@ async def run_demo(
     await serve(redis, settings, stages, stop, on_start=watch)
     await asyncio.gather(*watcher)
     counts = await outcome_counts(redis, settings, since)
-    decided = await _entries_added(redis, streams.decision) - decisions_before
+    decided = (await stream_stat(redis, streams.decision)).entries_added - decisions_before
     balances = await redis.hgetall(keys.paper_balances())
     return DemoReport(
         source=source,

@@ -42,7 +42,7 @@ from quantum_trader.events import (
     parse_iso,
 )
 from quantum_trader.logs import emit_outcomes
-from quantum_trader.scripts import register
+from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
 
 _json = msgspec.json.Decoder(float_hook=Decimal)
@@ -225,9 +225,6 @@ def _flat(fields: Fields) -> list[str]:
     return out
 
 
-_pack = msgspec.msgpack.Encoder().encode
-
-
 class Router:
     """The router service: consumes decisions, produces intents and rejections."""
 
@@ -254,8 +251,8 @@ class Router:
             self.streams.router_group,
             self.settings.dedup_window_s,
             now_iso(now),
-            _pack(valid),
-            _pack(invalid),
+            pack(valid),
+            pack(invalid),
         ]
         script_keys = [self.streams.decision, self.streams.intent, self.streams.rejected]
         script_keys += [routed.dedup_key for routed in plan.valid]

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, server_version
+from quantum_trader.bus.streams import sleep_or_stop
 from quantum_trader.bus.trim import has_native_acked_trim, trim_consumed
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.base import Exchange
@@ -99,7 +100,7 @@ class Runner:
                     await pipe.execute()
             except RedisError as exc:
                 log.warning("heartbeat_failed", error=str(exc))
-            await _wait(self.stop, self.settings.heartbeat_s)
+            await sleep_or_stop(self.stop, self.settings.heartbeat_s)
 
     async def trim(self) -> None:
         """Trim each input stream up to what every group has finished."""
@@ -109,7 +110,7 @@ class Runner:
         except RedisError:
             native = False
         while not self.stop.is_set():
-            await _wait(self.stop, self.trim_every_s)
+            await sleep_or_stop(self.stop, self.trim_every_s)
             for stage in self.stages.values():
                 try:
                     await trim_consumed(
@@ -172,13 +173,6 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return
 
 
 async def serve(

@@ -122,3 +122,33 @@ async def test_transient_exchange_error_leaves_the_batch_pending_and_retries(r: 
     await asyncio.wait_for(c.run(handler, stop), timeout=5)
     assert attempts == [1, 2]  # the same entry again, from our own pending list
     assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+
+
+async def test_two_batches_in_flight_each_entry_handled_once_even_after_a_failure(r: Redis) -> None:
+    c = consumer(r, "a", batch_size=10, block_ms=20, depth=2)
+    ids = await publish(r, STREAM, [fields(i) for i in range(60)])
+    stop = asyncio.Event()
+    handled: list[str] = []
+    running, most = 0, 0
+    failed = False
+
+    async def handler(batch: list[Entry]) -> None:
+        nonlocal running, most, failed
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.05)  # the server's share of a batch: the next one starts meanwhile
+            if not failed and batch[0].deliveries == 1 and len(handled) >= 20:
+                failed = True
+                raise ConnectionError("server went away mid-batch")
+            handled.extend(e.id for e in batch)
+            await r.xack(STREAM, GROUP, *[e.id for e in batch])
+            if len(handled) == len(ids):
+                stop.set()
+        finally:
+            running -= 1
+
+    await asyncio.wait_for(c.run(handler, stop), timeout=10)
+    assert most == 2  # batches overlapped
+    assert sorted(handled) == sorted(ids)  # the failed batch was retried from pending, nothing twice
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 0

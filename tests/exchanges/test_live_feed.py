@@ -18,6 +18,7 @@ from quantum_trader.exchanges.base import OrderRequest
 from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
 from quantum_trader.marketdata import MARKET_CANDLE, Candle, live, run_feed
 from quantum_trader.settings import Settings
+from tests.exchanges.conftest import LogTrap
 from tests.exchanges.fake_binance import FakeBinance
 
 MINUTE = 60_000
@@ -95,3 +96,17 @@ async def test_feed_command_polls_the_exchange(fake: FakeBinance, clean_url: str
     symbols = {fields["correlation_id"] for _id, fields in await r.xrange("quantum:stream:market.candle")}
     assert symbols == {"ETHUSDT", "BTCUSDT"}
     assert await r.hget(keys.PRICE_HASH, "BTCUSDT") is not None
+
+
+async def test_a_symbol_the_exchange_lacks_is_logged_and_the_others_still_flow(
+    r: Redis, public_settings: Settings, log_trap: LogTrap
+) -> None:
+    exchange = CcxtExchange.public(r, public_settings, "binance")
+    try:
+        source = live(exchange, ["NOPEUSDT", "ETHUSDT"], poll_s=0, limit=3, sleep=no_sleep, polls=1)
+        totals = await run_feed(r, public_settings.candle_stream, source)
+    finally:
+        await exchange.close()
+    assert totals.published == 3
+    [line] = log_trap.lines("live_poll_failed")
+    assert "NOPEUSDT" in line

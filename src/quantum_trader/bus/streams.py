@@ -238,11 +238,17 @@ class GroupConsumer:
             await self._loop(handler, stop, on_idle, flying)
         finally:
             # Stopping (or failing) finishes the batches in hand; a failed one stays pending.
-            if flying:
-                await asyncio.wait(flying)
-                for task in flying:
-                    if not task.cancelled() and task.exception() is not None:
-                        log.error("batch_failed_at_stop", stream=self.stream, error=str(task.exception()))
+            await self._settle(flying, "batch_failed_at_stop")
+
+    async def _settle(self, flying: set[asyncio.Future[None]], event: str) -> None:
+        """Wait for every batch in flight; a failed one is logged and stays pending."""
+        if not flying:
+            return
+        await asyncio.wait(flying)
+        for task in flying:
+            if not task.cancelled() and task.exception() is not None:
+                log.error(event, stream=self.stream, error=str(task.exception()))
+        flying.clear()
 
     async def _loop(
         self,
@@ -275,18 +281,13 @@ class GroupConsumer:
                         await on_idle()
                 backoff = 0.1
             except (RedisError, OSError, TransientExchangeError) as exc:
-                if flying:
-                    # Let the other batches finish (or fail) before retrying from our pending entries.
-                    await asyncio.wait(flying)
-                    for task in flying:
-                        if not task.cancelled() and task.exception() is not None:
-                            log.error("batch_retry", stream=self.stream, error=str(task.exception()))
-                    flying.clear()
+                # Let the other batches finish (or fail) before retrying from our pending entries.
+                await self._settle(flying, "batch_retry")
                 # The batch stays pending: the next attempt (ours, or another consumer's after
                 # the idle threshold) looks orders up before sending anything.
                 self._recheck_own = True
                 log.error("batch_retry", stream=self.stream, error=str(exc), retry_in_s=backoff)
-                await _sleep_or_stop(stop, backoff)
+                await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 await _reconnect_group(self)
 
@@ -306,7 +307,8 @@ async def _reconnect_group(consumer: GroupConsumer) -> None:
         return
 
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less when ``stop`` is set: waits that end promptly on shutdown."""
     try:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
     except TimeoutError:

@@ -50,7 +50,7 @@ from redis.exceptions import RedisError
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.errors import ConfigError, FatalExchangeError, TransientExchangeError
+from quantum_trader.errors import ConfigError, ExchangeError, FatalExchangeError, TransientExchangeError
 from quantum_trader.exchanges.base import OrderOutcome, OrderRequest
 from quantum_trader.governor import set_kill
 from quantum_trader.logs import get_logger
@@ -658,7 +658,12 @@ class CcxtExchange:
         rules = await self._market(symbol)
         if rules is None:
             raise ValueError(f"{symbol} is not a market on {self.name}")
-        rows = await self._call("fetch_ohlcv", lambda: self.client.fetch_ohlcv(rules.symbol, timeframe, None, limit))
+        try:
+            rows = await self._call(
+                "fetch_ohlcv", lambda: self.client.fetch_ohlcv(rules.symbol, timeframe, None, limit)
+            )
+        except ccxt.BaseError as exc:  # e.g. a timeframe the exchange does not offer: one clear error
+            raise ExchangeError(f"{self.name} candles for {symbol} ({timeframe}): {self._clean(exc)}") from None
         return [[to_decimal(v) or Decimal(0) for v in row] for row in rows]
 
     async def balances(self) -> dict[str, Decimal]:
