@@ -157,17 +157,12 @@ class GroupConsumer:
             return []
         counts = {item["message_id"]: int(item["times_delivered"]) + 1 for item in pending}
         claimed = await self.redis.xclaim(self.stream, self.group, self.consumer, min_idle_ms, list(counts))
-        entries = []
-        missing = set(counts)
-        for entry_id, fields in claimed:
-            missing.discard(entry_id)
-            if fields is None:
-                continue
-            entries.append(Entry(entry_id, fields, counts[entry_id]))
-        if missing:
-            # Deleted while pending (XDEL by hand): nothing to process, acknowledge so it stops showing as pending.
-            await self.redis.xack(self.stream, self.group, *missing)
-            log.warning("pending_entries_missing", stream=self.stream, ids=sorted(missing))
+        # An id XCLAIM does not return is not ours to touch: another consumer took it first (its
+        # idle time was reset), or it was deleted (the server then drops it from the pending list
+        # itself, Redis >= 7). Acknowledging it would lose an intent another consumer is executing.
+        entries = [Entry(entry_id, fields, counts[entry_id]) for entry_id, fields in claimed if fields is not None]
+        if len(entries) < len(counts):
+            log.debug("claim_skipped", stream=self.stream, count=len(counts) - len(entries))
         poison = [entry for entry in entries if entry.deliveries > self.max_deliveries]
         if poison:
             await self.dead_letter(poison, f"delivered {self.max_deliveries}+ times without completing (poison entry)")
