@@ -47,7 +47,7 @@ async def drain(stage: Router | Execution) -> int:
             batch = await stage.consumer.read_new(wait=False)
             if not batch:
                 return handled
-        await stage.handle(batch)
+        await stage.consumer.process(stage.handle, batch)
         handled += len(batch)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
+import redis.asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -45,6 +47,30 @@ INVALID_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"confidence": 1.5}, "confidence"),
     ({"confidence": "high"}, "confidence"),
     ({"timestamp_ahead": timedelta(minutes=5)}, "timestamp"),
+    # Garbage that must never reach an exchange: a market is a distinct, non-empty ASCII base and
+    # a configured quote; numbers are ASCII decimal notation within bounds; no Unicode case folding.
+    ({"symbol": "USDTUSDT"}, "symbol"),
+    ({"symbol": "USDT/USDT"}, "symbol"),
+    ({"symbol": "BTC/BTC"}, "symbol"),
+    ({"symbol": "/USDT"}, "symbol"),
+    ({"symbol": "ETH:USDT"}, "symbol"),
+    ({"symbol": "eth-usdt"}, "symbol"),
+    ({"symbol": "\u017folusdt"}, "symbol"),  # long s: upper-cases to S
+    ({"symbol": "ETH-"}, "symbol"),
+    ({"symbol": "ETH:"}, "symbol"),
+    ({"symbol": "ETHXYZ"}, "symbol"),
+    ({"qty": "\u0661\u0662"}, "qty"),  # Arabic-Indic 12
+    ({"qty": "\uff11\uff12"}, "qty"),  # full-width 12
+    ({"qty": "1_000"}, "qty"),
+    ({"qty": " 12 "}, "qty"),
+    ({"qty": "0x10"}, "qty"),
+    ({"qty": "1e999999999"}, "qty"),
+    ({"qty": "1e-999999999"}, "qty"),
+    ({"price": "1e30"}, "price"),
+    ({"side": "\u017fell"}, "side"),  # long s
+    ({"order_type": "l\u0131m\u0131t", "price": "1"}, "order_type"),  # dotless i: upper-cases to I
+    ({"strategy": "x" * 129}, "strategy"),
+    ({"strategy": [[["deep"]]]}, "strategy"),
 ]
 
 
@@ -174,12 +200,12 @@ async def test_each_invalid_field_is_rejected_on_the_server_naming_the_field(
 
 
 async def test_dedup_window_expires(r: Redis, settings_for: Callable[..., Settings], clean_url: str) -> None:
-    short = Router(r, settings_for(clean_url, block_ms=10, dedup_window_s=1))
+    short = Router(r, settings_for(clean_url, block_ms=10, dedup_window_s=1, max_intent_age_s=0.5, clock_skew_s=0.5))
     retry = decision(trace="t", corr="c")
     await publish(r, DECISIONS, [retry])
     await drain(short)
-    assert 0 < await r.ttl("quantum:dedup:decision:c||t") <= 1
-    await r.delete("quantum:dedup:decision:c||t")  # what the expiry does after the window
+    assert 0 < await r.ttl("quantum:dedup:decision:1:c|1:t") <= 1
+    await r.delete("quantum:dedup:decision:1:c|1:t")  # what the expiry does after the window
     await publish(r, DECISIONS, [dict(retry)])
     await drain(short)
     assert await r.xlen(INTENTS) == 2
@@ -195,3 +221,53 @@ async def test_redelivered_batch_is_routed_once(r: Redis, router: Router) -> Non
     assert await r.xlen("quantum:stream:decision.rejected") == 0
     assert router.totals["skipped"] == 5
     assert len(ids) == 5
+
+
+def test_identities_that_only_differ_in_where_a_separator_sits_do_not_collide() -> None:
+    fields = ["correlation_id", "trace_id"]
+    a = decode_envelope(decision(corr="x", trace="|y"))
+    b = decode_envelope(decision(corr="x|", trace="y"))
+    c = decode_envelope(decision(corr="x||", trace="y"))
+    d = decode_envelope(decision(corr="x", trace="||y"))
+    keys = {dedup_identity(env, "1-0", fields) for env in (a, b, c, d)}
+    assert len(keys) == 4
+
+
+async def test_two_decisions_whose_joined_ids_match_both_trade(r: Redis, router: Router) -> None:
+    await publish(r, DECISIONS, [decision(corr="x", trace="|y"), decision(corr="x|", trace="y")])
+    await drain(router)
+    assert await r.xlen(INTENTS) == 2
+    assert await r.xlen("quantum:stream:decision.rejected") == 0
+
+
+async def test_bad_bytes_huge_fields_and_deep_nesting_are_rejected_alone_and_the_rest_flows(
+    r: Redis, router: Router, clean_url: str
+) -> None:
+    raw_client = redis.asyncio.Redis.from_url(clean_url)  # writes bytes as they are
+    deep = '{"symbol":"ETHUSDT","side":"BUY","qty":"1","x":' + "[" * 2000 + "]" * 2000 + "}"
+    bad: list[tuple[dict[bytes, bytes], str]] = [
+        ({b"trace_id": b"t\xff\xfe"}, "trace_id"),  # not UTF-8
+        ({b"payload": b'{"symbol":"ETH\xc3USDT"}'}, "payload"),
+        ({b"source": b"x" * (1 << 20)}, "source"),  # 1 MiB
+        ({b"payload": deep.encode()}, "payload"),  # within the size limit, 2,000 levels deep
+        ({b"payload": b'{"symbol":"ETHUSDT","side":"BUY","qty":1e999999999}'}, "qty"),
+        ({b"\xff\xfename": b"v"}, "\\xff\\xfename"),
+    ]
+    try:
+        for change, _field in bad:
+            entry = {k.encode(): v.encode() for k, v in decision().items()} | change
+            await raw_client.xadd(DECISIONS, entry)
+            await publish(r, DECISIONS, [decision(strategy="s" * 100) for _ in range(50)])
+    finally:
+        await raw_client.aclose()
+
+    await drain(router)
+
+    assert await r.xlen(INTENTS) == 50 * len(bad)
+    rejected = await rejections(r)
+    assert [(rej["reason"], rej["field"]) for rej in rejected] == [("INVALID", field) for _change, field in bad]
+    # The exact bytes of a field that was not UTF-8 are kept; an oversize field is cut with its size.
+    assert base64.b64decode(rejected[0]["original_base64"]["trace_id"]) == b"t\xff\xfe"
+    assert "truncated: 1048576 characters" in rejected[2]["original"]["source"]
+    assert (await r.xpending(DECISIONS, router.streams.router_group))["pending"] == 0
+    assert await r.xlen("quantum:stream:dead_letter") == 0

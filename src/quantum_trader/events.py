@@ -8,6 +8,8 @@ decimal quantities stay decimals (encoded as JSON strings).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
@@ -29,6 +31,17 @@ OrderType = Literal["MARKET", "LIMIT"]
 Status = Literal["FILLED", "REJECTED", "EXPIRED", "FAILED"]
 
 Fields = dict[str, str]
+
+# What one stream entry may hold (README, "Limits of an entry"). An entry beyond them is
+# refused naming the field, before anything parses it: a 1 MiB field or a payload nested
+# thousands of levels deep costs the stage nothing but a rejection.
+MAX_FIELDS = 32
+MAX_NAME_CHARS = 64
+MAX_FIELD_CHARS = 256  # every field but the payload: ids, timestamp, source, extras
+MAX_PAYLOAD_CHARS = 16_384
+# An oversize field is recorded (rejection, dead letter) up to this many characters, with
+# its full size and SHA-256, so the record stays small while the entry stays identifiable.
+RECORD_KEEP_CHARS = 4_096
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,13 +85,18 @@ class ExecutionResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
-    """Why the router did not turn a decision into an intent (payload of ``decision.rejected``)."""
+    """Why the router did not turn a decision into an intent (payload of ``decision.rejected``).
+
+    ``original`` holds the entry as printable text (see ``record_fields``); ``original_base64``
+    the exact bytes of any field that was not valid UTF-8.
+    """
 
     reason: Literal["INVALID", "DUPLICATE_SKIP"]
     detail: str
     field: str = ""
     original_id: str = ""
     original: dict[str, str] = msgspec.field(default_factory=dict)
+    original_base64: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -145,8 +163,84 @@ def envelope(
     }
 
 
+# Amounts between 1e-18 and 1e16: prices and quantities of any real market, and products that
+# decimal arithmetic computes exactly enough (no overflow, no underflow to zero).
+MIN_EXPONENT, MAX_EXPONENT = -18, 15
+
+
+def check_amount(number: Decimal, name: str) -> Decimal:
+    """A positive, finite amount within the bounds, or DecodeError naming ``name``."""
+    if not number.is_finite():
+        raise DecodeError(f"{name} must be finite, got {number}", field=name)
+    if number <= 0:
+        raise DecodeError(f"{name} must be positive, got {number}", field=name)
+    if not MIN_EXPONENT <= number.adjusted() <= MAX_EXPONENT:
+        raise DecodeError(f"{name} {number:.6e} is outside 1e{MIN_EXPONENT} .. 1e{MAX_EXPONENT + 1}", field=name)
+    return number
+
+
+def is_utf8(text: str) -> bool:
+    """False when ``text`` holds bytes that were not UTF-8 (read as surrogate escapes)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def raw_bytes(text: str) -> bytes:
+    """The exact bytes a field held on the server (the client reads with surrogate escapes)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def printable(text: str, keep: int = RECORD_KEEP_CHARS) -> str:
+    """``text`` safe to encode anywhere: bad bytes as ``\\xNN``, cut to ``keep`` characters with its size and digest."""
+    clean = text if is_utf8(text) else raw_bytes(text).decode("utf-8", "backslashreplace")
+    if len(clean) <= keep:
+        return clean
+    digest = hashlib.sha256(raw_bytes(text)).hexdigest()
+    return f"{clean[:keep]}...[truncated: {len(text)} characters, sha256 {digest}]"
+
+
+def record_fields(raw: Fields) -> tuple[dict[str, str], dict[str, str]]:
+    """An entry as it can be recorded: printable text, and base64 of every field that was not UTF-8."""
+    text: dict[str, str] = {}
+    exact: dict[str, str] = {}
+    for count, (name, value) in enumerate(raw.items()):
+        if count >= 4 * MAX_FIELDS:
+            text["..."] = f"{len(raw) - count} more fields not recorded"
+            break
+        key = printable(name, MAX_NAME_CHARS * 4)
+        text[key] = printable(value)
+        if not (is_utf8(name) and is_utf8(value)) and len(value) <= RECORD_KEEP_CHARS:
+            exact[key] = base64.b64encode(raw_bytes(value)).decode()
+    return text, exact
+
+
+def check_fields(raw: Fields) -> None:
+    """Refuse an entry beyond the limits or with bytes that are not UTF-8, naming the field."""
+    if len(raw) > MAX_FIELDS:
+        raise DecodeError(f"entry has {len(raw)} fields; at most {MAX_FIELDS} are allowed", raw=raw)
+    for name, value in raw.items():
+        if len(name) > MAX_NAME_CHARS or not is_utf8(name):
+            shown = printable(name, 40)
+            raise DecodeError(
+                f"field name {shown!r} is not valid UTF-8 or longer than {MAX_NAME_CHARS} characters",
+                field=shown,
+                raw=raw,
+            )
+        limit = MAX_PAYLOAD_CHARS if name == "payload" else MAX_FIELD_CHARS
+        if len(value) > limit:
+            raise DecodeError(f"{name} is {len(value)} characters; at most {limit} are allowed", field=name, raw=raw)
+        if not is_utf8(value):
+            raise DecodeError(f"{name} is not valid UTF-8", field=name, raw=raw)
+
+
 def decode_envelope(raw: Fields, expected_type: str | None = None) -> Envelope:
-    """Check a raw entry has every envelope field (and the expected event type)."""
+    """Check a raw entry is within the limits, has every envelope field and the expected event type."""
+    check_fields(raw)
     missing = [name for name in ENVELOPE_FIELDS if name not in raw]
     if missing:
         raise DecodeError(f"missing envelope field(s): {', '.join(missing)}", field=missing[0], raw=raw)

@@ -32,9 +32,11 @@ from quantum_trader.events import (
     ExecutionResult,
     Status,
     TradeIntent,
+    check_amount,
     decode_event,
     encode_payload,
     now_iso,
+    printable,
 )
 from quantum_trader.exchanges.base import Exchange, OrderOutcome, OrderRequest, client_order_id
 from quantum_trader.logs import emit_outcomes, get_logger, outcomes_enabled
@@ -82,6 +84,16 @@ def result_for(
     )
 
 
+def check_amounts(intent: TradeIntent) -> None:
+    """The intent's quantity and price are within the router's bounds (the intent stream is writable by others)."""
+    try:
+        check_amount(intent.qty, "qty")
+        if intent.price is not None:
+            check_amount(intent.price, "price")
+    except DecodeError as exc:
+        raise DecodeError(f"payload: {exc.reason}", field=exc.field) from None
+
+
 def result_from_outcome(job: Job, outcome: OrderOutcome, exchange: str) -> ExecutionResult:
     """The result an exchange outcome makes."""
     return result_for(job, outcome.status, outcome.reason, outcome, exchange)
@@ -115,8 +127,12 @@ class Execution:
         for entry in entries:
             try:
                 env, intent = decode_event(entry.fields, TradeIntent, TRADE_INTENT)
+                check_amounts(intent)
             except DecodeError as exc:
                 bad.append((entry, exc))
+                continue
+            except Exception as exc:  # whatever the entry holds, it is set aside alone
+                bad.append((entry, DecodeError(f"{type(exc).__name__}: {printable(str(exc), 200)}", raw=entry.fields)))
                 continue
             jobs.append(Job(entry, env, intent, client_order_id(entry.id, env.trace_id, env.correlation_id)))
         return jobs, bad
@@ -128,7 +144,7 @@ class Execution:
             await self.consumer.dead_letter([entry], f"undecodable trade intent: {exc.reason}", exc.field)
         results: dict[str, ExecutionResult] = {}
 
-        redelivered = [job for job in jobs if job.entry.deliveries > 1]
+        redelivered = [job for job in jobs if job.entry.redelivered]
         if redelivered:
             existing = await self.exchange.fetch_orders([job.coid for job in redelivered])
             for job in redelivered:

@@ -14,6 +14,7 @@ DAILY_TRADES_PREFIX = "quantum:governor:daily_trades:"
 COUNTED_PREFIX = "quantum:governor:counted:"
 DEDUP_PREFIX = "quantum:dedup:decision:"
 HEARTBEAT_PREFIX = "quantum:heartbeat:"
+SUSPECTS_PREFIX = "quantum:bus:suspects:"
 PAPER_PREFIX = "quantum:paper:"
 PRICE_HASH = "quantum:market:last_price"
 EXCHANGE_SENT_PREFIX = "quantum:exchange:sent:"
@@ -55,6 +56,11 @@ def counted(day: date) -> str:
 def dedup(identity: str) -> str:
     """Router dedup key for one decision identity."""
     return f"{DEDUP_PREFIX}{identity}"
+
+
+def suspects(stream: str, group: str) -> str:
+    """Hash: entry id -> times a stage began handling it alone (entries whose consumers kept dying)."""
+    return f"{SUSPECTS_PREFIX}{stream}:{group}"
 
 
 def heartbeat(service: str, consumer: str) -> str:

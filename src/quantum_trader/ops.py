@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 from collections import Counter
@@ -194,7 +195,10 @@ async def replay_dead_letters(redis: Redis, stream: str, ids: list[str]) -> list
         if not found:
             raise LookupError(f"no dead-letter entry {dead_id} on {stream}; list them with: quantum-trader dlq list")
         payload = json.loads(found[0][1]["payload"])
-        origin, raw = payload["stream"], payload["raw"]
+        origin, raw = payload["stream"], dict(payload["raw"])
+        # Fields that were not UTF-8 go back as the exact bytes they held.
+        for name, data in payload.get("raw_base64", {}).items():
+            raw[name] = base64.b64decode(data).decode("utf-8", "surrogateescape")
         async with redis.pipeline(transaction=True) as pipe:
             pipe.xadd(origin, raw)
             pipe.xdel(stream, dead_id)

@@ -14,11 +14,11 @@ crash or a redelivery can neither lose a decision nor route it twice.
 from __future__ import annotations
 
 import hashlib
-import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -30,23 +30,33 @@ from quantum_trader.errors import DecodeError
 from quantum_trader.events import (
     DECISION,
     DECISION_REJECTED,
+    MAX_EXPONENT,
+    MAX_FIELD_CHARS,
+    MIN_EXPONENT,
     Decision,
     Envelope,
     Fields,
     Rejection,
     TradeIntent,
+    check_amount,
     decode_envelope,
     encode_payload,
     envelope,
     now_iso,
     parse_iso,
+    printable,
+    record_fields,
 )
+from quantum_trader.exchanges.base import split_symbol
 from quantum_trader.logs import emit_outcomes
 from quantum_trader.scripts import pack, register
-from quantum_trader.settings import Settings
+from quantum_trader.settings import DEFAULT_QUOTE_ASSETS, Settings
 
 _json = msgspec.json.Decoder(float_hook=Decimal)
-_ALLOWED_SYMBOL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/:-_.")
+# ASCII decimal notation only: no other scripts' digits, no underscores, no hex, no spaces.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?\Z")
+MAX_NUMBER_CHARS = 40
+MAX_LABEL_CHARS = 128  # strategy, model_version
 
 
 def _decimal(payload: dict[str, Any], name: str, *, required: bool) -> Decimal | None:
@@ -57,18 +67,53 @@ def _decimal(payload: dict[str, Any], name: str, *, required: bool) -> Decimal |
         return None
     if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
         raise DecodeError(f"{name} must be a number or decimal string, got {type(value).__name__}", field=name)
+    if isinstance(value, str):
+        if len(value) > MAX_NUMBER_CHARS or not _NUMBER.match(value):
+            raise DecodeError(
+                f"{name} {printable(value, MAX_NUMBER_CHARS)!r} is not a decimal number in ASCII notation "
+                "(digits 0-9, one '.', optional exponent)",
+                field=name,
+            )
+        return check_amount(Decimal(value), name)
+    if isinstance(value, int) and abs(value) >= 10 ** (MAX_EXPONENT + 1):
+        raise DecodeError(f"{name} is outside 1e{MIN_EXPONENT} .. 1e{MAX_EXPONENT + 1}", field=name)
+    return check_amount(Decimal(value), name)
+
+
+def _word(payload: dict[str, Any], name: str, choices: tuple[str, ...], default: str | None = None) -> str:
+    """An ASCII keyword, case-insensitive (never Unicode case folding, which makes a long s an S)."""
+    value = payload.get(name, default)
+    if not isinstance(value, str) or not value.isascii() or value.strip().upper() not in choices:
+        shown = printable(value, 40) if isinstance(value, str) else value
+        raise DecodeError(f"{name} must be {' or '.join(choices)}, got {shown!r}", field=name)
+    return value.strip().upper()
+
+
+def _label(payload: dict[str, Any], name: str) -> str | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_LABEL_CHARS:
+        raise DecodeError(f"{name} must be text of at most {MAX_LABEL_CHARS} characters", field=name)
+    return value
+
+
+def normalise_symbol(symbol: object, quote_assets: list[str]) -> str:
+    """``eth/usdt`` -> ``ETHUSDT``: ASCII only, upper-cased, a distinct base and quote asset."""
+    if not isinstance(symbol, str) or not symbol.strip():
+        raise DecodeError("symbol is missing or empty", field="symbol")
+    if not symbol.isascii():
+        raise DecodeError(f"symbol {printable(symbol, 40)!r} has characters that are not ASCII", field="symbol")
     try:
-        number = Decimal(value) if not isinstance(value, Decimal) else value
-    except InvalidOperation:
-        raise DecodeError(f"{name} {value!r} is not a decimal number", field=name) from None
-    if not number.is_finite():
-        raise DecodeError(f"{name} must be finite, got {value}", field=name)
-    if number <= 0:
-        raise DecodeError(f"{name} must be positive, got {value}", field=name)
-    return number
+        base, quote = split_symbol(symbol.strip().upper(), quote_assets)
+    except ValueError as exc:
+        raise DecodeError(str(exc), field="symbol") from None
+    return base + quote
 
 
-def validate(raw: Fields, now: datetime, clock_skew: timedelta) -> tuple[Envelope, Decision]:
+def validate(
+    raw: Fields, now: datetime, clock_skew: timedelta, quote_assets: list[str] | None = None
+) -> tuple[Envelope, Decision]:
     """Check one decision entry; DecodeError names the first bad field and why."""
     try:
         env = decode_envelope(raw, DECISION)
@@ -85,40 +130,30 @@ def validate(raw: Fields, now: datetime, clock_skew: timedelta) -> tuple[Envelop
             payload = _json.decode(env.payload)
         except msgspec.DecodeError as exc:
             raise DecodeError(f"payload is not valid JSON: {exc}", field="payload") from None
+        except RecursionError:
+            raise DecodeError("payload is nested too deeply", field="payload") from None
         if not isinstance(payload, dict):
             raise DecodeError("payload must be a JSON object", field="payload")
-        symbol = payload.get("symbol")
-        if not isinstance(symbol, str) or not symbol.strip():
-            raise DecodeError("symbol is missing or empty", field="symbol")
-        symbol = symbol.strip().upper()
-        if not set(symbol) <= _ALLOWED_SYMBOL_CHARS:
-            raise DecodeError(f"symbol {symbol!r} has characters other than letters and digits", field="symbol")
-        side = payload.get("side")
-        if not isinstance(side, str) or side.strip().upper() not in ("BUY", "SELL"):
-            raise DecodeError(f"side must be BUY or SELL, got {side!r}", field="side")
+        symbol = normalise_symbol(payload.get("symbol"), quote_assets or list(DEFAULT_QUOTE_ASSETS))
+        side = _word(payload, "side", ("BUY", "SELL"))
         qty = _decimal(payload, "qty", required=True)
-        order_type = payload.get("order_type", "MARKET")
-        if not isinstance(order_type, str) or order_type.upper() not in ("MARKET", "LIMIT"):
-            raise DecodeError(f"order_type must be MARKET or LIMIT, got {order_type!r}", field="order_type")
-        order_type = order_type.upper()
+        order_type = _word(payload, "order_type", ("MARKET", "LIMIT"), "MARKET")
         price = _decimal(payload, "price", required=order_type == "LIMIT")
         confidence = payload.get("confidence")
         if confidence is not None:
             if isinstance(confidence, bool) or not isinstance(confidence, (int, Decimal)):
                 raise DecodeError(f"confidence must be a number in [0, 1], got {confidence!r}", field="confidence")
-            if not (0 <= confidence <= 1) or not math.isfinite(float(confidence)):
+            if not Decimal(confidence).is_finite() or not (0 <= confidence <= 1):
                 raise DecodeError(f"confidence must be in [0, 1], got {confidence}", field="confidence")
-        strategy = payload.get("strategy")
-        model_version = payload.get("model_version")
         decision = Decision(
             symbol=symbol,
-            side=side.strip().upper(),  # type: ignore[arg-type]
+            side=side,  # type: ignore[arg-type]
             qty=qty,  # type: ignore[arg-type]
             order_type=order_type,  # type: ignore[arg-type]
             price=price,
             confidence=None if confidence is None else float(confidence),
-            strategy=str(strategy) if strategy is not None else None,
-            model_version=str(model_version) if model_version is not None else None,
+            strategy=_label(payload, "strategy"),
+            model_version=_label(payload, "model_version"),
         )
         return env, decision
     except DecodeError as exc:
@@ -128,15 +163,16 @@ def validate(raw: Fields, now: datetime, clock_skew: timedelta) -> tuple[Envelop
 def dedup_identity(env: Envelope, entry_id: str, fields: list[str]) -> str:
     """The decision's identity for dedup.
 
-    The configured envelope fields joined with ``||``; when the decision carries none
-    of its identity fields (``msg_id`` aside), a fingerprint of its content instead, so
-    that unrelated anonymous decisions never collide on an empty key.
+    The configured envelope fields, each prefixed by its length (``1:x|2:|y``), so no two
+    different tuples give the same identity; when the decision carries none of its identity
+    fields (``msg_id`` aside), a fingerprint of its content instead, so that unrelated
+    anonymous decisions never collide on an empty key.
     """
     values = {"correlation_id": env.correlation_id, "trace_id": env.trace_id, "msg_id": entry_id}
     if not any(values[name] for name in fields if name != "msg_id"):
         content = "\x1f".join((env.event_type, env.payload, env.timestamp, env.source))
         return "fp:" + hashlib.sha256(content.encode()).hexdigest()
-    return "||".join(values[name] for name in fields)
+    return "|".join(f"{len(values[name])}:{values[name]}" for name in fields)
 
 
 def intent_payload(env: Envelope, decision: Decision, entry_id: str) -> str:
@@ -157,13 +193,21 @@ def intent_payload(env: Envelope, decision: Decision, entry_id: str) -> str:
 
 
 def to_rejection(raw: Fields, entry_id: str, reason: str, detail: str, field: str, now: datetime) -> Fields:
-    """A rejection entry: the reason, the detail, and the original fields untouched."""
-    payload = Rejection(reason=reason, detail=detail, field=field, original_id=entry_id, original=dict(raw))  # type: ignore[arg-type]
+    """A rejection entry: the reason, the detail, and the original fields as they were read."""
+    original, exact = record_fields(raw)
+    payload = Rejection(
+        reason=reason,  # type: ignore[arg-type]
+        detail=printable(detail),
+        field=printable(field, MAX_FIELD_CHARS),
+        original_id=entry_id,
+        original=original,
+        original_base64=exact,
+    )
     fields = envelope(
         DECISION_REJECTED,
         payload,
-        trace_id=raw.get("trace_id", ""),
-        correlation_id=raw.get("correlation_id", ""),
+        trace_id=printable(raw.get("trace_id", ""), MAX_FIELD_CHARS),
+        correlation_id=printable(raw.get("correlation_id", ""), MAX_FIELD_CHARS),
         source="router",
         timestamp=now_iso(now),
     )
@@ -193,20 +237,19 @@ class RoutePlan:
 
 
 def plan_batch(entries: list[Entry], settings: Settings, now: datetime) -> RoutePlan:
-    """Validate a batch and prepare everything the script may write."""
+    """Validate a batch and prepare everything the script may write.
+
+    Whatever an entry holds, it ends here as valid or INVALID: an error nobody foresaw
+    while checking one entry makes that entry INVALID with the error, never the batch fail.
+    """
     skew = timedelta(seconds=settings.clock_skew_s)
     valid = []
     invalid = []
     for entry in entries:
         try:
-            env, decision = validate(entry.fields, now, skew)
-        except DecodeError as exc:
-            detail = f"{exc.field}: {exc.reason}" if exc.field else exc.reason
-            invalid.append((entry.id, to_rejection(entry.fields, entry.id, "INVALID", detail, exc.field, now), detail))
-            continue
-        identity = dedup_identity(env, entry.id, settings.dedup_fields)
-        valid.append(
-            Routed(
+            env, decision = validate(entry.fields, now, skew, settings.quote_assets)
+            identity = dedup_identity(env, entry.id, settings.dedup_fields)
+            routed = Routed(
                 entry.id,
                 keys.dedup(identity),
                 intent_payload(env, decision, entry.id),
@@ -214,7 +257,15 @@ def plan_batch(entries: list[Entry], settings: Settings, now: datetime) -> Route
                 env.correlation_id,
                 encode_payload(entry.fields),
             )
-        )
+        except DecodeError as exc:
+            detail = f"{exc.field}: {exc.reason}" if exc.field else exc.reason
+            invalid.append((entry.id, to_rejection(entry.fields, entry.id, "INVALID", detail, exc.field, now), detail))
+            continue
+        except Exception as exc:  # one entry must never stop the batch
+            detail = f"the decision could not be checked ({type(exc).__name__}: {printable(str(exc), 200)})"
+            invalid.append((entry.id, to_rejection(entry.fields, entry.id, "INVALID", detail, "", now), detail))
+            continue
+        valid.append(routed)
     return RoutePlan(valid, invalid)
 
 

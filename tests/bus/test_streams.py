@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer, publish
 from quantum_trader.events import TRADE_INTENT, envelope
@@ -68,23 +70,88 @@ async def test_a_restarted_consumer_finishes_its_own_pending_entries_first(r: Re
     assert [e.deliveries for e in batch] == [2, 2, 2]
 
 
-async def test_poison_entry_goes_to_dead_letter_after_max_deliveries(r: Redis) -> None:
+class Died(BaseException):
+    """Stands for the process dying inside the handler (nothing after it runs)."""
+
+
+async def test_an_entry_the_stage_keeps_dying_on_is_set_aside_after_two_lone_tries(r: Redis) -> None:
     c = consumer(r, "a", batch_size=10, block_ms=50, max_deliveries=3)
     await c.setup()
-    [poison_id] = await publish(r, STREAM, [fields(1)])
-    await c.read_new()  # delivery 1, the handler "crashes"
+    [poison_id, good_id] = await publish(r, STREAM, [fields(1), fields(2)])
+    await c.read_new()  # delivery 1: the process dies
     for expected in (2, 3):
-        [entry] = await c.claim(0, own_only=True)
-        assert entry.deliveries == expected
+        entries = await c.claim(0, own_only=True)
+        assert [e.deliveries for e in entries] == [expected, expected]
+    handled: list[list[str]] = []
 
-    assert await c.claim(0, own_only=True) == []  # 4th delivery: set aside
+    async def dies_on_poison(batch: list[Entry]) -> None:
+        handled.append([e.id for e in batch])
+        if any(e.id == poison_id for e in batch):
+            raise Died
+        await r.xack(STREAM, GROUP, *[e.id for e in batch])
 
+    for _ in range(2):  # deliveries 4 and 5: suspects, each handled alone; the process dies each time
+        batch = await c.claim(0, own_only=True)
+        with pytest.raises(Died):
+            await c.process(dies_on_poison, batch)
+    assert handled == [[poison_id], [poison_id]]  # never together with its neighbour
+    batch = await c.claim(0, own_only=True)
+    await c.process(dies_on_poison, batch)  # third lone try: set aside without handling it again
+
+    assert handled[2:] == [[good_id]]
     [(_dlq_id, dead)] = await r.xrange(DLQ)
     payload = json.loads(dead["payload"])
     assert dead["origin_id"] == poison_id
-    assert "poison" in dead["reason"]
+    assert "stopped 2 times while handling it alone" in dead["reason"]
     assert payload["raw"] == fields(1) | {"timestamp": payload["raw"]["timestamp"]}
-    assert payload["deliveries"] == 4
+    assert payload["deliveries"] == 6
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+
+
+async def test_an_entry_that_breaks_the_handler_is_set_aside_alone_on_its_first_delivery(r: Redis) -> None:
+    c = consumer(r, "a", batch_size=10, block_ms=50)
+    await c.setup()
+    ids = await publish(r, STREAM, [fields(i) for i in range(5)])
+    handled: list[str] = []
+
+    async def breaks_on_two(batch: list[Entry]) -> None:
+        if any(e.fields["trace_id"] == "t2" for e in batch):
+            raise RecursionError("maximum recursion depth exceeded")
+        handled.extend(e.id for e in batch)
+        await r.xack(STREAM, GROUP, *[e.id for e in batch])
+
+    await c.process(breaks_on_two, await c.read_new())
+
+    assert handled == [ids[0], ids[1], ids[3], ids[4]]
+    [(_dlq_id, dead)] = await r.xrange(DLQ)
+    assert dead["origin_id"] == ids[2]
+    assert "RecursionError" in dead["reason"]
+    assert json.loads(dead["payload"])["deliveries"] == 1
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+
+
+async def test_a_batch_failing_on_the_server_is_retried_whole_never_set_aside(r: Redis) -> None:
+    c = consumer(r, "a", batch_size=10, block_ms=20, max_deliveries=2, claim_every_s=0.0)
+    ids = await publish(r, STREAM, [fields(i) for i in range(3)])
+    stop = asyncio.Event()
+    attempts: list[list[str]] = []
+
+    async def server_down_eight_times(batch: list[Entry]) -> None:
+        attempts.append([e.id for e in batch])
+        if len(attempts) <= 8:
+            raise ConnectionError("server unreachable")
+        await r.xack(STREAM, GROUP, *[e.id for e in batch])
+        stop.set()
+
+    async def fast_sleep(_stop: asyncio.Event, _seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("quantum_trader.bus.streams.sleep_or_stop", fast_sleep)
+        await asyncio.wait_for(c.run(server_down_eight_times, stop), 30)
+
+    assert await r.xlen(DLQ) == 0
+    assert sorted({i for attempt in attempts for i in attempt}) == ids
     assert (await r.xpending(STREAM, GROUP))["pending"] == 0
 
 

@@ -3,8 +3,16 @@
 A ``GroupConsumer`` reads batches (XREADGROUP COUNT n BLOCK t), hands them to the
 stage's handler, which acknowledges atomically with its own writes, and between
 reads reclaims entries that a dead consumer held (XPENDING IDLE + XCLAIM, so the
-delivery count is known) and sets aside entries delivered too often (poison) on
-the dead-letter stream. It stops after the batch in hand when asked to.
+delivery count is known). It stops after the batch in hand when asked to.
+
+One entry never stops the others: a batch whose handler fails for a reason that is not
+the server's (any exception but a server, network or transient exchange error) is
+handled again entry by entry, and the entry that still fails alone goes to the
+dead-letter stream with its raw fields and the error, on that same delivery. A batch
+that fails because the server or the exchange is unreachable is retried whole and never
+set aside. An entry delivered more than ``max_deliveries`` times (its consumers kept
+dying) is handled alone; if the stage dies while handling it alone twice more, it is
+set aside.
 """
 
 from __future__ import annotations
@@ -17,22 +25,37 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError, ResponseError
 
+from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import TransientExchangeError
-from quantum_trader.events import DEAD_LETTER, Fields, envelope
+from quantum_trader.events import DEAD_LETTER, MAX_FIELD_CHARS, Fields, envelope, printable, record_fields
 from quantum_trader.logs import get_logger
 from quantum_trader.settings import Settings
 
 log = get_logger("bus")
 
+# Failures that are not the entry's: the batch stays pending and is retried whole.
+TRANSIENT_ERRORS = (RedisError, OSError, TransientExchangeError)
+# Times a stage may die while handling one suspect entry alone before it is set aside.
+SUSPECT_TRIES = 2
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stream entry as read by a consumer; ``deliveries`` is 1 on first delivery."""
+    """One stream entry as read by a consumer; ``deliveries`` is 1 on first delivery.
+
+    ``retried`` marks an entry handled again after its batch failed in this process.
+    """
 
     id: str
     fields: Fields
     deliveries: int = 1
+    retried: bool = False
+
+    @property
+    def redelivered(self) -> bool:
+        """Handled before (by a consumer that died, or a failed batch): its effects may exist."""
+        return self.deliveries > 1 or self.retried
 
 
 Handler = Callable[[list["Entry"]], Awaitable[None]]
@@ -64,24 +87,30 @@ async def ensure_group(redis: Redis, stream: str, group: str, start: str = "0") 
 def dead_letter_fields(
     *, stream: str, group: str, entry: Entry, reason: str, field_name: str = "", source: str = "bus"
 ) -> Fields:
-    """A dead-letter entry: the envelope plus the reason and the raw entry, nothing lost."""
+    """A dead-letter entry: the envelope plus the reason and the raw entry, nothing lost.
+
+    ``raw`` is the entry as printable text (an oversize field cut, with its size and digest);
+    ``raw_base64`` holds the exact bytes of every field that was not UTF-8.
+    """
+    raw, exact = record_fields(entry.fields)
     payload = {
         "stream": stream,
         "group": group,
         "entry_id": entry.id,
         "deliveries": entry.deliveries,
-        "reason": reason,
-        "field": field_name,
-        "raw": entry.fields,
+        "reason": printable(reason),
+        "field": printable(field_name, MAX_FIELD_CHARS),
+        "raw": raw,
+        "raw_base64": exact,
     }
     fields = envelope(
         DEAD_LETTER,
         payload,
-        trace_id=entry.fields.get("trace_id", ""),
-        correlation_id=entry.fields.get("correlation_id", ""),
+        trace_id=printable(entry.fields.get("trace_id", ""), MAX_FIELD_CHARS),
+        correlation_id=printable(entry.fields.get("correlation_id", ""), MAX_FIELD_CHARS),
         source=source,
     )
-    fields["reason"] = reason
+    fields["reason"] = printable(reason, MAX_FIELD_CHARS)
     fields["origin_stream"] = stream
     fields["origin_id"] = entry.id
     return fields
@@ -104,6 +133,8 @@ class GroupConsumer:
     depth: int = 1
     _recheck_own: bool = field(default=True, init=False)
     _last_claim: float = field(default=0.0, init=False)
+    # Suspects whose last lone try failed for a transient reason: their next try is not counted.
+    _retrying: set[str] = field(default_factory=set, init=False)
 
     @classmethod
     def for_stage(cls, redis: Redis, settings: Settings, service: str, stream: str, group: str) -> GroupConsumer:
@@ -143,10 +174,7 @@ class GroupConsumer:
         return [Entry(entry_id, fields) for entry_id, fields in reply[0][1]]
 
     async def claim(self, min_idle_ms: int, *, own_only: bool = False) -> list[Entry]:
-        """Take over pending entries idle at least ``min_idle_ms`` (ours only, or anyone's).
-
-        Entries delivered more than ``max_deliveries`` times go to the dead-letter stream.
-        """
+        """Take over pending entries idle at least ``min_idle_ms`` (ours only, or anyone's)."""
         kwargs: dict[str, object] = {"idle": min_idle_ms}
         if own_only:
             kwargs["consumername"] = self.consumer
@@ -163,10 +191,52 @@ class GroupConsumer:
         entries = [Entry(entry_id, fields, counts[entry_id]) for entry_id, fields in claimed if fields is not None]
         if len(entries) < len(counts):
             log.debug("claim_skipped", stream=self.stream, count=len(counts) - len(entries))
-        poison = [entry for entry in entries if entry.deliveries > self.max_deliveries]
-        if poison:
-            await self.dead_letter(poison, f"delivered {self.max_deliveries}+ times without completing (poison entry)")
-        return [entry for entry in entries if entry.deliveries <= self.max_deliveries]
+        return entries
+
+    async def process(self, handler: Handler, batch: list[Entry]) -> None:
+        """Handle one batch so that no entry can stop the others (see the module docstring)."""
+        suspects = [entry for entry in batch if entry.deliveries > self.max_deliveries]
+        normal = [entry for entry in batch if entry.deliveries <= self.max_deliveries] if suspects else batch
+        if normal:
+            await self._isolating(handler, normal)
+        for entry in suspects:
+            await self._alone(handler, entry)
+
+    async def _isolating(self, handler: Handler, batch: list[Entry]) -> None:
+        try:
+            await handler(batch)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {printable(str(exc), 500)}"
+            if len(batch) == 1:
+                await self.dead_letter(batch, f"the {self.stream} entry could not be handled ({error})")
+                return
+            log.error("batch_failed_handling_entries_alone", stream=self.stream, count=len(batch), error=error)
+            for entry in batch:
+                # As a redelivery: the stage first looks up what the failed attempt may have done.
+                await self._isolating(handler, [Entry(entry.id, entry.fields, entry.deliveries, retried=True)])
+
+    async def _alone(self, handler: Handler, entry: Entry) -> None:
+        """A suspect entry: counted in the server before each try, so a stage that dies on it ends it."""
+        suspects = keys.suspects(self.stream, self.group)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(suspects, entry.id, 0 if entry.id in self._retrying else 1)
+            pipe.expire(suspects, 7 * 86_400)
+            tries, _ = await pipe.execute()
+        self._retrying.discard(entry.id)
+        if int(tries) > SUSPECT_TRIES:
+            await self.dead_letter(
+                [entry],
+                f"delivered {entry.deliveries} times; the stage stopped {int(tries) - 1} times while handling it alone",
+            )
+        else:
+            try:
+                await self._isolating(handler, [entry])
+            except TRANSIENT_ERRORS:
+                self._retrying.add(entry.id)
+                raise
+        await self.redis.hdel(suspects, entry.id)
 
     async def dead_letter(self, entries: list[Entry], reason: str, field_name: str = "") -> None:
         """Set entries aside on the dead-letter stream and acknowledge them, atomically."""
@@ -264,9 +334,9 @@ class GroupConsumer:
                 batch = await self.next_batch(in_flight=bool(flying))
                 if batch:
                     if self.depth == 1:
-                        await handler(batch)
+                        await self.process(handler, batch)
                     else:
-                        flying.add(asyncio.ensure_future(handler(batch)))
+                        flying.add(asyncio.ensure_future(self.process(handler, batch)))
                 else:
                     if flying:
                         done, _ = await asyncio.wait(flying)
@@ -275,7 +345,7 @@ class GroupConsumer:
                     if on_idle is not None:
                         await on_idle()
                 backoff = 0.1
-            except (RedisError, OSError, TransientExchangeError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 # Let the other batches finish (or fail) before retrying from our pending entries.
                 await self._settle(flying, "batch_retry")
                 # The batch stays pending: the next attempt (ours, or another consumer's after

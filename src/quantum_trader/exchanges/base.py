@@ -8,6 +8,7 @@ order the exchange already has. Execution relies on both after a crash.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -72,16 +73,37 @@ def client_order_id(intent_id: str, trace_id: str, correlation_id: str) -> str:
 
 
 def split_symbol(symbol: str, quote_assets: list[str]) -> tuple[str, str]:
-    """``ETHUSDT`` -> (``ETH``, ``USDT``) using the known quote assets (longest match first)."""
+    """``ETHUSDT`` or ``ETH/USDT`` -> (``ETH``, ``USDT``), the quote one of ``quote_assets``.
+
+    A market has a base and a quote that are distinct, non-empty ASCII capitals and digits;
+    anything else (``USDTUSDT``, ``/USDT``, ``ETH:USDT``, ``eth-usdt``, non-ASCII look-alikes)
+    raises ValueError saying what is wrong.
+    """
     return _split(symbol, tuple(quote_assets))
+
+
+_ASSET = re.compile(r"[A-Z0-9]{1,20}\Z")
 
 
 @lru_cache(maxsize=4096)
 def _split(symbol: str, quote_assets: tuple[str, ...]) -> tuple[str, str]:
     if "/" in symbol:
         base, _, quote = symbol.partition("/")
-        return base, quote.split(":")[0]
-    for quote in sorted(quote_assets, key=len, reverse=True):
-        if symbol.endswith(quote) and len(symbol) > len(quote):
-            return symbol[: -len(quote)], quote
-    raise ValueError(f"cannot tell base and quote of {symbol!r}; add its quote asset to QT_QUOTE_ASSETS")
+    else:
+        base = quote = ""
+        for known in sorted(quote_assets, key=len, reverse=True):
+            if symbol.endswith(known) and len(symbol) > len(known):
+                base, quote = symbol[: -len(known)], known
+                break
+    if not _ASSET.match(base) or not _ASSET.match(quote):
+        raise ValueError(
+            f"symbol {symbol!r} is not BASEQUOTE or BASE/QUOTE with ASCII capitals and digits "
+            f"and a quote asset of QT_QUOTE_ASSETS ({', '.join(quote_assets)})"
+        )
+    if quote not in quote_assets:
+        raise ValueError(
+            f"symbol {symbol!r}: quote asset {quote} is not in QT_QUOTE_ASSETS ({', '.join(quote_assets)})"
+        )
+    if base == quote:
+        raise ValueError(f"symbol {symbol!r}: base and quote are the same asset")
+    return base, quote
