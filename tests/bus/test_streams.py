@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+import redis.asyncio
 
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer, publish
@@ -219,3 +220,36 @@ async def test_two_batches_in_flight_each_entry_handled_once_even_after_a_failur
     assert most == 2  # batches overlapped
     assert sorted(handled) == sorted(ids)  # the failed batch was retried from pending, nothing twice
     assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+
+
+async def test_entries_too_big_to_read_in_time_come_in_smaller_batches(r: Redis, clean_url: str) -> None:
+    # A client whose socket gives up quickly stands for megabyte entries on a slow link.
+    impatient = redis.asyncio.Redis.from_url(clean_url, decode_responses=True, socket_timeout=0.2)
+    c = GroupConsumer(impatient, STREAM, GROUP, "a", DLQ, batch_size=500, block_ms=20, claim_every_s=0.0)
+    big = fields(0) | {"blob": "x" * (2 << 20)}
+    for _ in range(100):
+        await r.xadd(STREAM, big)
+    stop = asyncio.Event()
+    sizes: list[int] = []
+
+    async def handler(batch: list[Entry]) -> None:
+        sizes.append(len(batch))
+        await impatient.xack(STREAM, GROUP, *[e.id for e in batch])
+        if sum(sizes) >= 100:
+            stop.set()
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("quantum_trader.bus.streams.sleep_or_stop", _no_sleep)
+            await asyncio.wait_for(c.run(handler, stop), 60)
+    finally:
+        await impatient.aclose()
+
+    assert sum(sizes) == 100
+    assert max(sizes) < 100  # the whole stream never arrives in time: asked for in halves
+    assert await r.xlen(DLQ) == 0
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+
+
+async def _no_sleep(_stop: asyncio.Event, _seconds: float) -> None:
+    await asyncio.sleep(0)

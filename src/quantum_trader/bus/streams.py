@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
@@ -135,6 +136,13 @@ class GroupConsumer:
     _last_claim: float = field(default=0.0, init=False)
     # Suspects whose last lone try failed for a transient reason: their next try is not counted.
     _retrying: set[str] = field(default_factory=set, init=False)
+    # Entries per read after a timeout (0 = batch_size): huge entries come in smaller batches.
+    _limit: int = field(default=0, init=False)
+
+    @property
+    def count(self) -> int:
+        """Entries the next read or claim asks for."""
+        return self._limit or self.batch_size
 
     @classmethod
     def for_stage(cls, redis: Redis, settings: Settings, service: str, stream: str, group: str) -> GroupConsumer:
@@ -166,7 +174,7 @@ class GroupConsumer:
             self.group,
             self.consumer,
             {self.stream: ">"},
-            count=self.batch_size,
+            count=self.count,
             block=(self.block_ms if block_ms is None else block_ms) if wait else None,
         )
         if not reply:
@@ -179,7 +187,7 @@ class GroupConsumer:
         if own_only:
             kwargs["consumername"] = self.consumer
         pending = await self.redis.xpending_range(
-            self.stream, self.group, min="-", max="+", count=self.batch_size, **kwargs
+            self.stream, self.group, min="-", max="+", count=self.count, **kwargs
         )
         if not pending:
             return []
@@ -345,7 +353,13 @@ class GroupConsumer:
                     if on_idle is not None:
                         await on_idle()
                 backoff = 0.1
+                if self._limit:
+                    self._limit = min(self.batch_size, self._limit * 2)
             except TRANSIENT_ERRORS as exc:
+                if isinstance(exc, (RedisTimeoutError, TimeoutError)):
+                    # A reply too big to arrive in time (entries of megabytes) is asked for in halves,
+                    # down to one entry, instead of failing the same way forever.
+                    self._limit = max(1, self.count // 2)
                 # Let the other batches finish (or fail) before retrying from our pending entries.
                 await self._settle(flying, "batch_retry")
                 # The batch stays pending: the next attempt (ours, or another consumer's after
