@@ -144,3 +144,29 @@ async def test_sigterm_mid_backlog_exits_zero_and_leaves_no_intent_half_done(r: 
     assert len(done) + len(pending) + unread == intents
     orders = await r.hgetall("quantum:paper:orders")
     assert set(orders) == {res["client_order_id"] for res in results}  # no order without its result
+
+
+async def test_status_consumers_shows_each_consumer_with_pending_and_idle(r: Redis, clean_url: str) -> None:
+    stream, group = "quantum:stream:trade.intent", "quantum:group:execution:trade.intent"
+    await ensure_group(r, stream, group)
+    await publish(r, stream, [{"n": str(i)} for i in range(7)])
+    await r.xreadgroup(group, "exec-a", {stream: ">"}, count=4)
+    await r.xreadgroup(group, "exec-b", {stream: ">"}, count=3)
+
+    plain = cli(clean_url, "status")
+    detailed = cli(clean_url, "status", "--consumers")
+
+    assert detailed.returncode == 0, detailed.stderr
+    assert "exec-a" not in plain.stdout
+    rows = {line.split("└")[1].split("│")[0].strip(): line for line in detailed.stdout.splitlines() if "  └ " in line}
+    assert set(rows) == {"exec-a", "exec-b"}
+    assert [c.strip() for c in rows["exec-a"].split("│") if c.strip()][1] == "4"
+    assert "idle" in rows["exec-b"]
+
+
+def test_status_watch_refuses_a_negative_or_zero_interval_in_one_line(clean_url: str) -> None:
+    for bad in ("-1", "0.01"):
+        done = cli(clean_url, "status", "--watch", bad)
+        assert done.returncode == 2
+        assert done.stderr.startswith(f"error: --watch {float(bad):g}")
+        assert "Traceback" not in done.stderr

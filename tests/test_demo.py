@@ -16,12 +16,12 @@ import redis
 
 def demo_env(url: str, data_dir: Path) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
-    return base | {"QT_REDIS_URL": url, "QT_DATA_DIR": str(data_dir)}
+    return base | {"QT_DATA_DIR": str(data_dir)}
 
 
 def test_demo_runs_candles_through_strategies_to_results(clean_url: str, tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "quantum_trader", "demo", "--count", "150", "--rate", "2000"],
+        [sys.executable, "-m", "quantum_trader", "demo", "--count", "150", "--rate", "2000", "--server-url", clean_url],
         env=demo_env(clean_url, tmp_path), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -48,7 +48,8 @@ def test_demo_stops_cleanly_on_ctrl_c(clean_url: str, tmp_path: Path) -> None:
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
     with out_path.open("w") as out_file, err_path.open("w") as err_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "quantum_trader", "demo", "--count", "100000", "--rate", "100"],
+            [sys.executable, "-m", "quantum_trader", "demo", "--count", "100000", "--rate", "100",
+             "--server-url", clean_url],
             env=demo_env(clean_url, tmp_path), stdout=out_file, stderr=err_file, text=True,
         )  # fmt: skip
     client = redis.Redis.from_url(clean_url)
@@ -71,3 +72,30 @@ def test_demo_stops_cleanly_on_ctrl_c(clean_url: str, tmp_path: Path) -> None:
             process.kill()
             process.wait()
         client.close()
+
+
+def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = demo_env("", data_dir) | {"QT_LOG_LEVEL": "error"}
+    return subprocess.run(
+        [sys.executable, "-m", "quantum_trader", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_the_demo_leaves_the_operators_switch_balances_counter_and_data_dir_as_it_found_them(tmp_path: Path) -> None:
+    data_dir = tmp_path / "operator"
+    assert "HALTED" in cli(data_dir, "kill", "status").stdout  # the operator's embedded server, never armed
+    before = tree(data_dir)
+
+    done = cli(data_dir, "demo", "--source", "decisions", "--count", "50", "--rate", "2000")
+    assert done.returncode == 0, done.stderr
+    assert "FILLED" in done.stdout  # it did trade, on its own server
+
+    assert tree(data_dir) == before
+    after = cli(data_dir, "kill", "status")
+    assert "HALTED" in after.stdout, after.stdout
+    status = json.loads(cli(data_dir, "governor", "status", "--json").stdout)
+    assert status["count"] == 0

@@ -17,12 +17,13 @@ import typer
 
 from quantum_trader import cli_support, governor, ops, services
 from quantum_trader.bus.connection import Redis, connected, server_url
-from quantum_trader.bus.embedded import EmbeddedValkey
+from quantum_trader.bus.embedded import EmbeddedValkey, write_url_file
 from quantum_trader.bus.streams import publish
 from quantum_trader.cli_support import JSON_OPT, console, err, state, with_redis
 from quantum_trader.errors import ConfigError, QuantumTraderError
 from quantum_trader.events import DECISION, envelope
 from quantum_trader.logs import configure
+from quantum_trader.redaction import redact_url, redact_urls
 from quantum_trader.status import pipeline_status
 from quantum_trader.views import governor_table, status_table
 
@@ -215,8 +216,8 @@ def server() -> None:
         raise ConfigError("QT_REDIS_URL is set: the embedded server is not used; unset it to run one")
     valkey = EmbeddedValkey(settings.data_dir, appendfsync=settings.appendfsync)
     valkey.start()
-    (settings.data_dir / "server.url").write_text(valkey.url)
-    console.print(f"valkey serving at {valkey.url} (data in {settings.data_dir})")
+    write_url_file(settings.data_dir, valkey.url)
+    console.print(f"valkey serving at {redact_url(valkey.url)} (data in {settings.data_dir})")
     try:
         while valkey.process is not None and valkey.process.poll() is None:
             time.sleep(1)
@@ -293,8 +294,8 @@ def main() -> None:
     try:
         app()
     except ConfigError as exc:
-        err.print(f"error: {exc}", highlight=False)
+        err.print(f"error: {redact_urls(str(exc))}", highlight=False)
         sys.exit(2)
     except QuantumTraderError as exc:
-        err.print(f"error: {exc}", highlight=False)
+        err.print(f"error: {redact_urls(str(exc))}", highlight=False)
         sys.exit(1)

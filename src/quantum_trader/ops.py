@@ -57,6 +57,30 @@ async def last_ids(redis: Redis, streams: list[str]) -> dict[str, str]:
     return out
 
 
+async def wait_for_outcome(
+    redis: Redis, settings: Settings, decision_id: str, since: dict[str, str], timeout_s: float
+) -> dict[str, Any] | None:
+    """The terminal outcome of one decision: its rejection, or its intent's result; None after ``timeout_s``.
+
+    ``since`` holds the result and rejection streams' last ids from before the decision was published.
+    """
+    streams = settings.streams
+    positions = {streams.result: since.get(streams.result, "0-0"), streams.rejected: since.get(streams.rejected, "0-0")}
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        reply = await redis.xread(positions, count=1000, block=max(1, int(min(left, 1.0) * 1000)))
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                positions[stream] = entry_id
+                try:
+                    payload = json.loads(fields.get("payload", "{}"))
+                except ValueError:
+                    continue
+                if decision_id in (payload.get("decision_id"), payload.get("original_id")):
+                    return {"stream": stream, "id": entry_id, **payload}
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class DemoReport:
     """What the demo did."""

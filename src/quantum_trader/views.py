@@ -42,6 +42,10 @@ def status_table(stats: list[StreamStat], title: str = "Pipeline streams") -> Ta
             table.add_row(
                 *lead, group.name, _num(group.consumers), _num(group.pending), _num(group.lag), group.last_delivered_id
             )
+            for consumer in group.consumer_list:
+                # One sub-row per consumer (status --consumers): its pending entries and idle time.
+                idle = f"idle {consumer.idle_ms / 1000:,.1f}s"
+                table.add_row("", "", "", "", f"  └ {consumer.name}", "", _num(consumer.pending), "", idle)
     return table
 
 
