@@ -32,7 +32,8 @@ def test_unit_runs_recover_first_with_the_venv_path_and_separate_secrets(tmp_pat
     assert f"ExecStart={VENV}/bin/quantum-trader execution" in lines
     assert any(line.startswith(f"Environment=PATH={VENV}/bin:") for line in lines)
     assert "EnvironmentFile=/etc/quantum/quantum-trader.env" in lines
-    assert "EnvironmentFile=-/etc/quantum/secrets.env" in lines
+    # Credentials are read from the secrets file by the process, never put in its environment.
+    assert not any("secrets.env" in line for line in lines)
     for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
                       "CapabilityBoundingSet=", "SystemCallFilter=@system-service", "User=quantum",
                       f"ReadWritePaths={tmp_path / 'data'}", "Restart=on-failure", "TimeoutStopSec=30s"):  # fmt: skip

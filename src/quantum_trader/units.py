@@ -81,11 +81,12 @@ SystemCallFilter=~@privileged @resources"""
 
 
 def _environment(layout: Layout) -> str:
+    # The secrets file is not an EnvironmentFile: the process reads it itself (QT_SECRETS_FILE in
+    # the settings file), so credentials never sit in any process's environment.
     path = f"{layout.venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     return f"""User={layout.user}
 Group={layout.group}
 EnvironmentFile={layout.settings_file}
-EnvironmentFile=-{layout.secrets_file}
 Environment=PATH={path}
 Environment=QT_DATA_DIR={layout.data_dir}
 Environment=QT_LOG_FORMAT=json"""
