@@ -150,15 +150,38 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
         if prefix < 1000:
             break
 
-    # 3. Consumers that hold nothing and have been idle past the threshold.
+    # 3. Consumers that hold nothing and have been idle past the threshold. The listing is only a
+    # hint: each is deleted only if it still holds nothing when the server deletes it.
+    delete_if_empty = redis.register_script(_DELETE_IF_EMPTY)
     for stream, group in ((streams.decision, streams.router_group), (streams.intent, streams.execution_group)):
         for consumer in await redis.xinfo_consumers(stream, group):
-            empty = int(consumer["pending"]) == 0
-            if empty and (int(consumer["idle"]) >= idle_ms or consumer["name"] == RECOVER_CONSUMER):
-                await redis.xgroup_delconsumer(stream, group, consumer["name"])
-                if consumer["name"] != RECOVER_CONSUMER:
-                    report.consumers_deleted.append(f"{group} / {consumer['name']}")
+            name = str(consumer["name"])
+            min_idle = 0 if name == RECOVER_CONSUMER else idle_ms
+            if int(consumer["pending"]) == 0 and int(consumer["idle"]) >= min_idle:
+                deleted = await delete_if_empty(keys=[stream], args=[group, name, min_idle])
+                if deleted and name != RECOVER_CONSUMER:
+                    report.consumers_deleted.append(f"{group} / {name}")
     return report
+
+
+# XGROUP DELCONSUMER drops the consumer's pending entries from the group (delivered, never
+# acknowledged, never delivered again), so the check that it holds nothing and the delete are
+# one step: a consumer (or another recover run) that took a batch since the listing keeps it.
+# KEYS[1] stream; ARGV group, consumer, min idle ms. Returns 1 when deleted, 0 when kept.
+_DELETE_IF_EMPTY = """
+for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local c = {}
+  for i = 1, #fields, 2 do c[fields[i]] = fields[i + 1] end
+  if c['name'] == ARGV[2] then
+    if c['pending'] == 0 and c['idle'] >= tonumber(ARGV[3]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+      return 1
+    end
+    return 0
+  end
+end
+return 0
+"""
 
 
 async def _live_consumers(redis: Redis, consumers: set[str]) -> set[str]:
