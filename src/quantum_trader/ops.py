@@ -223,9 +223,22 @@ async def replay_dead_letters(redis: Redis, stream: str, ids: list[str]) -> list
         # Fields that were not UTF-8 go back as the exact bytes they held.
         for name, data in payload.get("raw_base64", {}).items():
             raw[name] = base64.b64decode(data).decode("utf-8", "surrogateescape")
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(origin, raw)
-            pipe.xdel(stream, dead_id)
-            new_id, _ = await pipe.execute()
+        new_id = await redis.register_script(_REPLAY)(
+            keys=[stream, origin], args=[dead_id, *[item for pair in raw.items() for item in pair]]
+        )
+        if new_id is None:
+            raise LookupError(
+                f"dead-letter entry {dead_id} was replayed or removed meanwhile; see: quantum-trader dlq list"
+            )
         replayed.append((dead_id, origin, str(new_id)))
     return replayed
+
+
+# The dead letter goes back only if this call is the one that removes it, in one step: two
+# replays of one id (two operators, a command retried) put it back once. A replayed intent
+# gets a new id, hence a new client order id: back twice, it would place two orders.
+# KEYS[1] dead-letter stream, KEYS[2] origin stream; ARGV dead-letter id, then field, value, ...
+_REPLAY = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+"""

@@ -1,0 +1,69 @@
+"""dlq replay puts a dead letter back on its stream once, even when two replays of it race.
+
+A replayed intent gets a new entry id and so a new client order id: put back twice, it would
+place two orders. Two operators, or a command retried after a timeout, must not do that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+
+from quantum_trader.bus.connection import Redis, client
+from quantum_trader.bus.streams import Entry, dead_letter_fields
+from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope
+from quantum_trader.ops import replay_dead_letters
+
+INTENTS = "quantum:stream:trade.intent"
+DEAD_LETTERS = "quantum:stream:dead_letter"
+
+
+async def dead_lettered_intent(r: Redis) -> str:
+    raw = envelope(
+        TRADE_INTENT,
+        TradeIntent(symbol="ETHUSDT", side="BUY", qty=Decimal("0.1")),
+        trace_id="t1",
+        correlation_id="c1",
+        source="router",
+    )
+    fields = dead_letter_fields(
+        stream=INTENTS,
+        group="quantum:group:execution:trade.intent",
+        entry=Entry("1-1", raw, 6),
+        reason="delivered 6 times; the stage stopped 3 times while handling it alone",
+    )
+    return str(await r.xadd(DEAD_LETTERS, fields))
+
+
+async def test_a_dead_letter_is_replayed_once_and_removed(r: Redis) -> None:
+    dead_id = await dead_lettered_intent(r)
+    [(replayed_id, origin, new_id)] = await replay_dead_letters(r, DEAD_LETTERS, [dead_id])
+    assert (replayed_id, origin) == (dead_id, INTENTS)
+    assert [entry_id for entry_id, _ in await r.xrange(INTENTS)] == [new_id]
+    assert await r.xlen(DEAD_LETTERS) == 0
+    with pytest.raises(LookupError, match="dlq list"):
+        await replay_dead_letters(r, DEAD_LETTERS, [dead_id])
+    assert await r.xlen(INTENTS) == 1
+
+
+async def test_two_replays_of_one_dead_letter_at_once_put_it_back_once(r: Redis, clean_url: str) -> None:
+    for _ in range(5):
+        await r.delete(INTENTS, DEAD_LETTERS)
+        dead_id = await dead_lettered_intent(r)
+        first, second = client(clean_url), client(clean_url)
+        try:
+            outcomes = await asyncio.gather(
+                replay_dead_letters(first, DEAD_LETTERS, [dead_id]),
+                replay_dead_letters(second, DEAD_LETTERS, [dead_id]),
+                return_exceptions=True,
+            )
+        finally:
+            await first.aclose()
+            await second.aclose()
+        assert await r.xlen(INTENTS) == 1, f"replayed {await r.xlen(INTENTS)} times: {outcomes}"
+        done = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert len(done) == 1
+        assert [type(o) for o in outcomes if isinstance(o, BaseException)] == [LookupError]
+        assert await r.xlen(DEAD_LETTERS) == 0
