@@ -10,18 +10,20 @@ starts several units at once, each with recover as ExecStartPre).
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import ensure_group, publish
 from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope, now_iso
 from quantum_trader.recover import RECOVER_CONSUMER, recover
 from quantum_trader.settings import Settings
+from tests.pipeline import results
 
 INTENTS = "quantum:stream:trade.intent"
 GROUP = "quantum:group:execution:trade.intent"
@@ -90,3 +92,58 @@ async def test_recover_still_removes_idle_empty_consumers_and_keeps_busy_ones(
 
     assert report.consumers_deleted == [f"{GROUP} / finished"]
     assert [c["name"] for c in await r.xinfo_consumers(INTENTS, GROUP)] == ["busy"]
+
+
+def stale_intent(n: int) -> dict[str, str]:
+    born = now_iso(datetime.now(UTC) - timedelta(seconds=600))
+    payload = TradeIntent(symbol="ETHUSDT", side="BUY", qty=Decimal("0.1"), decision_ts=born)
+    return envelope(TRADE_INTENT, payload, trace_id=f"t{n}", correlation_id=f"c{n}", source="router")
+
+
+class TakenAfterPaging(aioredis.Redis):
+    """recover's own client; right after it pages the pending intents, a live execution process
+    (``taker``, with a heartbeat) reclaims them from the dead consumer, as it does every few seconds."""
+
+    taker: Redis
+
+    async def xpending_range(self, name: Any, groupname: Any, *args: Any, **kwargs: Any) -> Any:
+        page = await super().xpending_range(name, groupname, *args, **kwargs)
+        if name == INTENTS and page:
+            await self.taker.set(keys.heartbeat("execution", "live-exec"), "{}", ex=15)
+            await self.taker.xclaim(INTENTS, GROUP, "live-exec", 0, [p["message_id"] for p in page])
+        return page
+
+
+async def test_an_intent_a_live_consumer_took_after_recover_paged_it_is_not_expired_under_it(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    # The live consumer may already be placing its order: an EXPIRED result now would hide a fill.
+    await ensure_group(r, INTENTS, GROUP)
+    [intent_id] = await publish(r, INTENTS, [stale_intent(1)])
+    await r.xreadgroup(GROUP, "dead-exec", {INTENTS: ">"}, count=1)  # then it died
+
+    client = TakenAfterPaging.from_url(clean_url, decode_responses=True)
+    client.taker = r
+    try:
+        report = await recover(client, settings_for(clean_url, max_intent_age_s=60), idle_ms=0)
+    finally:
+        await client.aclose()
+
+    assert await results(r) == []
+    assert report.expired == 0
+    [held] = await r.xpending_range(INTENTS, GROUP, min="-", max="+", count=10)
+    assert (held["message_id"], held["consumer"]) == (intent_id, "live-exec")
+
+
+async def test_stale_intents_of_a_dead_consumer_are_still_expired_once(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    await ensure_group(r, INTENTS, GROUP)
+    ids = await publish(r, INTENTS, [stale_intent(n) for n in range(3)])
+    await r.xreadgroup(GROUP, "dead-exec", {INTENTS: ">"}, count=3)
+
+    report = await recover(r, settings_for(clean_url, max_intent_age_s=60), idle_ms=0)
+
+    assert report.expired == 3
+    assert sorted((res["intent_id"], res["status"]) for res in await results(r)) == [(i, "EXPIRED") for i in ids]
+    assert await r.xpending_range(INTENTS, GROUP, min="-", max="+", count=10) == []

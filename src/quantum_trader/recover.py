@@ -120,9 +120,17 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
         report.left_with_order += len(ordered)
         stale = [entry for entry in stale if entry.id not in ordered]
         if stale:
-            claimed = await redis.xclaim(streams.intent, streams.execution_group, RECOVER_CONSUMER, idle_ms,
-                                         [e.id for e in stale])  # fmt: skip
-            claimed_entries = [Entry(entry_id, fields, 2) for entry_id, fields in claimed if fields is not None]
+            # Taken only from the dead consumer that held it when paged: a live consumer that took it
+            # since then may be placing its order (an EXPIRED result would hide the fill).
+            owner = {p["message_id"]: p["consumer"] for p in pending}
+            args = [
+                streams.execution_group,
+                RECOVER_CONSUMER,
+                idle_ms,
+                *[x for e in stale for x in (e.id, owner[e.id])],
+            ]
+            taken = set(await redis.register_script(_CLAIM_FROM_DEAD)(keys=[streams.intent], args=args))
+            claimed_entries = [entry for entry in stale if entry.id in taken]
             fresh = await _expire(execution, claimed_entries, moment, report)
             report.left_for_execution += len(fresh)
         report.left_for_execution += len(entries) - len(stale)
@@ -162,6 +170,24 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
                 if deleted and name != RECOVER_CONSUMER:
                     report.consumers_deleted.append(f"{group} / {name}")
     return report
+
+
+# Claims each id for recover only if the consumer judged dead still holds it, idle long enough
+# (checked and claimed in one step). KEYS[1] intent stream; ARGV group, claimer, min idle ms, then
+# id, owner pairs. Returns the ids claimed (JUSTID: recover finishes them at once).
+_CLAIM_FROM_DEAD = """
+local group, claimer, min_idle = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local taken = {}
+for i = 4, #ARGV, 2 do
+  local held = redis.call('XPENDING', KEYS[1], group, ARGV[i], ARGV[i], 1)[1]
+  if held and held[2] == ARGV[i + 1] and held[3] >= min_idle then
+    if #redis.call('XCLAIM', KEYS[1], group, claimer, min_idle, ARGV[i], 'JUSTID') > 0 then
+      taken[#taken + 1] = ARGV[i]
+    end
+  end
+end
+return taken
+"""
 
 
 # XGROUP DELCONSUMER drops the consumer's pending entries from the group (delivered, never
