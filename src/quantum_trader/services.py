@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, server_version
 from quantum_trader.bus.streams import sleep_or_stop
-from quantum_trader.bus.trim import has_native_acked_trim, trim_consumed
+from quantum_trader.bus.trim import Retention, has_native_acked_trim, trim_consumed, trim_retained
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.base import Exchange
 from quantum_trader.exchanges.paper import PaperExchange
@@ -86,7 +86,6 @@ class Runner:
     settings: Settings
     stages: dict[str, Stage]
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    trim_every_s: float = 5.0
 
     async def heartbeat(self) -> None:
         """Refresh one key per stage with an expiry; ``quantum-trader check`` reads it."""
@@ -103,24 +102,29 @@ class Runner:
             await sleep_or_stop(self.stop, self.settings.heartbeat_s)
 
     async def trim(self) -> None:
-        """Trim each input stream up to what every group has finished."""
+        """Every ``QT_TRIM_INTERVAL_S``: trim each input stream up to what every group has finished,
+        and bound the outcome streams these stages write to their retention."""
         try:
             server, version = await server_version(self.redis)
             native = has_native_acked_trim(server, version)
         except RedisError:
             native = False
+        inputs = list(dict.fromkeys(stage.consumer.stream for stage in self.stages.values()))
+        outcomes = retained_streams(self.settings, list(self.stages))
         while not self.stop.is_set():
-            await sleep_or_stop(self.stop, self.trim_every_s)
-            for stage in self.stages.values():
+            await sleep_or_stop(self.stop, self.settings.trim_interval_s)
+            for stream in inputs:
                 try:
-                    await trim_consumed(
-                        self.redis,
-                        stage.consumer.stream,
-                        self.settings.trim_keep_s,
-                        native_acked=native,
-                    )
+                    await trim_consumed(self.redis, stream, self.settings.trim_keep_s, native_acked=native)
                 except RedisError as exc:
-                    log.warning("trim_failed", stream=stage.consumer.stream, error=str(exc))
+                    log.warning("trim_failed", stream=stream, error=str(exc))
+            for stream, retention in outcomes.items():
+                if stream in inputs:
+                    continue  # an input keeps its backlog: only the group rule applies to it
+                try:
+                    await trim_retained(self.redis, stream, retention)
+                except RedisError as exc:
+                    log.warning("trim_failed", stream=stream, error=str(exc))
 
     async def run(self) -> None:
         """Run every stage, the heartbeat and the trimmer; return once stopped."""
@@ -146,6 +150,24 @@ class Runner:
                 stages=list(self.stages),
                 totals={n: s.totals for n, s in self.stages.items()},
             )
+
+
+def retained_streams(settings: Settings, stage_names: list[str]) -> dict[str, Retention]:
+    """The outcome streams the named stages write, each with its retention.
+
+    Every stage may dead-letter; the router writes rejections, execution the results (and the
+    legacy copy). Each process bounds what its own stages write, so any deployment split keeps
+    every outcome stream bounded.
+    """
+    outcome = Retention(settings.result_keep_s, settings.result_maxlen)
+    out = {settings.dead_letter_stream: Retention(settings.dead_letter_keep_s, settings.dead_letter_maxlen)}
+    if "router" in stage_names:
+        out[settings.rejected_stream] = outcome
+    if "execution" in stage_names:
+        out[settings.result_stream] = outcome
+        if settings.result_stream_legacy:
+            out[settings.result_stream_legacy] = outcome
+    return out
 
 
 async def announce_kill_state(redis: Redis) -> None:

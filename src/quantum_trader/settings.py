@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     consumer: str = Field(default="", description="consumer name; empty = <service>-<hostname>")
     heartbeat_s: float = Field(default=5.0, gt=0)
     trim_keep_s: float = Field(default=600, ge=0, description="seconds of consumed entries kept for inspection")
+    trim_interval_s: float = Field(default=5.0, gt=0, description="seconds between two trim passes of a process")
+    # Retention of outcome streams (results, legacy copy, rejections; dead letters): never past what a
+    # consumer group still needs. 0 switches a limit off. ~0.5 KB per result.
+    result_keep_s: float = Field(default=86_400, ge=0, description="seconds results and rejections are kept")
+    result_maxlen: int = Field(default=200_000, ge=0, description="results (and rejections) kept at most, per stream")
+    dead_letter_keep_s: float = Field(default=7 * 86_400, ge=0, description="seconds dead letters are kept")
+    dead_letter_maxlen: int = Field(default=100_000, ge=0, description="dead letters kept at most")
 
     paper_fee_rate: Decimal = Field(default=Decimal("0.001"), ge=0, lt=1)
     paper_slippage_bps: Decimal = Field(default=Decimal("0"), ge=0, lt=10_000)
