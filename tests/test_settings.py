@@ -136,3 +136,27 @@ def test_command_variables_are_not_refused_as_unknown_settings(monkeypatch: pyte
     monkeypatch.setenv("QT_DURATION", "5")
     monkeypatch.setenv("QT_STAGES", "router,execution")
     assert load_settings().mode == "paper"
+
+def test_a_dedup_window_shorter_than_an_intent_may_live_is_refused_naming_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An exact replay 3 s later would pass the 60 s age check after a 2 s window forgot the first.
+    monkeypatch.setenv("QT_DEDUP_WINDOW_S", "2")
+    monkeypatch.setenv("QT_MAX_INTENT_AGE_S", "60")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "QT_DEDUP_WINDOW_S=2" in message
+    assert "QT_MAX_INTENT_AGE_S=60" in message
+    assert "set QT_DEDUP_WINDOW_S=65 or more" in message  # 60 s of age + 5 s a timestamp may run ahead
+    assert "\n" not in message
+    monkeypatch.setenv("QT_DEDUP_WINDOW_S", "65")
+    assert load_settings().dedup_window_s == 65
+
+
+def test_an_unset_dedup_window_follows_a_longer_max_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = load_settings()
+    assert (defaults.dedup_window_s, defaults.max_intent_age_s, defaults.clock_skew_s) == (300, 60, 5)
+    monkeypatch.setenv("QT_MAX_INTENT_AGE_S", "3600")
+    assert load_settings().dedup_window_s == 3605
+

@@ -10,6 +10,7 @@ start-up with one line naming the variable, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -33,6 +34,7 @@ DEDUP_FIELD_CHOICES = ("correlation_id", "trace_id", "msg_id")
 LIVE_CONFIRMATION = "I-ACCEPT-REAL-MONEY-RISK"
 # Daily trade limit when QT_DAILY_LIMIT is not set; the testnet figure is the seed's.
 DEFAULT_DAILY_LIMIT: dict[str, int] = {"paper": 1_000_000, "testnet": 1_000_000, "live": 100}
+DEFAULT_QUOTE_ASSETS = ("USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "USD")
 _SEED_NAMES = {
     "result_stream": "EXECUTION_RESULT_STREAM",
     "result_stream_legacy": "EXECUTION_RESULT_STREAM_LEGACY",
@@ -88,7 +90,9 @@ class Settings(BaseSettings):
     execution_group: str = "quantum:group:execution:trade.intent"
 
     dedup_fields: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["correlation_id", "trace_id"])
-    dedup_window_s: int = Field(default=300, gt=0)
+    dedup_window_s: int = Field(
+        default=300, gt=0, description="at least QT_MAX_INTENT_AGE_S + QT_CLOCK_SKEW_S; raised to that when unset"
+    )
 
     daily_limit: int | None = Field(default=None, ge=0)
     max_notional: Decimal = Field(default=Decimal("100000"), gt=0)
@@ -117,9 +121,7 @@ class Settings(BaseSettings):
     paper_fee_rate: Decimal = Field(default=Decimal("0.001"), ge=0, lt=1)
     paper_slippage_bps: Decimal = Field(default=Decimal("0"), ge=0, lt=10_000)
     paper_balances: Annotated[dict[str, Decimal], NoDecode] = Field(default_factory=lambda: {"USDT": Decimal("100000")})
-    quote_assets: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "USD"]
-    )
+    quote_assets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_QUOTE_ASSETS))
 
     # --- market data and AI engine: add fields below this line ---
     candle_stream: str = "quantum:stream:market.candle"
@@ -208,6 +210,22 @@ class Settings(BaseSettings):
             raise ValueError(f"QT_MODE=live trades real money and needs QT_LIVE_CONFIRM={LIVE_CONFIRMATION} as well")
         return self
 
+    @model_validator(mode="after")
+    def _dedup_outlives_replays(self) -> Settings:
+        # A replay the age check lets through must still find the first one's dedup key: an
+        # intent runs while its decision is at most max-age old, and a decision may be stamped
+        # up to the clock skew in the future, so its key must live max-age + skew seconds.
+        need = minimum_dedup_window(self.max_intent_age_s, self.clock_skew_s)
+        if "dedup_window_s" not in self.model_fields_set:
+            object.__setattr__(self, "dedup_window_s", max(self.dedup_window_s, need))
+        elif self.dedup_window_s < need:
+            raise ValueError(
+                f"QT_DEDUP_WINDOW_S={self.dedup_window_s} is shorter than QT_MAX_INTENT_AGE_S="
+                f"{self.max_intent_age_s:g} + QT_CLOCK_SKEW_S={self.clock_skew_s:g}: a replay could trade twice; "
+                f"set QT_DEDUP_WINDOW_S={need} or more, or lower QT_MAX_INTENT_AGE_S"
+            )
+        return self
+
     @property
     def effective_daily_limit(self) -> int:
         """The configured limit, or the mode's default."""
@@ -231,6 +249,11 @@ class Settings(BaseSettings):
     def consumer_name(self, service: str) -> str:
         """This process's consumer name: stable across restarts so it finds its own pending entries."""
         return self.consumer or f"{service}-{os.uname().nodename}"
+
+
+def minimum_dedup_window(max_intent_age_s: float, clock_skew_s: float) -> int:
+    """The shortest dedup window (whole seconds) under which no replay of an executable decision is routed again."""
+    return math.ceil(max_intent_age_s + clock_skew_s)
 
 
 # Options of the command line that can also come from the environment (typer ``envvar=``):

@@ -8,6 +8,7 @@ import json
 import pytest
 import redis.asyncio
 
+from quantum_trader.bus import connection
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer, publish
 from quantum_trader.events import TRADE_INTENT, envelope
@@ -81,7 +82,7 @@ async def test_an_entry_the_stage_keeps_dying_on_is_set_aside_after_two_lone_tri
     [poison_id, good_id] = await publish(r, STREAM, [fields(1), fields(2)])
     await c.read_new()  # delivery 1: the process dies
     for expected in (2, 3):
-        entries = await c.claim(0, own_only=True)
+        entries = await c.own_pending()
         assert [e.deliveries for e in entries] == [expected, expected]
     handled: list[list[str]] = []
 
@@ -92,11 +93,11 @@ async def test_an_entry_the_stage_keeps_dying_on_is_set_aside_after_two_lone_tri
         await r.xack(STREAM, GROUP, *[e.id for e in batch])
 
     for _ in range(2):  # deliveries 4 and 5: suspects, each handled alone; the process dies each time
-        batch = await c.claim(0, own_only=True)
+        batch = await c.own_pending()
         with pytest.raises(Died):
             await c.process(dies_on_poison, batch)
     assert handled == [[poison_id], [poison_id]]  # never together with its neighbour
-    batch = await c.claim(0, own_only=True)
+    batch = await c.own_pending()
     await c.process(dies_on_poison, batch)  # third lone try: set aside without handling it again
 
     assert handled[2:] == [[good_id]]
@@ -253,3 +254,58 @@ async def test_entries_too_big_to_read_in_time_come_in_smaller_batches(r: Redis,
 
 async def _no_sleep(_stop: asyncio.Event, _seconds: float) -> None:
     await asyncio.sleep(0)
+
+
+async def test_retaking_own_entries_never_takes_back_one_another_consumer_just_claimed(
+    r: Redis, clean_url: str
+) -> None:
+    slow_client = connection.client(clean_url)
+    slow = GroupConsumer(slow_client, STREAM, GROUP, "slow", DLQ, batch_size=10, block_ms=20)
+    other = consumer(r, "other", batch_size=10, block_ms=20)
+    await slow.setup()
+    ids = await publish(r, STREAM, [fields(i) for i in range(4)])
+    await slow.read_new()
+    await asyncio.sleep(0.05)
+    listed = slow_client.xpending_range
+    taken: list[Entry] = []
+
+    async def then_other_claims(*args: object, **kwargs: object) -> object:
+        found = await listed(*args, **kwargs)  # slow has just listed its own entries ...
+        taken.extend(await other.claim(10))  # ... when "other" decides slow is dead and takes them
+        return found
+
+    slow_client.xpending_range = then_other_claims
+    try:
+        retaken = await slow.own_pending()
+    finally:
+        await slow_client.aclose()
+
+    assert [e.id for e in taken] == ids
+    assert retaken == []  # not taken back: "other" is handling them
+    info = {c["name"]: c["pending"] for c in await r.xinfo_consumers(STREAM, GROUP)}
+    assert info == {"slow": 0, "other": 4}
+
+
+async def test_an_entry_another_consumer_finished_gets_no_dead_letter(r: Redis) -> None:
+    first = consumer(r, "first", batch_size=10, block_ms=20)
+    await first.setup()
+    [done_id, bad_id] = await publish(r, STREAM, [fields(1), fields(2)])
+    batch = await first.read_new()
+    await r.xack(STREAM, GROUP, done_id)  # another consumer finished it, with its outcome
+
+    await first.dead_letter(batch, "undecodable")
+
+    [(_id, dead)] = await r.xrange(DLQ)
+    assert dead["origin_id"] == bad_id
+    assert (await r.xpending(STREAM, GROUP))["pending"] == 0
+
+
+async def test_own_entries_deleted_while_held_are_dropped_from_pending(r: Redis) -> None:
+    c = consumer(r, "a", batch_size=10, block_ms=20)
+    await c.setup()
+    ids = await publish(r, STREAM, [fields(i) for i in range(3)])
+    await c.read_new()
+    await r.xdel(STREAM, ids[1])
+
+    assert [e.id for e in await c.own_pending()] == [ids[0], ids[2]]
+    assert {p["message_id"] for p in await r.xpending_range(STREAM, GROUP, "-", "+", 10)} == {ids[0], ids[2]}

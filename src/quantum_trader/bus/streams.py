@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,6 +32,7 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import TransientExchangeError
 from quantum_trader.events import DEAD_LETTER, MAX_FIELD_CHARS, Fields, envelope, printable, record_fields
 from quantum_trader.logs import get_logger
+from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
 
 log = get_logger("bus")
@@ -138,6 +140,7 @@ class GroupConsumer:
     _retrying: set[str] = field(default_factory=set, init=False)
     # Entries per read after a timeout (0 = batch_size): huge entries come in smaller batches.
     _limit: int = field(default=0, init=False)
+    _dead_letter: AsyncScript | None = field(default=None, init=False)
 
     @property
     def count(self) -> int:
@@ -181,13 +184,10 @@ class GroupConsumer:
             return []
         return [Entry(entry_id, fields) for entry_id, fields in reply[0][1]]
 
-    async def claim(self, min_idle_ms: int, *, own_only: bool = False) -> list[Entry]:
-        """Take over pending entries idle at least ``min_idle_ms`` (ours only, or anyone's)."""
-        kwargs: dict[str, object] = {"idle": min_idle_ms}
-        if own_only:
-            kwargs["consumername"] = self.consumer
+    async def claim(self, min_idle_ms: int) -> list[Entry]:
+        """Take over anyone's pending entries idle at least ``min_idle_ms`` (their consumer seems dead)."""
         pending = await self.redis.xpending_range(
-            self.stream, self.group, min="-", max="+", count=self.count, **kwargs
+            self.stream, self.group, min="-", max="+", count=self.count, idle=min_idle_ms
         )
         if not pending:
             return []
@@ -247,32 +247,58 @@ class GroupConsumer:
         await self.redis.hdel(suspects, entry.id)
 
     async def dead_letter(self, entries: list[Entry], reason: str, field_name: str = "") -> None:
-        """Set entries aside on the dead-letter stream and acknowledge them, atomically."""
+        """Set entries aside on the dead-letter stream and acknowledge them, atomically.
+
+        An entry another consumer has finished meanwhile is left alone: it has its outcome.
+        """
         if not entries:
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for entry in entries:
-                pipe.xadd(
-                    self.dead_letter_stream,
-                    dead_letter_fields(
-                        stream=self.stream,
-                        group=self.group,
-                        entry=entry,
-                        reason=reason,
-                        field_name=field_name,
-                    ),
-                )
-            pipe.xack(self.stream, self.group, *[entry.id for entry in entries])
-            await pipe.execute()
+        items = []
         for entry in entries:
+            fields = dead_letter_fields(
+                stream=self.stream, group=self.group, entry=entry, reason=reason, field_name=field_name
+            )
+            items.append([entry.id, [part for pair in fields.items() for part in pair]])
+        if self._dead_letter is None:
+            self._dead_letter = register(self.redis, "dead_letter")
+        done = {str(entry_id) for entry_id in await self._dead_letter(
+            keys=[self.stream, self.dead_letter_stream], args=[self.group, pack(items)]
+        )}  # fmt: skip
+        for entry in entries:
+            if entry.id not in done:
+                continue
             log.error(
                 "dead_lettered",
                 stream=self.stream,
                 entry_id=entry.id,
-                reason=reason,
-                trace_id=entry.fields.get("trace_id", ""),
-                correlation_id=entry.fields.get("correlation_id", ""),
+                reason=printable(reason, MAX_FIELD_CHARS),
+                trace_id=printable(entry.fields.get("trace_id", ""), MAX_FIELD_CHARS),
+                correlation_id=printable(entry.fields.get("correlation_id", ""), MAX_FIELD_CHARS),
             )
+
+    async def own_pending(self) -> list[Entry]:
+        """Our own unfinished entries (after a restart or a failed batch), oldest first.
+
+        Read back from this consumer's pending list (XREADGROUP from id 0), which never takes
+        an entry another consumer has just claimed, as XCLAIM with no idle time would.
+        """
+        pending = await self.redis.xpending_range(
+            self.stream, self.group, min="-", max="+", count=self.count, consumername=self.consumer
+        )
+        if not pending:
+            return []
+        counts = {item["message_id"]: int(item["times_delivered"]) + 1 for item in pending}
+        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=self.count)
+        entries, deleted = [], []
+        for entry_id, fields in reply[0][1] if reply else []:
+            if fields:
+                entries.append(Entry(entry_id, fields, counts.get(entry_id, 2)))
+            else:
+                deleted.append(entry_id)  # deleted while we held it: nothing left to handle
+        if deleted:
+            await self.redis.xack(self.stream, self.group, *deleted)
+            log.warning("pending_entries_deleted", stream=self.stream, ids=deleted)
+        return entries
 
     async def next_batch(self, *, in_flight: bool = False) -> list[Entry]:
         """Our own unfinished entries first, then stale ones from dead consumers, then new ones.
@@ -281,7 +307,7 @@ class GroupConsumer:
         """
         if self._recheck_own and not in_flight:
             self._recheck_own = False
-            own = await self.claim(0, own_only=True)
+            own = await self.own_pending()
             if own:
                 self._recheck_own = True
                 return own
