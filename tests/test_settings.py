@@ -137,6 +137,7 @@ def test_command_variables_are_not_refused_as_unknown_settings(monkeypatch: pyte
     monkeypatch.setenv("QT_STAGES", "router,execution")
     assert load_settings().mode == "paper"
 
+
 def test_a_dedup_window_shorter_than_an_intent_may_live_is_refused_naming_both(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -160,3 +161,36 @@ def test_an_unset_dedup_window_follows_a_longer_max_age(monkeypatch: pytest.Monk
     monkeypatch.setenv("QT_MAX_INTENT_AGE_S", "3600")
     assert load_settings().dedup_window_s == 3605
 
+
+def test_a_redis_password_never_shows_in_a_repr_or_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from quantum_trader.settings import Settings
+
+    settings = Settings(redis_url="redis://u:pw-7f3a@h/0")
+    assert "pw-7f3a" not in repr(settings)
+    assert "redis://u:***@h/0" in repr(settings)
+    assert settings.redis_url == "redis://u:pw-7f3a@h/0"  # code still connects with the real URL
+    copied = settings.model_copy(update={"redis_url": "redis://:pw-copy@h/0"})
+    assert "pw-copy" not in repr(copied)
+    # A mistyped scheme is still a URL with a password in it.
+    with pytest.raises(ValidationError) as raw:
+        Settings(redis_url="http://:pw-typo@h:6379/0")
+    assert "pw-typo" not in str(raw.value)
+    monkeypatch.setenv("QT_REDIS_URL", "http://:pw-typo@h:6379/0")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "pw-typo" not in str(caught.value)
+    assert "QT_REDIS_URL='http://:***@h:6379/0'" in str(caught.value)
+
+
+def test_the_cli_never_prints_a_password_from_a_mistyped_url() -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {
+        "QT_REDIS_URL": "http://:pw-on-stderr@127.0.0.1:1/0"
+    }
+    done = subprocess.run([sys.executable, "-m", "quantum_trader", "status"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: invalid configuration: QT_REDIS_URL='http://:***@127.0.0.1:1/0'")
+    assert "pw-on-stderr" not in done.stdout + done.stderr

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import structlog
+
+from quantum_trader.redaction import redact_text
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -26,6 +29,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            redact,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
@@ -35,6 +39,18 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         cache_logger_on_first_use=False,
     )
     configure_outcomes(level, fmt, out)
+
+
+def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: URL passwords, signatures and keys out of every text value.
+
+    The last line of defence: code redacts what it formats, this catches what slips through
+    (an exception's text, a value from a library).
+    """
+    for name, value in event.items():
+        if isinstance(value, str):
+            event[name] = redact_text(value)
+    return event
 
 
 def get_logger(component: str) -> Any:

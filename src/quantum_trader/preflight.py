@@ -20,7 +20,8 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 
 from quantum_trader.bus.connection import Redis, server_version
-from quantum_trader.settings import Settings
+from quantum_trader.redaction import redact_urls
+from quantum_trader.settings import Settings, secrets_file_problem
 from quantum_trader.status import pipeline_status
 
 Verdict = Literal["PASS", "WARN", "FAIL"]
@@ -59,13 +60,19 @@ def _owner(uid: int, gid: int) -> str:
 def check_secret_file(
     path: Path, mode: int, uid: int, gid: int, *, service_group: str = SERVICE_GROUP, what: str = "secrets file"
 ) -> Check:
-    """Credentials must be readable by root and the service's ``service_group`` only (0640 or stricter)."""
+    """Credentials must be readable by root and the service's ``service_group`` only (0640 or stricter).
+
+    FAIL exactly where testnet and live start-up refuse the file (``secrets_file_problem``).
+    """
     owner = _owner(uid, gid)
     perms = stat.S_IMODE(mode)
     fix = f"chown root:{service_group} {path} && chmod 0640 {path}"
     if perms & 0o007:
         return Check(what, "FAIL", f"{path} is {perms:04o} ({owner}): readable by every user on the machine", fix)
-    if perms & 0o020 or (perms & 0o200 and owner.split(":")[0] != "root"):
+    problem = secrets_file_problem(mode)
+    if problem is not None:
+        return Check(what, "FAIL", f"{path} is {perms:04o} ({owner}): {problem.split(': ', 1)[-1]}", fix)
+    if perms & 0o200 and owner.split(":")[0] != "root":
         return Check(what, "WARN", f"{path} is {perms:04o} ({owner}): writable by the service", fix)
     return Check(what, "PASS", f"{path} is {perms:04o} ({owner})")
 
@@ -121,7 +128,8 @@ def unloadable(
     error: str, *, env_file: Path | None, secrets_file: Path | None, service_group: str = SERVICE_GROUP
 ) -> list[Check]:
     """The table when the settings do not load: the reason as a FAIL row, then the file checks."""
-    checks = [Check("configuration", "FAIL", error, "fix the file or variable named here, then run doctor again")]
+    shown = redact_urls(error)  # a mistyped QT_REDIS_URL still carries its password
+    checks = [Check("configuration", "FAIL", shown, "fix the file or variable named here, then run doctor again")]
     checks += check_file(env_file, secret=False, service_group=service_group)
     if secrets_file is not None:  # else its name is in the settings that did not load
         checks += check_file(secrets_file, secret=True, service_group=service_group)
@@ -206,7 +214,9 @@ async def run_checks(
             if stat_.name == streams.dead_letter:
                 checks.append(check_dead_letters(stat_.length))
     except RedisError as exc:
-        checks.append(Check("server", "FAIL", f"error while checking: {exc}", "check the server's log"))
+        checks.append(
+            Check("server", "FAIL", f"error while checking: {redact_urls(str(exc))}", "check the server's log")
+        )
     return checks
 
 

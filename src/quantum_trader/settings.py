@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import stat
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,6 +29,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quantum_trader.errors import ConfigError
 from quantum_trader.keys import StreamNames
+from quantum_trader.redaction import SecretURL, redact_urls
 
 Mode = Literal["paper", "testnet", "live"]
 DEDUP_FIELD_CHOICES = ("correlation_id", "trace_id", "msg_id")
@@ -35,6 +37,8 @@ LIVE_CONFIRMATION = "I-ACCEPT-REAL-MONEY-RISK"
 # Daily trade limit when QT_DAILY_LIMIT is not set; the testnet figure is the seed's.
 DEFAULT_DAILY_LIMIT: dict[str, int] = {"paper": 1_000_000, "testnet": 1_000_000, "live": 100}
 DEFAULT_QUOTE_ASSETS = ("USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "USD")
+# Settings holding a URL that may carry a password: shown redacted in the settings' repr.
+_URL_FIELDS = frozenset({"redis_url", "exchange_api_url"})
 _SEED_NAMES = {
     "result_stream": "EXECUTION_RESULT_STREAM",
     "result_stream_legacy": "EXECUTION_RESULT_STREAM_LEGACY",
@@ -62,6 +66,9 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         env_file_encoding="utf-8",
+        # A raw ValidationError lists every input (a URL with its password among them);
+        # ``describe_validation_error`` shows the offending value, redacted.
+        hide_input_in_errors=True,
     )
 
     redis_url: str | None = Field(
@@ -204,6 +211,12 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix:// (or be empty for the embedded server)")
         return value
 
+    @field_validator(*_URL_FIELDS)
+    @classmethod
+    def _hide_password(cls, value: str | None) -> str | None:
+        # The URL may carry a password: the settings' repr (a traceback, a log line) shows ***.
+        return SecretURL(value) if value else value
+
     @model_validator(mode="after")
     def _live_needs_confirmation(self) -> Settings:
         if self.mode == "live" and self.live_confirm != LIVE_CONFIRMATION:
@@ -225,6 +238,11 @@ class Settings(BaseSettings):
                 f"set QT_DEDUP_WINDOW_S={need} or more, or lower QT_MAX_INTENT_AGE_S"
             )
         return self
+
+    def __repr_args__(self) -> Any:
+        # Also when a copy was made with ``model_copy(update=...)``, which skips the validators.
+        for name, value in super().__repr_args__():
+            yield name, SecretURL(value) if name in _URL_FIELDS and isinstance(value, str) else value
 
     @property
     def effective_daily_limit(self) -> int:
@@ -336,10 +354,25 @@ def describe_validation_error(exc: ValidationError) -> str:
         name = env_name(field) if field in Settings.model_fields else (field or "settings")
         message = str(err["msg"]).removeprefix("Value error, ")
         if field:
-            lines.append(f"{name}={err.get('input')!r}: {message}")
+            # A mistyped URL (http://:PASS@host) is still a URL with a password in it.
+            lines.append(f"{name}={redact_urls(repr(err.get('input')))}: {message}")
         else:
-            lines.append(message)
+            lines.append(redact_urls(message))
     return "invalid configuration: " + "; ".join(lines)
+
+
+def secrets_file_problem(mode: int) -> str | None:
+    """Why a secrets file's permission bits are unsafe (None when they are not).
+
+    Credentials are for root and the service's group to read: any access for other users,
+    or a group that can rewrite them, is a problem (0640 or stricter is right).
+    """
+    perms = stat.S_IMODE(mode)
+    if perms & 0o007:
+        return f"mode {perms:04o}: other users can open it"
+    if perms & 0o020:
+        return f"mode {perms:04o}: its group can rewrite it"
+    return None
 
 
 def redacted(value: SecretStr | str | None) -> str:

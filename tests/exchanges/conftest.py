@@ -1,25 +1,22 @@
-"""Fixtures for the exchange tests: the fake Binance server, a secrets file, and a log trap.
+"""Fixtures for the exchange tests: the fake Binance server and a secrets file.
 
-Every test in this folder captures what it logs (structlog, stdlib logging, and the
-process's own stdout/stderr) and fails if the API key or secret shows up in any of it.
+The log trap (``tests/conftest.py``) runs over every test of the suite, these included:
+it fails a test whose logs or output show the API key, the secret or a signature.
 """
 
 from __future__ import annotations
 
-import io
-import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
-from quantum_trader import logs
 from quantum_trader.bus.connection import Redis
 from quantum_trader.exchanges.ccxt_exchange import CcxtExchange, Credentials
 from quantum_trader.settings import Settings
+from tests.conftest import LogTrap as LogTrap  # the exchange tests read their logs through it
 from tests.exchanges.fake_binance import API_KEY, API_SECRET, FakeBinance
 
 # Short timeouts and back-offs keep the retry paths fast.
@@ -93,45 +90,3 @@ async def make_exchange(r: Redis, exchange_settings: Callable[..., Settings]) ->
     yield make
     for exchange in built:
         await exchange.close()
-
-
-class LogTrap:
-    """Everything logged during one test."""
-
-    def __init__(self) -> None:
-        self.structured = io.StringIO()
-        self.stdlib = io.StringIO()
-
-    def text(self) -> str:
-        """All captured log text so far (structlog and stdlib logging, every test phase)."""
-        return self.structured.getvalue() + self.stdlib.getvalue()
-
-    def lines(self, event: str) -> list[str]:
-        """Captured lines that mention ``event``."""
-        return [line for line in self.text().splitlines() if event in line]
-
-
-@pytest.fixture(autouse=True)
-def log_trap(capfd: pytest.CaptureFixture[str]) -> Iterator[LogTrap]:
-    """Capture every log line of the test, at debug level; afterwards, assert no credential appears in any."""
-    trap = LogTrap()
-    saved = (logs._Outcomes.out, logs._Outcomes.json, logs._Outcomes.enabled)
-    logs.configure("debug", "json", trap.structured)
-    root = logging.getLogger()
-    handler = logging.StreamHandler(trap.stdlib)
-    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-    handler.setLevel(logging.DEBUG)
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)  # ccxt logs request headers at debug: the level where a key would leak
-    try:
-        yield trap
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
-        structlog.reset_defaults()
-        logs._Outcomes.out, logs._Outcomes.json, logs._Outcomes.enabled = saved
-    out, err = capfd.readouterr()
-    everything = trap.text() + out + err
-    for secret in (API_KEY, API_SECRET):
-        assert secret not in everything, "a credential leaked into the logs"

@@ -359,6 +359,10 @@ class FakeBinance:
             return self._error(int(behaviour), -1003, "Too many requests; current limit is 1200 per minute.")
         if behaviour == "503":
             return web.Response(status=503, text="Service Unavailable")
+        if behaviour == "echo_request":
+            # script("order", "echo_request"): a gateway that quotes the request it refuses, key and signed body.
+            key, body = request.headers.get("X-MBX-APIKEY", ""), await request.text()
+            return self._error(400, -1102, f"Illegal parameter in request (X-MBX-APIKEY: {key}): {body}")
         symbol = params.get("symbol", "")
         market = self.markets.get(symbol)
         if market is None:

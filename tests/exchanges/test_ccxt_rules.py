@@ -217,9 +217,11 @@ def test_load_credentials_reads_the_file_and_hides_values(tmp_path: Path) -> Non
     assert isinstance(creds, Credentials)
 
 
-def test_load_credentials_warns_when_others_can_read_the_file(tmp_path: Path, log_trap: LogTrap) -> None:
+def test_load_credentials_only_warns_in_paper_mode_when_others_can_read_the_file(
+    tmp_path: Path, log_trap: LogTrap
+) -> None:
     path = write_secrets(tmp_path / "s.env", mode=0o644)
-    load_credentials(path, "binance")
+    load_credentials(path, "binance", "paper")  # testnet and live refuse it: test_ccxt_secrets.py
     [line] = log_trap.lines("secrets_file_world_readable")
     assert f"chmod 0640 {path}" in line
 
@@ -232,6 +234,7 @@ def test_load_credentials_errors_say_what_to_fix(tmp_path: Path, monkeypatch: py
         load_credentials(tmp_path / "missing.env", "binance")
     empty = tmp_path / "empty.env"
     empty.write_text("OTHER=1\n", encoding="utf-8")
+    empty.chmod(0o640)
     with pytest.raises(ConfigError, match="has no BINANCE_API_KEY or BINANCE_API_SECRET"):
         load_credentials(empty, "binance")
     if os.getuid() != 0:  # root reads any file

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from quantum_trader.bus.embedded import attached_or_started, client_name
 from quantum_trader.errors import BusError
+from quantum_trader.redaction import redact_url, redact_urls
 from quantum_trader.settings import Settings
 
 # redis-py's annotations do not follow ``decode_responses=True`` (every reply is typed
@@ -50,7 +51,7 @@ async def ping(redis: Redis, url: str) -> None:
         await redis.ping()
     except (RedisError, OSError) as exc:
         raise BusError(
-            f"cannot reach Redis at {redact_url(url)}: {exc}. "
+            f"cannot reach Redis at {redact_url(url)}: {redact_urls(str(exc))}. "
             "Check QT_REDIS_URL, or unset it to use the embedded server"
         ) from None
 
@@ -64,16 +65,6 @@ async def connected(url: str) -> AsyncIterator[Redis]:
         yield redis
     finally:
         await redis.aclose()
-
-
-def redact_url(url: str) -> str:
-    """A URL safe to print: any password replaced by ***."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        return f"{scheme}{sep}{user}:***@{host}"
-    return url
 
 
 async def server_version(redis: Redis) -> tuple[str, tuple[int, ...]]:

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import grp
 import json
 import logging
 import os
 import random
 import re
-import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -54,7 +54,8 @@ from quantum_trader.errors import ConfigError, ExchangeError, FatalExchangeError
 from quantum_trader.exchanges.base import OrderOutcome, OrderRequest
 from quantum_trader.governor import set_kill
 from quantum_trader.logs import get_logger
-from quantum_trader.settings import Settings, redacted
+from quantum_trader.redaction import redact_text
+from quantum_trader.settings import Mode, Settings, redacted, secrets_file_problem
 
 log = get_logger("exchange")
 
@@ -67,6 +68,10 @@ _URL_QUERY = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
 
 class OrderStateUnknown(TransientExchangeError):
     """The exchange could not tell whether an order exists; retry the lookup later, never resend."""
+
+    def __init__(self, message: str) -> None:
+        # Built from the exchange's own error text, which may echo the signed request.
+        super().__init__(redact_text(message))
 
 
 # ---- pure helpers ---------------------------------------------------------------------
@@ -111,11 +116,15 @@ def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], floa
 
 
 def scrub(text: str, secrets: list[str]) -> str:
-    """``text`` without secret values and without URL query strings (they carry signatures)."""
+    """``text`` without secret values, URL query strings, signed request bodies, signatures and keys.
+
+    An exchange may echo the signed request (``timestamp=…&signature=<hex>``) in an error,
+    and ccxt logs request headers and bodies at debug level.
+    """
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    return _URL_QUERY.sub(r"\1?…", text)
+    return redact_text(_URL_QUERY.sub(r"\1?…", text))
 
 
 def override_origin(urls: Any, base: str) -> Any:
@@ -367,8 +376,12 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def load_credentials(path: Path | None, exchange: str) -> Credentials:
-    """Read the exchange's API key and secret from the secrets file; ConfigError says what to fix."""
+def load_credentials(path: Path | None, exchange: str, mode: Mode = "live") -> Credentials:
+    """Read the exchange's API key and secret from the secrets file; ConfigError says what to fix.
+
+    A file other users can open (or its group rewrite) stops testnet and live start-up with
+    the fix; in paper mode, where no order reaches an exchange, it is a warning.
+    """
     key_name, secret_name, password_name = credential_names(exchange)
     if path is None:
         hint = " (they are not read from the environment)" if key_name in os.environ else ""
@@ -386,13 +399,12 @@ def load_credentials(path: Path | None, exchange: str) -> Credentials:
             f"secrets file {path} is not readable by this user (uid {os.getuid()}); "
             f"run: chgrp <service-group> {path} && chmod 0640 {path}"
         ) from None
-    if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        log.warning(
-            "secrets_file_world_readable",
-            path=str(path),
-            mode=oct(stat.S_IMODE(info.st_mode)),
-            fix=f"run: chmod 0640 {path}",
-        )
+    problem = secrets_file_problem(info.st_mode)
+    if problem is not None:
+        fix = f"run: chown root:{_own_group()} {path} && chmod 0640 {path}"
+        if mode != "paper":
+            raise ConfigError(f"secrets file {path} is {problem}, so QT_MODE={mode} will not start; {fix}")
+        log.warning("secrets_file_world_readable", path=str(path), problem=problem, fix=fix)
     missing = [name for name in (key_name, secret_name) if not values.get(name)]
     if missing:
         raise ConfigError(f"secrets file {path} has no {' or '.join(missing)}; add {missing[0]}=... to it")
@@ -402,6 +414,14 @@ def load_credentials(path: Path | None, exchange: str) -> Credentials:
         secret=SecretStr(values[secret_name]),
         password=SecretStr(password) if password else None,
     )
+
+
+def _own_group() -> str:
+    """This process's group: the one that must be able to read the secrets file."""
+    try:
+        return grp.getgrgid(os.getgid()).gr_name
+    except KeyError:
+        return str(os.getgid())
 
 
 # ---- the adapter -------------------------------------------------------------------
@@ -521,7 +541,7 @@ class CcxtExchange:
     def from_settings(cls, redis: Redis, settings: Settings) -> CcxtExchange:
         """The adapter the settings describe, credentials from ``QT_SECRETS_FILE``."""
         check_settings(settings)
-        return cls(redis, settings, load_credentials(settings.secrets_file, settings.exchange))
+        return cls(redis, settings, load_credentials(settings.secrets_file, settings.exchange, settings.mode))
 
     # ---- plumbing ----------------------------------------------------------------------
 
@@ -875,6 +895,7 @@ class CcxtExchange:
 
     async def _auth_failed(self, coid: str, error: str, *, announce: bool = True) -> OrderOutcome:
         """FAILED, kill switch on (fail-closed), one log line saying how to fix it."""
+        error = self._clean(error)
         try:
             await set_kill(self.redis, on=True)
             switched = True
