@@ -22,7 +22,11 @@ TARGETS = {
     "e2e_decisions_per_s": 15_000,
     "p99_ms_at_1000": 5,
     "peak_rss_mb": 150,
+    "memory_growth_mb": 32,
 }
+# Steady traffic for the memory row: offered rate, and the decision counts where used_memory is read.
+MEMORY_RATE = 5_000
+MEMORY_POINTS = {False: [100_000, 1_000_000], True: [30_000, 90_000]}
 
 
 def machine() -> dict[str, Any]:
@@ -41,10 +45,30 @@ def machine() -> dict[str, Any]:
     }
 
 
+def run_memory(quick: bool) -> dict[str, Any]:
+    """The memory row's scenario, with a progress line."""
+    mem = scenarios.memory(MEMORY_POINTS[quick], MEMORY_RATE)
+    growth = mem["growth_mb"]
+    print(
+        f"memory, {mem['points'][0]:,} -> {mem['points'][-1]:,} decisions: {growth['in_flight_mb']:+} MB in flight,"
+        f" {growth['settled_mb']:+} MB settled, of which paper orders {growth['paper_orders_mb']:+} MB",
+        file=sys.stderr,
+    )
+    return mem
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--quick", action="store_true", help="1/10 scale, under a minute")
+    parser.add_argument("--quick", action="store_true", help="1/10 scale (memory row: 30,000 -> 90,000 decisions)")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory row (results/memory*.json)")
     args = parser.parse_args()
+    out = Path(__file__).with_name("results")
+    out.mkdir(exist_ok=True)
+    if args.memory_only:
+        mem = {"generated": datetime.now(UTC).isoformat(), "machine": machine(), **run_memory(args.quick)}
+        (out / ("memory-quick.json" if args.quick else "memory.json")).write_text(json.dumps(mem, indent=2) + "\n")
+        print("\n".join(["| figure | measured | target |", "| --- | ---: | ---: |", *render_memory(mem)]))
+        return
     scale = 0.1 if args.quick else 1.0
     backlog, base_n, e2e_n = int(750_000 * scale), int(20_000 * scale), int(200_000 * scale)
     seconds = 3.0 if args.quick else 30.0
@@ -62,6 +86,7 @@ def main() -> None:
         f"end to end: {e2e_run['decisions_per_s']:,}/s (run), {e2e_sep['decisions_per_s']:,}/s (split)", file=sys.stderr
     )
     lat = scenarios.latency([100, 1000, 5000], seconds)
+    mem = run_memory(args.quick)
 
     results: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(),
@@ -87,10 +112,9 @@ def main() -> None:
             "after end to end": e2e_run["server_used_memory_mb"],
             "after latency": lat["server_used_memory_mb"],
         },
+        "memory": mem,
         "details": {"drain_1": drain1, "drain_2": drain2, "e2e_run": e2e_run, "e2e_separate": e2e_sep},
     }
-    out = Path(__file__).with_name("results")
-    out.mkdir(exist_ok=True)
     name = "latest-quick.json" if args.quick else "latest.json"
     (out / name).write_text(json.dumps(results, indent=2) + "\n")
     print(render(results))
@@ -121,8 +145,26 @@ def render(res: dict[str, Any]) -> str:
     for proc, rss in res["peak_rss_mb"].items():
         lines.append(f"| peak RSS, {proc} | {rss} MB | ≤ 150 MB |")
     for when, mb in res["server_used_memory_mb"].items():
-        lines.append(f"| server used_memory {when} | {mb} MB | bounded |")
+        lines.append(f"| server used_memory {when} (every result kept) | {mb} MB | |")
+    lines += render_memory(res["memory"])
     return "\n".join(lines)
+
+
+def render_memory(mem: dict[str, Any]) -> list[str]:
+    """The memory rows: used_memory in flight and settled at both counts, and the paper orders' share."""
+    first, last = (mem["at"][str(point)] for point in (mem["points"][0], mem["points"][-1]))
+    span = f"{mem['points'][0]:,} → {mem['points'][-1]:,} decisions"
+    bound = TARGETS["memory_growth_mb"]
+    lines = []
+    for key, what in (("in_flight_mb", f"in flight at {mem['rate']:,}/s"), ("settled_mb", "settled")):
+        growth = mem["growth_mb"][key]
+        lines.append(
+            f"| server used_memory, {what}: {span} | {first[key]} → {last[key]} MB ({growth:+} MB, "
+            f"{mem['bytes_per_decision'][key]} bytes/decision{'' if growth <= bound else ': GROWS'}) "
+            f"| growth ≤ {bound} MB |"
+        )
+    lines.append(f"| … of which the paper exchange's order records | {mem['growth_mb']['paper_orders_mb']:+} MB | |")
+    return lines
 
 
 if __name__ == "__main__":

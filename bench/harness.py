@@ -41,6 +41,22 @@ ENV = {
     "QT_LOG_LEVEL": "warning",
     "QT_TRIM_KEEP_S": "0",  # trim as soon as consumed: server memory must stay bounded
     "QT_STAGES": "router,execution",  # `run` without the AI engine: the issue measures decisions onwards
+    # The throughput and latency scenarios count results and time them by their ids: every result
+    # stays (retention off). The memory scenario turns retention on (MEMORY_ENV).
+    "QT_RESULT_KEEP_S": "0",
+    "QT_RESULT_MAXLEN": "0",
+}
+
+# Steady traffic with every window short, so that each is full well before the first sample: what
+# the server holds is then rate x window, whatever the number of decisions so far. Production
+# windows are longer (README, "Memory"); the bound they give is the same formula.
+MEMORY_ENV = {
+    "QT_TRIM_INTERVAL_S": "1",  # consumed decisions and intents: at most 1 s of traffic between passes
+    "QT_RESULT_KEEP_S": "86400",  # the production default: the count limit is the one that binds here
+    "QT_RESULT_MAXLEN": "20000",
+    "QT_MAX_INTENT_AGE_S": "3",
+    "QT_CLOCK_SKEW_S": "1",
+    "QT_DEDUP_WINDOW_S": "4",  # dedup keys: 4 s of traffic (the window must cover max age + skew)
 }
 
 
@@ -120,9 +136,10 @@ class Stage:
                 self.proc.kill()
 
 
-def stages(url: str, specs: list[tuple[str, str]]) -> list[Stage]:
-    """Processes for (command, consumer) pairs, sharing the bench environment."""
-    return [Stage([command], os.environ | ENV | {"QT_REDIS_URL": url, "QT_CONSUMER": name}) for command, name in specs]
+def stages(url: str, specs: list[tuple[str, str]], extra: dict[str, str] | None = None) -> list[Stage]:
+    """Processes for (command, consumer) pairs, sharing the bench environment (plus ``extra``)."""
+    env = os.environ | ENV | (extra or {})
+    return [Stage([command], env | {"QT_REDIS_URL": url, "QT_CONSUMER": name}) for command, name in specs]
 
 
 def wait_for(client: redis.Redis, stream: str, target: int, procs: list[Stage], limit_s: float) -> float:
@@ -157,6 +174,25 @@ def span_rate(client: redis.Redis, stream: str, count: int) -> float:
 def used_memory_mb(client: redis.Redis) -> float:
     """The server's used_memory, in MB."""
     return int(client.info("memory")["used_memory"]) / 2**20
+
+
+def entries_added(client: redis.Redis, stream: str) -> int:
+    """Entries ever added to ``stream`` (trimming does not lower it); 0 when it does not exist."""
+    if not client.exists(stream):
+        return 0
+    return int(client.xinfo_stream(stream)["entries-added"])
+
+
+def paper_orders_mb(client: redis.Redis) -> float:
+    """MEMORY USAGE of the paper exchange's order records (every ``quantum:paper:order*`` key), in MB."""
+    found = list(client.scan_iter(match=f"{keys.PAPER_PREFIX}order*", count=10_000))
+    total = 0
+    for first in range(0, len(found), 10_000):
+        pipe = client.pipeline(transaction=False)
+        for key in found[first : first + 10_000]:
+            pipe.memory_usage(key)
+        total += sum(int(size or 0) for size in pipe.execute())
+    return total / 2**20
 
 
 async def sleep_until(deadline: float) -> None:

@@ -1,12 +1,14 @@
-"""The five scenarios of the benchmark, each on a fresh private server."""
+"""The scenarios of the benchmark, each on a fresh private server."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections import Counter
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 from bench import baseline
@@ -14,9 +16,13 @@ from bench.harness import (
     DECISIONS,
     INTENT_GROUP,
     INTENTS,
+    MEMORY_ENV,
     RESULTS,
+    Stage,
     decision_fields,
+    entries_added,
     intent_fields,
+    paper_orders_mb,
     preload,
     prepare,
     server,
@@ -26,6 +32,7 @@ from bench.harness import (
     used_memory_mb,
     wait_for,
 )
+from quantum_trader.events import now_iso
 
 
 def drain(intents: int, processes: int) -> dict[str, Any]:
@@ -155,3 +162,119 @@ def latency(rates: list[int], seconds: float) -> dict[str, Any]:
         out["peak_rss_mb"] = round(procs[0].peak_rss_mb, 1)
         out["server_used_memory_mb"] = round(used_memory_mb(client), 1)
     return out
+
+
+REJECTED = "quantum:stream:decision.rejected"
+# In flight, the peak of used_memory over this many seconds before a sample point: the streams fill
+# between two trim passes and empty at each, so one instant would read anywhere on that saw-tooth.
+MEMORY_WINDOW_S = 3.0
+
+
+def _outcomes(client: redis.Redis) -> int:
+    return entries_added(client, RESULTS) + entries_added(client, REJECTED)
+
+
+def _check_alive(procs: list[Stage]) -> None:
+    for stage in procs:
+        stage.sample()
+        if stage.proc is not None and stage.proc.poll() is not None:
+            raise RuntimeError(f"{stage.args} exited with {stage.proc.returncode}; see {stage.log}")
+
+
+async def _settle(
+    client: aioredis.Redis, sync_client: redis.Redis, sent: int, procs: list[Stage], wait_s: float
+) -> int:
+    """Wait until every decision has its outcome, then ``wait_s`` more; returns used_memory."""
+    deadline = time.perf_counter() + 300
+    while _outcomes(sync_client) < sent:
+        _check_alive(procs)
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"outcomes stopped short of {sent:,} decisions; see {procs[0].log}")
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(wait_s)
+    return int((await client.info("memory"))["used_memory"])
+
+
+async def _steady(url: str, rate: int, points: list[int], procs: list[Stage], settle_s: float) -> dict[str, Any]:
+    """Publish fresh decisions at ``rate``/s up to the last point, sampling used_memory every 100 ms.
+
+    At each point: the in-flight figures, then a pause until every outcome is written and every
+    window has passed (the settled figure: what stays for good), then the traffic resumes.
+    """
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    sync_client = redis.Redis.from_url(url, decode_responses=True)
+    samples: list[tuple[float, int]] = []
+    marks: dict[int, dict[str, Any]] = {}
+    tick, sent, paused, n = 0.01, 0, 0.0, 0
+    todo = list(points)
+    start = next_sample = time.perf_counter()
+    while todo:
+        # Owed by the clock, not by the ticks: a slow tick is made up by the next ones.
+        due = int(rate * (time.perf_counter() - start - paused))
+        count = min(due - sent, 2000, todo[0] - sent)
+        if count > 0:
+            stamp = now_iso()
+            async with client.pipeline(transaction=False) as pipe:
+                for i in range(count):
+                    pipe.xadd(DECISIONS, decision_fields(sent + i, stamp))
+                await pipe.execute()
+            sent += count
+        now = time.perf_counter()
+        if now >= next_sample or sent >= todo[0]:
+            samples.append((now, int((await client.info("memory"))["used_memory"])))
+            _check_alive(procs)
+            next_sample = now + 0.1
+        if sent >= todo[0]:
+            point = todo.pop(0)
+            window = [used for at, used in samples if now - MEMORY_WINDOW_S <= at]
+            marks[point] = {
+                "in_flight_mb": round(max(window) / 2**20, 1),
+                "backlog": sent - _outcomes(sync_client),
+                "keys_in_flight": await client.dbsize(),
+            }
+            marks[point]["settled_mb"] = round(await _settle(client, sync_client, sent, procs, settle_s) / 2**20, 1)
+            marks[point]["keys_settled"] = await client.dbsize()
+            # Once traffic has stopped: scanning for order keys would disturb the figures in flight.
+            marks[point]["paper_orders_mb"] = round(paper_orders_mb(sync_client), 1)
+            paused += time.perf_counter() - now
+            samples.clear()
+        n += 1
+        await sleep_until(start + paused + n * tick)
+    await client.aclose()
+    sync_client.close()
+    return {"marks": marks, "traffic_s": time.perf_counter() - start - paused}
+
+
+def memory(points: list[int], rate: int) -> dict[str, Any]:
+    """Scenario 5: steady traffic through router + execution processes (paper exchange); the server's
+    used_memory at each decision count in ``points``. Flat = bounded by the windows, not the traffic."""
+    # Settled = every window has passed: dedup keys expired, two trim passes since the last outcome.
+    settle_s = float(MEMORY_ENV["QT_DEDUP_WINDOW_S"]) + 2 * float(MEMORY_ENV["QT_TRIM_INTERVAL_S"]) + 1
+    with server() as valkey:
+        client = prepare(valkey.url)
+        specs = [("router", "bench-router"), ("execution", "bench-exec")]
+        procs = stages(valkey.url, specs, MEMORY_ENV)
+        for stage in procs:
+            stage.start()
+        try:
+            time.sleep(2.0)  # the processes are up and blocked on their groups
+            run = asyncio.run(_steady(valkey.url, rate, points, procs, settle_s))
+        finally:
+            for stage in procs:
+                stage.stop()
+        first, last = run["marks"][points[0]], run["marks"][points[-1]]
+        span = points[-1] - points[0]
+        growth = {key: round(last[key] - first[key], 1) for key in ("in_flight_mb", "settled_mb", "paper_orders_mb")}
+        return {
+            "rate": rate,
+            "achieved_per_s": round(points[-1] / run["traffic_s"]),
+            "points": points,
+            "settings": MEMORY_ENV,
+            "at": {str(point): mark for point, mark in run["marks"].items()},
+            "growth_mb": growth,
+            "bytes_per_decision": {key: round(mb * 2**20 / span, 1) for key, mb in growth.items()},
+            "results_kept": client.xlen(RESULTS),
+            "results_written": entries_added(client, RESULTS),
+            "kept_by_status": dict(Counter(json.loads(f["payload"])["status"] for _i, f in client.xrange(RESULTS))),
+            "peak_rss_mb": {s.args[0]: round(s.peak_rss_mb, 1) for s in procs},
+        }
