@@ -51,7 +51,7 @@ def unit_name(service: str) -> str:
 HARDENING = """TimeoutStopSec=30s
 KillSignal=SIGTERM
 StateDirectory=quantum-trader
-StateDirectoryMode=0750
+StateDirectoryMode=0700
 UMask=0077
 NoNewPrivileges=yes
 ProtectSystem=strict
