@@ -43,7 +43,9 @@ async def read_ledger(r: Redis, day_key: str) -> Ledger:
     rejections = [json.loads(f["payload"]) for _, f in await _all(r, "quantum:stream:decision.rejected")]
     intents = [(i, json.loads(f["payload"])) for i, f in await _all(r, "quantum:stream:trade.intent")]
     results = [json.loads(f["payload"]) for _, f in await _all(r, "quantum:stream:execution.result")]
-    orders = {k: json.loads(v) for k, v in (await r.hgetall(keys.paper_orders())).items()}
+    names = [name async for name in r.scan_iter(match=keys.paper_order_pattern(), count=1000)]
+    raw = await r.mget(names) if names else []
+    orders = {name.removeprefix(keys.paper_order("")): json.loads(v) for name, v in zip(names, raw, strict=True) if v}
     balances = {k: Decimal(v) for k, v in (await r.hgetall(keys.paper_balances())).items()}
     return Ledger(decisions, rejections, intents, results, orders, balances, int(await r.get(day_key) or 0))
 

@@ -85,7 +85,7 @@ async def test_kill_switch_not_zero_rejects(r: Redis, make_pipeline: Callable[..
         await r.set(keys.KILL_SWITCH, kill)
     [res] = await make_pipeline().run(decision())
     assert (res["status"], res["reason"]) == ("REJECTED", "KILL_SWITCH")
-    assert await r.hlen(keys.paper_orders()) == 0
+    assert len(await PaperExchange(r).orders()) == 0
 
 
 async def test_daily_limit_rejects_past_the_limit(r: Redis, make_pipeline: Callable[..., Pipeline]) -> None:
@@ -106,7 +106,7 @@ async def test_notional_and_symbol_rules_reject_before_the_exchange(
         ("REJECTED", "MAX_NOTIONAL"), ("REJECTED", "SYMBOL_NOT_ALLOWED"),
     ]  # fmt: skip
     assert "QT_MAX_NOTIONAL" in out[0]["detail"]
-    assert await r.hlen(keys.paper_orders()) == 0
+    assert len(await PaperExchange(r).orders()) == 0
     assert await r.get(keys.daily_trades(datetime.now(UTC).date())) is None
 
 
@@ -115,7 +115,7 @@ async def test_stale_intent_expires_and_never_trades(r: Redis, make_pipeline: Ca
     old = decision(timestamp=datetime.now(UTC) - timedelta(seconds=120))
     [res] = await make_pipeline(max_intent_age_s=60).run(old)
     assert (res["status"], res["reason"]) == ("EXPIRED", "EXPIRED")
-    assert await r.hlen(keys.paper_orders()) == 0
+    assert len(await PaperExchange(r).orders()) == 0
 
 
 async def test_paper_exchange_rejections(r: Redis, make_pipeline: Callable[..., Pipeline]) -> None:
@@ -147,7 +147,7 @@ class BrokenExchange:
     async def fetch_orders(self, client_order_ids: list[str]) -> dict[str, OrderOutcome]:
         return {}
 
-    async def place_orders(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
+    async def place_orders(self, orders: list[OrderRequest], guard: object = None) -> list[OrderOutcome]:
         return [OrderOutcome(o.client_order_id, "FAILED", reason="EXCHANGE_ERROR: venue closed") for o in orders]
 
     async def close(self) -> None:
@@ -191,13 +191,13 @@ async def test_crash_between_order_and_result_places_no_second_order(
     await allow(r)
     first = make_pipeline(max_intent_age_s=60)
 
-    async def crash(_done: object) -> None:
+    async def crash(_done: object, _sent: object = ()) -> None:
         raise SystemExit("process died after placing the order, before writing the result")
 
     first.execution.commit = crash  # type: ignore[method-assign]
     with pytest.raises(SystemExit):
         await first.run(decision(qty="0.1"))
-    assert await r.hlen(keys.paper_orders()) == 1
+    assert len(await PaperExchange(r).orders()) == 1
     assert await r.xlen("quantum:stream:execution.result") == 0
     assert (await r.xpending(INTENTS, GROUP))["pending"] == 1
 
@@ -215,7 +215,7 @@ async def test_crash_between_order_and_result_places_no_second_order(
 
     [res] = await results(r)
     assert (res["status"], res["reason"]) == ("FILLED", "")
-    assert await r.hlen(keys.paper_orders()) == 1
+    assert len(await PaperExchange(r).orders()) == 1
     assert await r.get(keys.daily_trades(datetime.now(UTC).date())) == "1"
     balances = await PaperExchange(r).balances()
     assert balances["ETH"] == Decimal("0.1")
@@ -235,7 +235,7 @@ async def test_intent_counted_then_ended_without_an_order_gives_its_count_back(
     await allow(r)
     first = make_pipeline(max_intent_age_s=60)
 
-    async def crash(_orders: object) -> None:
+    async def crash(_orders: object, guard: object = None) -> None:
         raise SystemExit("process died after the gate counted the intent, before the order left")
 
     first.paper.place_orders = crash  # type: ignore[method-assign]
@@ -257,7 +257,7 @@ async def test_intent_counted_then_ended_without_an_order_gives_its_count_back(
 
     [res] = await results(r)
     assert (res["status"], res["reason"]) == outcome
-    assert await r.hlen(keys.paper_orders()) == 0
+    assert len(await PaperExchange(r).orders()) == 0
     assert await r.get(keys.daily_trades(today)) == "0"  # the counter equals the orders sent
     assert await r.hlen(keys.counted(today)) == 0
     assert await r.ttl(keys.daily_trades(today)) > 0  # DECR kept the expiry

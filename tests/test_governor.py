@@ -15,7 +15,15 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import ensure_group, publish
 from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope, now_iso
-from quantum_trader.governor import Governor, Limits, check_intent, counter_ttl, is_expired
+from quantum_trader.governor import (
+    Governor,
+    Limits,
+    check_intent,
+    counter_ttl,
+    governor_state,
+    is_expired,
+    kill_state,
+)
 from quantum_trader.settings import Settings
 from tests.pipeline import results
 
@@ -71,6 +79,17 @@ async def test_anything_but_exactly_zero_halts(r: Redis, governor: Governor, kil
         await r.set(keys.KILL_SWITCH, kill)
     assert await governor.gate(ids, NOW, "g") == ["KILL_SWITCH", "KILL_SWITCH"]
     assert await r.get(keys.daily_trades(NOW.date())) is None
+
+
+async def test_a_switch_of_another_type_halts_and_is_reported_not_raised(
+    r: Redis, governor: Governor, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    ids = await pending_intents(r, 2)
+    await r.rpush(keys.KILL_SWITCH, "0")  # a list holding "0" is still not the string "0"
+    assert await governor.gate(ids, NOW, "g") == ["KILL_SWITCH", "KILL_SWITCH"]
+    assert await kill_state(r) == ("<a list, not a string>", False)
+    state = await governor_state(r, settings_for(clean_url), NOW)
+    assert (state.kill_value, state.trading_allowed) == ("<a list, not a string>", False)
 
 
 async def test_daily_limit_counts_each_intent_once_even_when_redelivered(r: Redis, governor: Governor) -> None:

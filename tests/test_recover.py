@@ -59,7 +59,7 @@ async def test_stale_intents_of_a_dead_consumer_expire_and_fresh_ones_stay(
     assert sorted(p["message_id"] for p in pending) == sorted(
         fresh_ids
     )  # still the dead consumer's: execution reclaims
-    assert await r.hlen(keys.paper_orders()) == 0  # recover never trades
+    assert await r.keys(keys.paper_order_pattern()) == []  # recover never trades
 
     again = await recover(r, settings, idle_ms=0)
     assert again.expired == 0
@@ -75,7 +75,7 @@ async def test_a_stale_intent_whose_order_exists_is_left_for_execution_to_report
     await r.xreadgroup(GROUP, "dead-exec", {INTENTS: ">"}, count=2)
     # The dead consumer placed the first intent's order, then died before its result.
     coid = client_order_id(ordered_id, "t1", "c1")
-    await r.hset(keys.paper_orders(), coid, '{"client_order_id": "' + coid + '", "status": "FILLED"}')
+    await r.set(keys.paper_order(coid), '{"client_order_id": "' + coid + '", "status": "FILLED"}')
 
     report = await recover(r, settings, idle_ms=0)
 

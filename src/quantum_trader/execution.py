@@ -7,7 +7,8 @@ Per batch, in order:
 3. EXPIRED for intents older than the max age (never executed);
 4. the governor's pure rules (allow-list, notional), then its gate script (kill switch,
    daily limit) in one call, right before the orders leave;
-5. place the approved orders (idempotent per client order id);
+5. place the approved orders (idempotent per client order id); the exchange reads the kill
+   switch again right before each order leaves, and an order it stops is REJECTED KILL_SWITCH;
 6. one ``commit.lua`` call acknowledges every intent and writes its result (and the legacy
    copy), atomically; an intent someone else already finished gets no second result, and an
    intent the gate counted that ends without an order gives its count back.
@@ -15,7 +16,8 @@ Per batch, in order:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -39,6 +41,7 @@ from quantum_trader.events import (
     printable,
 )
 from quantum_trader.exchanges.base import Exchange, OrderOutcome, OrderRequest, client_order_id
+from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.logs import emit_outcomes, get_logger, outcomes_enabled
 from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
@@ -194,32 +197,44 @@ class Execution:
             )
             for job in approved
         ]
-        outcomes = await self.exchange.place_orders(requests)
+        # Orders found at the exchange by the look-up above reached it; so did those placed now
+        # unless the exchange says they never left (the kill switch, read again right before each
+        # order: turned on since the gate, it stops the rest of an approved batch).
+        sent = {job.entry.id for job in redelivered if job.coid in existing} if redelivered else set()
+        outcomes = await self.exchange.place_orders(requests, guard=gov.SEND_GUARD)
         for job, outcome in zip(approved, outcomes, strict=True):
-            results[job.entry.id] = result_from_outcome(job, outcome, self.exchange.name)
+            if outcome.sent:
+                sent.add(job.entry.id)
+                results[job.entry.id] = result_from_outcome(job, outcome, self.exchange.name)
+            else:
+                results[job.entry.id] = result_for(job, outcome.status, outcome.reason)
 
-        await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results])
+        await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results], sent)
 
-    async def commit(self, done: list[tuple[Job, ExecutionResult]]) -> None:
+    async def commit(self, done: list[tuple[Job, ExecutionResult]], sent: Collection[str] = ()) -> None:
         """Acknowledge the intents and write their results in one atomic script call.
 
-        Intents counted by the gate whose result did not come from the exchange are uncounted
-        in the same call, so the daily counter always equals the orders sent.
+        ``sent``: the intents whose order reached the exchange. Every other intent the gate
+        counted is uncounted in the same call, so the daily counter always equals the orders
+        sent. The paper exchange's record of each order gets its expiry here (QT_TRIM_KEEP_S):
+        the intent is finished, no delivery can ask for it again.
         """
         if not done:
             return
         now = self.clock()
+        paper = isinstance(self.exchange, PaperExchange)
         items: list[str] = []
         for job, result in done:
-            # An outcome with an exchange name reached the exchange: its count stays.
-            placed = "1" if result.exchange else "0"
-            items += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result), placed)
+            placed = "1" if job.entry.id in sent else "0"
+            record = keys.paper_order(job.coid) if paper else ""
+            items += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result), placed, record)
         args: list[str | bytes] = [
             self.streams.execution_group,
             EXECUTION_RESULT,
             now_iso(now),
             "execution",
             pack(items),
+            str(math.ceil(self.settings.trim_keep_s)),
         ]
         day = now.astimezone(UTC).date()
         script_keys = [self.streams.intent, self.streams.result, keys.counted(day), keys.daily_trades(day)]

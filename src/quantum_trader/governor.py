@@ -3,9 +3,13 @@
 Pure rules (``check_intent``) need no server: max age, symbol allow-list, max
 notional. The stateful rules run in one Lua script per batch (``gate.lua``):
 the kill switch (trading only while ``quantum:kill`` is exactly ``0``; absent,
-any other value or an unreachable server never approves) and the daily trade
-limit, checked and incremented in the same atomic step and counted once per
-intent even when it is delivered again.
+any other value, a key of another type or an unreachable server never approves)
+and the daily trade limit, checked and incremented in the same atomic step and
+counted once per intent even when it is delivered again.
+
+The gate checks the switch once per batch; the exchange adapters read it again right
+before each order leaves (``SEND_GUARD``), so turning it on also stops the orders of a
+batch already approved: they end REJECTED KILL_SWITCH, not sent, their count given back.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import parse_id
 from quantum_trader.events import TradeIntent, parse_iso
+from quantum_trader.exchanges.base import SendGuard
 from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
 
@@ -29,6 +34,9 @@ NO_PRICE = "NO_PRICE"
 EXPIRED = "EXPIRED"
 APPROVED = "APPROVED"
 GONE = "GONE"
+
+# What the exchange adapters check right before each order leaves: the kill switch again.
+SEND_GUARD = SendGuard(keys.KILL_SWITCH, allowed="0", reason=KILL_SWITCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,14 +143,18 @@ async def governor_state(redis: Redis, settings: Settings, now: datetime | None 
     """Today's count, limit, mode and kill switch."""
     moment = now or datetime.now(UTC)
     day = moment.date()
-    kill, count = await redis.mget(keys.KILL_SWITCH, keys.daily_trades(day))
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.type(keys.KILL_SWITCH)
+        pipe.mget(keys.KILL_SWITCH, keys.daily_trades(day))  # MGET: nil, never WRONGTYPE, for other types
+        kind, (kill, count) = await pipe.execute()
+    value = kill_value(kind, kill)
     return GovernorState(
         day=day,
         count=int(count or 0),
         limit=settings.effective_daily_limit,
         mode=settings.mode,
-        kill_value=kill,
-        trading_allowed=kill == "0",
+        kill_value=value,
+        trading_allowed=value == "0",
         max_notional=settings.max_notional,
         symbol_allowlist=settings.symbol_allowlist,
         max_intent_age_s=settings.max_intent_age_s,
@@ -154,7 +166,21 @@ async def set_kill(redis: Redis, on: bool) -> None:
     await redis.set(keys.KILL_SWITCH, "1" if on else "0")
 
 
+def kill_value(kind: str, value: str | None) -> str | None:
+    """The switch as shown to an operator: its value, None when absent, ``<a list, not a string>`` for another type."""
+    if kind in ("string", "none"):
+        return value
+    return f"<a {kind}, not a string>"
+
+
 async def kill_state(redis: Redis) -> tuple[str | None, bool]:
-    """(raw value, trading allowed). Unreachable server raises; callers treat that as halted."""
-    value = await redis.get(keys.KILL_SWITCH)
+    """(value as ``kill_value`` shows it, trading allowed). Unreachable server raises; callers treat that as halted.
+
+    A key of another type (a list, say) is halted like any value but ``0``, never an error.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.type(keys.KILL_SWITCH)
+        pipe.mget([keys.KILL_SWITCH])
+        kind, (raw,) = await pipe.execute()
+    value = kill_value(kind, raw)
     return value, value == "0"

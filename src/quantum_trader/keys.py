@@ -73,9 +73,14 @@ def heartbeat_pattern(service: str) -> str:
     return f"{HEARTBEAT_PREFIX}{service}:*"
 
 
-def paper_orders() -> str:
-    """Hash: client order id -> order JSON on the paper exchange."""
-    return f"{PAPER_PREFIX}orders"
+def paper_order(client_order_id: str) -> str:
+    """One order on the paper exchange (JSON); it expires once its intent's result is written."""
+    return f"{PAPER_PREFIX}order:{client_order_id}"
+
+
+def paper_order_pattern() -> str:
+    """SCAN pattern of every paper order still on record."""
+    return f"{PAPER_PREFIX}order:*"
 
 
 def paper_balances() -> str:

@@ -22,7 +22,7 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, ensure_group, next_id
 from quantum_trader.errors import ExchangeError
-from quantum_trader.exchanges.base import OrderOutcome, OrderRequest
+from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard
 from quantum_trader.execution import Execution, result_for
 from quantum_trader.settings import Settings
 
@@ -41,7 +41,7 @@ class _NoOrders:
     async def fetch_orders(self, client_order_ids: list[str]) -> dict[str, OrderOutcome]:
         return {}
 
-    async def place_orders(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
+    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
         raise ExchangeError("recover never places orders")
 
     async def close(self) -> None:
@@ -231,13 +231,12 @@ async def _maybe_ordered(redis: Redis, settings: Settings, execution: Execution,
     jobs, _bad = execution._decode(entries)
     if not jobs:
         return set()
-    coids = [job.coid for job in jobs]
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hmget(keys.paper_orders(), coids)
-        for coid in coids:
-            pipe.exists(keys.exchange_sent(settings.exchange, coid))
-        paper, *sent = await pipe.execute()
-    return {job.entry.id for job, at_paper, was_sent in zip(jobs, paper, sent, strict=True) if at_paper or was_sent}
+    # Both kinds of record are strings (a record of the intent's order exists until it has a result).
+    paper = [keys.paper_order(job.coid) for job in jobs]
+    sent = [keys.exchange_sent(settings.exchange, job.coid) for job in jobs]
+    found = await redis.mget(paper + sent)
+    at_paper, was_sent = found[: len(jobs)], found[len(jobs) :]
+    return {job.entry.id for job, p, s in zip(jobs, at_paper, was_sent, strict=True) if p is not None or s is not None}
 
 
 async def _stale_only(execution: Execution, entries: list[Entry], now: datetime) -> list[Entry]:

@@ -11,7 +11,8 @@ Scenario switches: ``script("order", ...)`` queues one behaviour per incoming
 ``POST /api/v3/order`` (``ok``, ``hang_after_accept``, ``429``, ``418``, ``503``,
 ``500_after_accept``); ``script("query", "503", ...)`` does the same for
 ``GET /api/v3/order``; ``limit_fill`` and ``fill_rest_after_queries`` make LIMIT orders
-fill partially and (optionally) complete later.
+fill partially and (optionally) complete later. ``order_delay_s`` makes each new order take
+that long (like a real exchange's round trip); ``arrivals`` logs when each request arrived.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ class FakeBinance:
         self.fee_rate = Decimal("0.001")
         self.orders: list[FakeOrder] = []
         self.requests: list[tuple[str, str]] = []
+        self.arrivals: list[tuple[float, str, str]] = []  # (time.monotonic(), method, path), in arrival order
+        self.order_delay_s = 0.0
         self.order_script: deque[str] = deque()
         self.query_script: deque[str] = deque()
         self.hang_s = 10.0
@@ -182,6 +185,7 @@ class FakeBinance:
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.arrivals.append((time.monotonic(), request.method, request.path))
         self.requests.append((request.method, request.path))
         response: web.StreamResponse = await handler(request)
         return response
@@ -354,6 +358,8 @@ class FakeBinance:
         params = await self._signed(request)
         if isinstance(params, web.Response):
             return params
+        if self.order_delay_s:
+            await asyncio.sleep(self.order_delay_s)
         behaviour = self.order_script.popleft() if self.order_script else "ok"
         if behaviour in ("429", "418"):
             return self._error(int(behaviour), -1003, "Too many requests; current limit is 1200 per minute.")

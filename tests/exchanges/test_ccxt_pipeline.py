@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from quantum_trader import keys
-from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.streams import publish
 from quantum_trader.exchanges.base import Exchange
 from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
@@ -95,7 +98,7 @@ async def test_crash_after_the_order_restart_reports_it_without_resending(
     await r.set(keys.KILL_SWITCH, "0")
     first = await make_pipeline()
 
-    async def crash(_done: object) -> None:
+    async def crash(_done: object, _sent: object = ()) -> None:
         raise SystemExit("process died after placing the order, before writing the result")
 
     first.execution.commit = crash
@@ -129,3 +132,41 @@ async def test_bad_credentials_fail_the_order_and_halt_the_pipeline(
     assert fake.placed() == []
     assert len(log_trap.lines("exchange_auth_failed")) == 1
     assert "revoked-key-000000000000000000" not in log_trap.text()
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_kill_on_mid_batch_lets_only_the_requests_already_in_flight_reach_the_exchange(
+    r: Redis, make_pipeline: Callable[..., Any], fake: FakeBinance, clean_url: str, concurrency: int
+) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    fake.order_delay_s = 0.025  # each order takes 25 ms at the exchange
+    count = 80 * concurrency  # one batch the gate approves whole: ~2 s of orders at this pace
+    pipeline = await make_pipeline(exchange_concurrency=concurrency, batch_size=1000)
+    await publish(r, DECISIONS, [decision(qty="0.01", price="3000") for _ in range(count)])
+    await drain(pipeline.router)
+    running = asyncio.create_task(drain(pipeline.execution))
+    for _ in range(5000):  # until orders flow
+        if fake.calls("POST", "/api/v3/order") >= 10 * concurrency or running.done():
+            break
+        await asyncio.sleep(0.002)
+    operator = client(clean_url)  # `quantum-trader kill on`, from another client
+    try:
+        await operator.set(keys.KILL_SWITCH, "1")
+        flipped = time.monotonic()
+    finally:
+        await operator.aclose()
+    await running
+
+    sends = [at for at, method, path in fake.arrivals if (method, path) == ("POST", "/api/v3/order")]
+    late = [at for at in sends if at > flipped]
+    assert len(late) <= concurrency  # only requests checked before the flip, at most one per slot
+    out = await results(r)
+    assert len(out) == count
+    filled = [o for o in out if o["status"] == "FILLED"]
+    halted = [o for o in out if (o["status"], o["reason"]) == ("REJECTED", "KILL_SWITCH")]
+    assert len(filled) + len(halted) == count
+    assert halted, "the whole batch was sent before the switch: the scenario did not happen"
+    assert len(filled) == len(fake.placed()) == len(sends)
+    assert {o["exchange"] for o in halted} == {""}  # never reached the exchange
+    day = keys.daily_trades(datetime.now(UTC).date())
+    assert await r.get(day) == str(len(filled))  # the stopped orders' counts given back

@@ -9,8 +9,8 @@ from decimal import Decimal
 import pytest
 
 from quantum_trader import keys
-from quantum_trader.bus.connection import Redis
-from quantum_trader.exchanges.base import OrderRequest, client_order_id, split_symbol
+from quantum_trader.bus.connection import Redis, client
+from quantum_trader.exchanges.base import OrderRequest, SendGuard, client_order_id, split_symbol
 from quantum_trader.exchanges.paper import PaperExchange, fill
 from quantum_trader.services import build_exchange
 from quantum_trader.settings import Settings
@@ -107,7 +107,7 @@ async def test_concurrent_batches_keep_balances_exact(r: Redis, paper: PaperExch
     balances = await paper.balances()
     assert balances["ETH"] == Decimal("4.0")
     assert balances["USDT"] == Decimal(10_000) - 40 * (Decimal("200.0") + Decimal("0.2000"))
-    assert await r.hlen(keys.paper_orders()) == 40
+    assert len(await paper.orders()) == 40
 
 
 async def test_an_unfunded_account_rejects_without_error(r: Redis) -> None:
@@ -128,3 +128,60 @@ async def test_fee_slippage_and_balances_come_from_the_settings(
     assert filled.avg_price == Decimal("3007.5")  # 25 bps against the buyer
     assert filled.fee == Decimal("6.015")  # 0.2 % of the notional
     assert (await paper.balances())["USDT"] == Decimal(5000) - Decimal("3007.5") - Decimal("6.015")
+
+
+# ---- the kill switch, read inside the placement transaction -----------------------------
+
+KILL = SendGuard(keys.KILL_SWITCH)
+
+
+async def test_a_halted_switch_stops_new_orders_but_returns_stored_ones(r: Redis, paper: PaperExchange) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    [placed] = await paper.place_orders([order("BUY", "1", coid="qt-a")], KILL)
+    await r.set(keys.KILL_SWITCH, "1")
+    again, stopped = await paper.place_orders([order("BUY", "1", coid="qt-a"), order("BUY", "1", coid="qt-b")], KILL)
+    assert again == placed  # placed before the switch: still reported
+    assert (stopped.status, stopped.reason.split(":")[0], stopped.sent) == ("REJECTED", "KILL_SWITCH", False)
+    assert set(await paper.orders()) == {"qt-a"}
+    assert (await paper.balances())["ETH"] == Decimal(1)
+
+
+@pytest.mark.parametrize("switch", ["absent", "1", "a list"])
+async def test_anything_but_zero_stops_the_orders(r: Redis, paper: PaperExchange, switch: str) -> None:
+    if switch == "1":
+        await r.set(keys.KILL_SWITCH, "1")
+    elif switch == "a list":
+        await r.rpush(keys.KILL_SWITCH, "0")
+    [out] = await paper.place_orders([order("BUY", "1", coid="qt-a")], KILL)
+    assert (out.status, out.sent) == ("REJECTED", False)
+    assert await paper.orders() == {}
+
+
+async def test_a_flip_between_reading_the_switch_and_exec_is_read_again(
+    r: Redis, paper: PaperExchange, clean_url: str
+) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    operator = client(clean_url)
+    prices = paper.last_prices
+
+    async def operator_flips_meanwhile(symbols: list[str]) -> dict[str, Decimal]:
+        # Runs inside the WATCHed transaction, after the switch was read as "0".
+        await operator.set(keys.KILL_SWITCH, "1")
+        return await prices(symbols)
+
+    paper.last_prices = operator_flips_meanwhile  # type: ignore[method-assign]
+    try:
+        [out] = await paper.place_orders([order("BUY", "1", coid="qt-a")], KILL)
+    finally:
+        await operator.aclose()
+    assert (out.status, out.reason.split(":")[0]) == ("REJECTED", "KILL_SWITCH")
+    assert await paper.orders() == {}
+    assert await paper.balances() == {"USDT": Decimal(10_000)}
+
+
+async def test_orders_are_one_key_each_written_without_expiry(r: Redis, paper: PaperExchange) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    await paper.place_orders([order("BUY", "0.1", coid=f"qt-{n}") for n in range(3)], KILL)
+    assert sorted(await r.keys("quantum:paper:order:*")) == [f"quantum:paper:order:qt-{n}" for n in range(3)]
+    assert [await r.ttl(f"quantum:paper:order:qt-{n}") for n in range(3)] == [-1, -1, -1]  # until the result
+    assert set(await paper.fetch_orders(["qt-0", "qt-2", "qt-9"])) == {"qt-0", "qt-2"}

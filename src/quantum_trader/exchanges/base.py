@@ -3,6 +3,9 @@
 Placement is idempotent by client order id: ``place_orders`` must return the
 existing order instead of placing a second one, and ``fetch_orders`` must find an
 order the exchange already has. Execution relies on both after a crash.
+
+Placement also honours a ``SendGuard`` (the kill switch): it is read right before each
+order leaves, so an operator's halt stops orders already approved by the governor.
 """
 
 from __future__ import annotations
@@ -42,6 +45,35 @@ class OrderOutcome:
     fee: Decimal = Decimal(0)
     fee_asset: str = ""
     exchange_order_id: str = ""
+    sent: bool = True  # False: the order never left (stopped before sending); no exchange has it
+
+
+@dataclass(frozen=True, slots=True)
+class SendGuard:
+    """A switch read right before each order leaves: orders go only while ``key`` holds exactly ``allowed``.
+
+    Absent, another value or another type (read with MGET, which answers nil for a key that is
+    not a string) stops them. The paper exchange reads it inside its placement transaction, with
+    the key WATCHed (a flip before EXEC makes it read again); ccxt right before each order request
+    goes on the wire. An order it stops is REJECTED ``reason`` and not sent.
+    """
+
+    key: str
+    allowed: str = "0"
+    reason: str = "KILL_SWITCH"
+
+    def stops(self, value: str | None) -> bool:
+        """True when orders must not leave while the switch holds ``value``."""
+        return value != self.allowed
+
+    def stopped(self, client_order_id: str) -> OrderOutcome:
+        """The outcome of an order the switch stopped before it left."""
+        return OrderOutcome(
+            client_order_id,
+            "REJECTED",
+            reason=f"{self.reason}: not sent; {self.key} is no longer {self.allowed!r}",
+            sent=False,
+        )
 
 
 class Exchange(Protocol):
@@ -57,8 +89,12 @@ class Exchange(Protocol):
         """Orders the exchange already has, by client order id; unknown ids are absent."""
         ...
 
-    async def place_orders(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
-        """Place each order once; an id the exchange already has returns that order."""
+    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
+        """Place each order once; an id the exchange already has returns that order.
+
+        With ``guard``, an order is sent only if the switch allows it right before it leaves;
+        otherwise its outcome is ``guard.stopped`` (``sent=False``).
+        """
         ...
 
     async def close(self) -> None:

@@ -13,6 +13,8 @@ Placing one order::
          MIN_NOTIONAL locally ─► REJECTED naming the rule, nothing sent
     sent before (a write-ahead record in Redis)? ─► look it up by client order id first
     write-ahead record, then send with the deterministic client order id
+      ├─ kill switch (read right before the request goes on the wire, after ccxt's rate
+      │     limiter) not "0" ─► REJECTED KILL_SWITCH, nothing sent
       ├─ answered ─► track until final (bounded), fees from the response or the trades
       ├─ timeout / network / 5xx ─► look the order up; only an order the exchange
       │     provably does not have (not found twice, a grace period apart) is sent again
@@ -22,11 +24,16 @@ Placing one order::
 When the exchange cannot tell us whether an order exists (lookups keep failing),
 ``OrderStateUnknown`` is raised instead of guessing: the batch stays pending and is
 looked up again when it is redelivered.
+
+At most QT_EXCHANGE_CONCURRENCY orders of one adapter (one execution process) are in flight
+at once, so after the kill switch is turned on at most that many requests, each checked
+just before, can still reach the exchange.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import grp
 import json
@@ -51,7 +58,7 @@ from redis.exceptions import RedisError
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError, ExchangeError, FatalExchangeError, TransientExchangeError
-from quantum_trader.exchanges.base import OrderOutcome, OrderRequest
+from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard
 from quantum_trader.governor import set_kill
 from quantum_trader.logs import get_logger
 from quantum_trader.redaction import redact_text
@@ -480,6 +487,20 @@ def check_settings(settings: Settings) -> None:
         )
 
 
+class _NotSent(Exception):
+    """The send guard stopped an order right before its request left."""
+
+    def __init__(self, guard: SendGuard) -> None:
+        super().__init__(guard.key)
+        self.guard = guard
+
+
+# Set (per task) only around the request that sends an order: the check its HTTP request makes first.
+_BEFORE_SEND: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = contextvars.ContextVar(
+    "before_send", default=None
+)
+
+
 class CcxtExchange:
     """An exchange reached through ccxt's async client."""
 
@@ -533,6 +554,11 @@ class CcxtExchange:
         self._ids: dict[str, str] = {}
         self._loaded_at: float | None = None
         self._markets_lock = asyncio.Lock()
+        # Orders in flight per adapter, across the batches one process works on at once.
+        self._sending = asyncio.Semaphore(settings.exchange_concurrency)
+        # Every HTTP request passes here after ccxt's rate limiter: the last moment to stop an order.
+        self._fetch = self.client.fetch
+        self.client.fetch = self._fetch_checked
 
     def __repr__(self) -> str:
         return f"CcxtExchange({self.name}, mode={self.settings.mode}, api_key={redacted(self._secrets[0])})"
@@ -713,25 +739,29 @@ class CcxtExchange:
                 raise OrderStateUnknown(f"cannot look order {coid} up on {self.name}: {exc}") from None
         return found
 
-    async def place_orders(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
-        """Place each order once (see the module docstring); outcomes in the same order."""
+    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
+        """Place each order once (see the module docstring); outcomes in the same order.
+
+        With ``guard``, each order request is sent only if the switch allows it when the request
+        is about to go on the wire (after ccxt's rate limiter); otherwise ``guard.stopped``.
+        """
         if not orders:
             return []
         if self._public_only:
             raise ConfigError(f"the {self.name} market-data client has no credentials and places no orders")
-        gate = asyncio.Semaphore(self.settings.exchange_concurrency)
         halted = asyncio.Event()
 
         async def one(order: OrderRequest) -> OrderOutcome:
-            async with gate:
+            async with self._sending:
                 if halted.is_set():
                     return OrderOutcome(
                         order.client_order_id,
                         "REJECTED",
                         reason="KILL_SWITCH: not sent; the exchange refused the credentials earlier in this batch",
+                        sent=False,
                     )
                 try:
-                    return await self._place_one(order)
+                    return await self._place_one(order, guard)
                 except FatalExchangeError as exc:
                     first = not halted.is_set()
                     halted.set()
@@ -750,12 +780,35 @@ class CcxtExchange:
 
     # ---- placing one order ----------------------------------------------------------------
 
-    async def _place_one(self, order: OrderRequest) -> OrderOutcome:
+    async def _fetch_checked(self, url: str, method: str = "GET", headers: Any = None, body: Any = None) -> Any:
+        """ccxt's ``fetch`` (one HTTP request), first running the check of an order being sent."""
+        check = _BEFORE_SEND.get()
+        if check is not None:
+            await check()
+        return await self._fetch(url, method, headers, body)
+
+    async def _send_order(self, guard: SendGuard | None, send: Callable[[], Awaitable[Any]]) -> Any:
+        """``send()``, its request stopped with _NotSent if ``guard`` halts right before it leaves."""
+        if guard is None:
+            return await send()
+
+        async def check() -> None:
+            (value,) = await self.redis.mget([guard.key])  # MGET: nil for a key of another type
+            if guard.stops(value):
+                raise _NotSent(guard)
+
+        token = _BEFORE_SEND.set(check)
+        try:
+            return await send()
+        finally:
+            _BEFORE_SEND.reset(token)
+
+    async def _place_one(self, order: OrderRequest, guard: SendGuard | None = None) -> OrderOutcome:
         coid = order.client_order_id
         rules = await self._market(order.symbol)
         if rules is None:
             return OrderOutcome(
-                coid, "REJECTED", reason=f"UNKNOWN_SYMBOL: {order.symbol} is not a market on {self.name}"
+                coid, "REJECTED", reason=f"UNKNOWN_SYMBOL: {order.symbol} is not a market on {self.name}", sent=False
             )
         hint = order.reference_price
         if hint is None and order.order_type == "MARKET":
@@ -763,7 +816,7 @@ class CcxtExchange:
         prepared = prepare(order, rules, hint)
         if isinstance(prepared, str):
             log.info("order_rejected_before_sending", exchange=self.name, client_order_id=coid, reason=prepared)
-            return OrderOutcome(coid, "REJECTED", reason=prepared)
+            return OrderOutcome(coid, "REJECTED", reason=prepared, sent=False)
         # Sent before (crash, redelivery)? Ask the exchange before anything else.
         if coid in await self._remembered([coid]):
             existing = await self._lookup(coid, rules.symbol, grace=True)
@@ -774,15 +827,25 @@ class CcxtExchange:
         attempt = 0
         while True:
             try:
-                placed = await self.client.create_order(
-                    rules.symbol,
-                    order.order_type.lower(),
-                    order.side.lower(),
-                    f"{prepared.amount:f}",
-                    None if prepared.price is None else f"{prepared.price:f}",
-                    {self._place_coid_param: coid},
+                placed = await self._send_order(
+                    guard,
+                    lambda: self.client.create_order(
+                        rules.symbol,
+                        order.order_type.lower(),
+                        order.side.lower(),
+                        f"{prepared.amount:f}",
+                        None if prepared.price is None else f"{prepared.price:f}",
+                        {self._place_coid_param: coid},
+                    ),
                 )
                 return await self._finish(coid, rules.symbol, placed, prepared.amount)
+            except _NotSent as stop:
+                # Stopped before it left (a retry included: an earlier attempt that may have
+                # arrived was looked up and not found, so the exchange does not have it).
+                log.info(
+                    "order_stopped_before_sending", exchange=self.name, client_order_id=coid, switch=stop.guard.key
+                )
+                return stop.guard.stopped(coid)
             except (FatalExchangeError, OrderStateUnknown):
                 raise
             except Exception as exc:

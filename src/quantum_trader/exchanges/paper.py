@@ -1,4 +1,4 @@
-"""The paper exchange: fills in Redis, balances persisted, every order stored by client order id.
+"""The paper exchange: fills in Redis, balances persisted, each order stored by client order id.
 
 MARKET orders fill at the latest market price for the symbol (written by the
 market-data feed) or, failing that, the decision's reference price, moved against
@@ -6,6 +6,12 @@ the trader by the configured slippage. LIMIT orders fill at their limit price wh
 marketable and are rejected otherwise (the paper exchange keeps no order book).
 A batch is applied with WATCH/MULTI so balances stay exact decimals under concurrent
 execution processes, and an order id already stored is returned, never placed again.
+
+Each order is one key (``quantum:paper:order:<client order id>``) with no expiry while its
+intent may be delivered again; execution's commit gives it one when the intent's result is
+written, so the records of finished intents do not accumulate. The kill switch (a
+``SendGuard``) is read inside the same transaction, its key WATCHed: no order is placed
+after the switch was turned off "0", not even one of a batch the governor had approved.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from redis.exceptions import WatchError
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, split_symbol
+from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard, split_symbol
 
 _BPS = Decimal(10_000)
 
@@ -149,42 +155,62 @@ class PaperExchange:
         return {symbol: Decimal(value) for symbol, value in zip(unique, values, strict=True) if value is not None}
 
     async def fetch_orders(self, client_order_ids: list[str]) -> dict[str, OrderOutcome]:
-        """Stored orders by client order id."""
+        """Stored orders by client order id (one MGET)."""
         if not client_order_ids:
             return {}
-        values = await self.redis.hmget(keys.paper_orders(), client_order_ids)
+        values = await self.redis.mget([keys.paper_order(coid) for coid in client_order_ids])
         return {
             coid: _outcome_from_json(value)
             for coid, value in zip(client_order_ids, values, strict=True)
             if value is not None
         }
 
-    async def place_orders(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
-        """Fill a batch atomically (optimistic WATCH on balances and orders); idempotent per id."""
+    async def orders(self) -> dict[str, OrderOutcome]:
+        """Every order still on record, by client order id (a SCAN: for inspection and tests, not trading)."""
+        names = [name async for name in self.redis.scan_iter(match=keys.paper_order_pattern(), count=1000)]
+        values = await self.redis.mget(names) if names else []
+        prefix = len(keys.paper_order(""))
+        return {name[prefix:]: _outcome_from_json(value) for name, value in zip(names, values, strict=True) if value}
+
+    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
+        """Fill a batch atomically (optimistic WATCH on balances, orders and ``guard``); idempotent per id.
+
+        An order the batch would place while ``guard`` stops it is not placed (``guard.stopped``);
+        an order already stored is returned whatever the switch says.
+        """
         if not orders:
             return []
         async with self._placing:
-            return await self._place(orders)
+            return await self._place(orders, guard)
 
-    async def _place(self, orders: list[OrderRequest]) -> list[OrderOutcome]:
-        ids = [order.client_order_id for order in orders]
+    async def _place(self, orders: list[OrderRequest], guard: SendGuard | None) -> list[OrderOutcome]:
+        record_keys = [keys.paper_order(order.client_order_id) for order in orders]
+        # The switch's key is read in the same MGET as the orders (nil for a key of another type).
+        switch = [guard.key] if guard is not None else []
+        watched = [keys.paper_balances(), *switch, *dict.fromkeys(record_keys)]
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(keys.paper_balances(), keys.paper_orders())
+                    await pipe.watch(*watched)
                     pipe_any: Any = pipe
-                    existing_raw = await pipe_any.hmget(keys.paper_orders(), ids)
+                    raw = await pipe_any.mget([*switch, *record_keys])
+                    halted = guard is not None and guard.stops(raw[0])
+                    existing_raw = raw[len(switch) :]
                     balance_raw = await pipe_any.hgetall(keys.paper_balances())
                     prices = await self.last_prices([order.symbol for order in orders])
                     balances = {a: Decimal(v) for a, v in balance_raw.items()}
                     outcomes: list[OrderOutcome] = []
                     new: dict[str, str] = {}
+                    changed = False
                     for order, stored in zip(orders, existing_raw, strict=True):
                         if stored is not None:
                             outcomes.append(_outcome_from_json(stored))
                             continue
                         if order.client_order_id in new:
                             outcomes.append(_outcome_from_json(new[order.client_order_id]))
+                            continue
+                        if guard is not None and halted:
+                            outcomes.append(guard.stopped(order.client_order_id))
                             continue
                         outcome, changes = fill(
                             order,
@@ -196,13 +222,18 @@ class PaperExchange:
                         )
                         for asset, delta in changes.items():
                             balances[asset] = balances.get(asset, Decimal(0)) + delta
+                            changed = True
                         new[order.client_order_id] = _outcome_to_json(outcome)
                         outcomes.append(outcome)
+                    if not new:
+                        # Nothing to write: every order was stored already or stopped by the switch.
+                        return outcomes
                     pipe.multi()
-                    if new:
-                        pipe.hset(keys.paper_orders(), mapping=new)
-                    if balances:
+                    # No expiry yet: the intent may be delivered again until its result is written.
+                    pipe.mset({keys.paper_order(coid): value for coid, value in new.items()})
+                    if changed:
                         pipe.hset(keys.paper_balances(), mapping={a: str(v) for a, v in balances.items()})
+                    # EXEC fails if the balances, an order or the switch changed since WATCH: read again.
                     await pipe.execute()
                     return outcomes
                 except WatchError:

@@ -1,18 +1,23 @@
 -- Execution batch commit: acknowledge each intent and write its one result, atomically.
 -- KEYS[1] intent stream, KEYS[2] result stream, KEYS[3] counted-intents hash, KEYS[4] daily counter,
 -- KEYS[5] legacy result stream (optional: dual write when present).
--- ARGV: group, event_type, timestamp, source, and one MessagePack array holding, per intent:
---   entry_id, trace_id, correlation_id, payload, placed ("1" when the outcome came from the exchange).
+-- ARGV: group, event_type, timestamp, source, one MessagePack array holding, per intent:
+--   entry_id, trace_id, correlation_id, payload, placed ("1" when the order reached the exchange),
+--   record (the key of the exchange's record of the order, "" for none);
+-- and ARGV[6], the seconds a record is kept once the intent is finished.
 -- (One packed argument instead of five per intent: the client spent more time packing thousands of
 -- arguments than the server spends unpacking one.)
 -- The XACK gates the write: an intent another consumer already finished gets no second result.
 -- An intent the gate counted that ends without reaching the exchange (kill switch turned on, expired
 -- after a crash between gate and order) gives its count back, so the counter equals orders sent.
+-- A record is needed only while the intent may be delivered again; once it is acknowledged (here
+-- or by whoever finished it first) the record gets an expiry, so finished orders do not pile up.
 -- Returns the number of results written.
 local group, event_type, stamp, source = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local items = cmsgpack.unpack(ARGV[5])
+local keep = tonumber(ARGV[6])
 local written = 0
-for pos = 1, #items, 5 do
+for pos = 1, #items, 6 do
   local id = items[pos]
   if redis.call('XACK', KEYS[1], group, id) == 1 then
     local fields = {'event_type', event_type, 'payload', items[pos + 3], 'trace_id', items[pos + 1],
@@ -26,5 +31,8 @@ for pos = 1, #items, 5 do
     end
     written = written + 1
   end
+  -- Not pending any more either way: nothing can ask for the record after the grace period.
+  local record = items[pos + 5]
+  if record ~= '' then redis.call('EXPIRE', record, keep) end
 end
 return written

@@ -1,7 +1,7 @@
 -- Governor gate for a batch of intents: kill switch and daily limit, atomically.
 -- KEYS[1] kill switch, KEYS[2] daily counter, KEYS[3] counted-intents hash, KEYS[4] intent stream
 -- ARGV: group, consumer, limit, ttl_s, lowest id, highest id, and the intent ids as one MessagePack array.
--- Trading is allowed only while the kill switch is exactly "0".
+-- Trading is allowed only while the kill switch is exactly "0" (a key of another type halts, never errors).
 -- An intent is counted once: the counted hash remembers it until its result is committed.
 -- The kill switch is checked first, even for counted intents (never approve while it is not "0");
 -- commit.lua gives back the count of an intent that then ends without an order.
@@ -20,7 +20,9 @@ local mine = {}
 for _, entry in ipairs(redis.call('XPENDING', KEYS[4], group, low, high, #ids * 4 + 1000, consumer)) do
   mine[entry[1]] = true
 end
-local kill = redis.call('GET', KEYS[1])
+-- pcall: GET on a list (say) answers an error table instead of failing the batch.
+local kill = redis.pcall('GET', KEYS[1])
+if type(kill) ~= 'string' then kill = false end
 local seen = redis.call('HMGET', KEYS[3], unpack(ids))
 local count = tonumber(redis.call('GET', KEYS[2]) or '0')
 local counted = {}
