@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,11 +19,16 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError
 from quantum_trader.events import decode_event
 from quantum_trader.marketdata import (
+    ALREADY_PUBLISHED,
     MARKET_CANDLE,
     Candle,
+    GapRule,
+    between,
     clean,
     gap,
+    gap_rule,
     interval_ms,
+    parse_time,
     publish,
     read_file,
     replay,
@@ -137,3 +146,57 @@ async def test_run_feed_cleans_then_publishes(r: Redis) -> None:
     assert (totals.published, totals.skipped) == (2, 2)
     entries = await r.xrange("quantum:stream:market.candle")
     assert [decode_event(f, Candle, MARKET_CANDLE)[1].open_time for _, f in entries] == [1, 3]
+
+
+def test_the_gap_rule_is_a_setting_with_a_default_per_market() -> None:
+    goog = read_file(SAMPLES / "GOOG.csv")  # equities, daily: weekends and holidays closed
+    eurusd = read_file(SAMPLES / "EURUSD.csv")  # FX, hourly: closed from Friday evening to Sunday evening
+    crypto = synthetic({"BTCUSDT": 60_000.0}, 3000)  # 24/7
+    assert gap_rule("auto", goog) == gap_rule("auto", eurusd) == GapRule(3, 5 * 86_400_000)
+    assert gap_rule("auto", crypto) == gap_rule("auto") == GapRule(3, None)  # the engine on a stream: 24/7
+
+    def restarts(candles: list[Candle], rule: GapRule) -> int:
+        return sum(rule(a.open_time, b) for a, b in itertools.pairwise(candles))
+
+    assert restarts(goog, GapRule()) > 50  # the old rule: every long weekend restarted the warm-up
+    assert restarts(goog, gap_rule("auto", goog)) == 0
+    assert restarts(eurusd, gap_rule("auto", eurusd)) == 0
+    assert restarts(goog, gap_rule("off")) == 0
+    assert restarts(goog, gap_rule("1")) == restarts(goog, gap_rule("1d")) == len(goog) - 1 - 1684  # beyond a day
+    week = msgspec.structs.replace(goog[1], open_time=goog[0].open_time + 8 * 86_400_000)
+    assert gap_rule("auto", goog)(goog[0].open_time, week)  # a closed week is a hole even for equities
+    with pytest.raises(ConfigError, match="QT_AI_GAP"):
+        gap_rule("soon")
+
+
+def test_time_windows_for_train_and_backtest() -> None:
+    candles = [bar(parse_time(f"2024-01-0{d}", "--from")) for d in range(1, 6)]
+    assert parse_time("2024-01-02T00:00:00+00:00", "--from") == candles[1].open_time
+    assert between(candles, candles[1].open_time, candles[3].open_time) == candles[1:3]
+    assert between(candles, None, candles[1].open_time) == candles[:1]
+    with pytest.raises(ConfigError, match="--until 'last week'"):
+        parse_time("last week", "--until")
+
+
+async def test_a_feed_run_again_skips_what_the_stream_already_holds_and_says_why(r: Redis) -> None:
+    candles = synthetic({"ETHUSDT": 3000.0}, 30)
+
+    async def source(items: list[Candle]) -> AsyncIterator[list[Candle]]:
+        yield items
+
+    first = await run_feed(r, "quantum:stream:market.candle", source(candles))
+    assert (first.published, first.skipped) == (30, 0)
+    again = await run_feed(r, "quantum:stream:market.candle", source([*candles, bar(candles[-1].open_time + 60_000)]))
+    assert (again.published, again.skipped) == (1, 30)
+    assert again.reasons == {ALREADY_PUBLISHED: 30}
+    assert "skipped 30: 30 already published" in again.summary("S")
+    assert await r.xlen("quantum:stream:market.candle") == 31
+
+
+def test_feed_command_twice_reports_the_skipped_candles_in_its_summary(clean_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_REDIS_URL": clean_url}
+    command = [sys.executable, "-m", "quantum_trader", "feed", "--count", "20"]
+    runs = [subprocess.run(command, capture_output=True, text=True, timeout=120, env=env) for _ in range(2)]
+    assert [done.returncode for done in runs] == [0, 0], runs[1].stderr
+    assert "published 60 candles to quantum:stream:market.candle; none skipped" in runs[0].stdout
+    assert "published 0 candles to quantum:stream:market.candle; skipped 60: 60 already published" in runs[1].stdout

@@ -1,11 +1,20 @@
 """The AI engine: candles in, trade decisions out, in the pipeline's contract.
 
 It consumes the candle stream in its own group, keeps each symbol's recent closes,
-runs the configured strategies once their warm-up is met, sizes each signal (a
-fixed quote notional, or a fraction of the paper quote balance) and publishes the
-decisions and acknowledges the candles in one MULTI/EXEC. A decision's trace id is
-derived from the candle entry and the strategy, so a redelivered candle produces the
-same decision again, which the router then skips as a duplicate.
+runs the configured strategies once their warm-up is met, turns each signal into a
+decision against the strategy's position, and publishes the decisions, the positions
+and the candles' acknowledgement in one MULTI/EXEC. A decision's trace id is derived
+from the candle entry and the strategy, so a redelivered candle produces the same
+decision again, which the router then skips as a duplicate.
+
+Positions are long-only spot, one per strategy and symbol (``keys.AI_POSITIONS``): a
+BUY enters when the strategy holds nothing (sized by the configured rule: a fixed quote
+notional or a fraction of the paper quote balance), a SELL exits ``QT_AI_EXIT_FRACTION``
+of what it holds; a BUY while holding and a SELL while flat are no decisions. The record
+follows the outcomes: before deciding, the engine reads the results of its own decisions
+that came in since last time, and takes back what did not fill (a rejected entry is not
+held; an exit that did not fill is still held, unless the exchange said the coins are not
+there).
 """
 
 from __future__ import annotations
@@ -22,15 +31,18 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer
 from quantum_trader.errors import ConfigError, DecodeError
-from quantum_trader.events import DECISION, Fields, decode_event, envelope, now_iso
+from quantum_trader.events import DECISION, EXECUTION_RESULT, ExecutionResult, Fields, decode_event, envelope, now_iso
 from quantum_trader.exchanges.base import split_symbol
 from quantum_trader.logs import get_logger
-from quantum_trader.marketdata import MARKET_CANDLE, Candle, clean, gap
+from quantum_trader.marketdata import MARKET_CANDLE, Candle, GapRule, clean, gap_rule
 from quantum_trader.settings import Settings
 from quantum_trader.strategies import BUILT_IN, Signal, Strategy
 
 log = get_logger("ai_engine")
 _QTY_STEP = Decimal("0.000001")
+_ZERO = Decimal(0)
+CURSOR_FIELD = "#results"  # in keys.AI_POSITIONS: the newest result already applied to the positions
+_RESULTS_PAGE = 1000
 
 
 def build_strategies(settings: Settings) -> list[Strategy]:
@@ -60,6 +72,51 @@ def size(close: float, quote_balance: Decimal | None, settings: Settings) -> Dec
     return (notional / Decimal(repr(close))).quantize(_QTY_STEP, rounding=ROUND_DOWN)
 
 
+def exit_qty(held: Decimal, fraction: Decimal) -> Decimal:
+    """What an exit sells of a position: ``fraction`` of it, rounded down; all of it rather than leave dust (pure)."""
+    if fraction >= 1:
+        return held
+    qty = (held * fraction).quantize(_QTY_STEP, rounding=ROUND_DOWN)
+    return held if qty <= 0 or held - qty < _QTY_STEP else qty
+
+
+def order_qty(side: str, held: Decimal, entry: Decimal, exit_fraction: Decimal) -> tuple[Decimal, str]:
+    """The quantity a signal decides given the strategy's position, or zero and why not (pure).
+
+    Long-only spot: a BUY enters only when nothing is held (``entry``, sized by the configured
+    rule); a SELL exits ``exit_fraction`` of what is held; a SELL with nothing held would be a
+    short, which spot trading cannot do.
+    """
+    if side == "BUY":
+        if held > 0:
+            return _ZERO, "already holding a position"
+        return (entry, "") if entry > 0 else (_ZERO, "entry size rounds to zero")
+    if held <= 0:
+        return _ZERO, "no position to sell (long-only spot: no shorts)"
+    return exit_qty(held, exit_fraction), ""
+
+
+def after_outcome(held: Decimal, result: ExecutionResult, base: str) -> Decimal:
+    """The position once a decision's outcome is known; the decision itself was already counted (pure).
+
+    An entry that did not fill (in full) is taken back, and a fee charged in the base asset is
+    not held; an exit that did not fill is held again, unless the exchange said the coins were
+    not there (insufficient balance): then there is nothing to hold.
+    """
+    missing = result.qty - result.filled_qty if result.status == "FILLED" else result.qty
+    if result.side == "BUY":
+        fee = result.fee if result.status == "FILLED" and result.fee_asset == base else _ZERO
+        return max(_ZERO, held - missing - fee)
+    if result.status != "FILLED" and "INSUFFICIENT" in result.reason.upper():
+        return held
+    return held + max(_ZERO, missing)
+
+
+def position_key(strategy: str, symbol: str) -> str:
+    """The field of ``keys.AI_POSITIONS`` holding one strategy's position in one symbol."""
+    return f"{strategy}:{symbol}"
+
+
 def trace_id(candle_entry: str, strategy: str, symbol: str) -> str:
     """Deterministic per (candle, strategy): a replayed candle yields the same decision."""
     return hashlib.blake2b(f"{candle_entry}|{strategy}|{symbol}".encode(), digest_size=16).hexdigest()
@@ -74,10 +131,14 @@ class AiEngine:
         settings: Settings,
         strategies: list[Strategy] | None = None,
         clock: Callable[[], datetime] | None = None,
+        gap: GapRule | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
         self.strategies = strategies if strategies is not None else build_strategies(settings)
+        # The engine sees a stream, not a file: ``auto`` means a 24/7 market here (the backtest,
+        # which has the whole file, passes the rule for its market).
+        self.gap = gap if gap is not None else gap_rule(settings.ai_gap)
         self.clock = clock or (lambda: datetime.now(UTC))
         # Stable across restarts (the consumer name), so a replayed candle repeats the same identity.
         self.run_id = settings.consumer_name("ai-engine")
@@ -86,7 +147,7 @@ class AiEngine:
         self.previous: dict[str, int] = {}
         self.consumer = GroupConsumer.for_stage(redis, settings, "ai-engine", settings.candle_stream, settings.ai_group)
         self.consumer.depth = 1  # candles feed each symbol's history in order: one batch at a time
-        self.totals: dict[str, int] = {"candles": 0, "decisions": 0, "skipped": 0}
+        self.totals: dict[str, int] = {"candles": 0, "decisions": 0, "skipped": 0, "signals_ignored": 0}
 
     def signals(self, candles: list[tuple[str, Candle]]) -> list[tuple[str, Candle, Strategy, Signal]]:
         """Feed candles into the per-symbol history and collect every strategy's signal (pure)."""
@@ -94,10 +155,10 @@ class AiEngine:
         for entry_id, candle in candles:
             closes = self.history.setdefault(candle.symbol, deque(maxlen=self.settings.ai_history))
             previous = self.previous.get(candle.symbol)
-            if previous is not None and gap(previous, candle):
+            if previous is not None and self.gap(previous, candle):
                 # Indicators across a hole would mix two markets: warm up again from here.
-                log.warning("candle_gap", symbol=candle.symbol, after_open_time=previous,
-                            open_time=candle.open_time, action="history reset, warm-up again")  # fmt: skip
+                log.warning("candle_gap", symbol=candle.symbol, after_open_time=previous, open_time=candle.open_time,
+                            rule=str(self.gap), action="history reset, warm-up again")  # fmt: skip
                 closes.clear()
             self.previous[candle.symbol] = candle.open_time
             closes.append(candle.close)
@@ -124,17 +185,52 @@ class AiEngine:
         kept_ids = {id(c) for c in kept}
         fresh = [(entry_id, c) for entry_id, c in decoded if id(c) in kept_ids]
         found = self.signals(fresh)
+        decisions: list[Fields] = []
+        positions: dict[str, Decimal] = {}
+        loaded: dict[str, Decimal] = {}
+        cursor = ""
+        if found:
+            loaded, positions, cursor = await self.positions()
+            decisions = await self._decide(found, positions)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for fields in decisions:
+                pipe.xadd(self.settings.decision_stream, fields)
+            if found:
+                # The positions move with the decisions that change them, in the same transaction.
+                gone = [key for key in loaded if positions.get(key, _ZERO) <= 0]
+                if gone:
+                    pipe.hdel(keys.AI_POSITIONS, *gone)
+                held = {key: str(qty) for key, qty in positions.items() if qty > 0 and loaded.get(key) != qty}
+                pipe.hset(keys.AI_POSITIONS, mapping={**held, CURSOR_FIELD: cursor})
+            pipe.xack(self.settings.candle_stream, self.settings.ai_group, *[entry.id for entry in entries])
+            await pipe.execute()
+        self.totals["candles"] += len(fresh)
+        self.totals["decisions"] += len(decisions)
+        self.totals["skipped"] += len(skipped)
+
+    async def _decide(
+        self, found: list[tuple[str, Candle, Strategy, Signal]], positions: dict[str, Decimal]
+    ) -> list[Fields]:
+        """Decisions for the signals, in order, each against the position the ones before it left."""
         balance = None
-        if self.settings.ai_sizing == "fraction" and found:
+        if self.settings.ai_sizing == "fraction":
             raw = await self.redis.hgetall(keys.paper_balances())
             balance = {asset: Decimal(value) for asset, value in raw.items()}
         stamp = now_iso(self.clock())
         decisions: list[Fields] = []
         for entry_id, candle, strategy, signal in found:
-            quote = split_symbol(candle.symbol, self.settings.quote_assets)[1] if balance is not None else ""
-            qty = size(candle.close, balance.get(quote) if balance is not None else None, self.settings)
+            key = position_key(strategy.name, candle.symbol)
+            held = positions.get(key, _ZERO)
+            entry = _ZERO
+            if signal.side == "BUY" and held <= 0:
+                quote = split_symbol(candle.symbol, self.settings.quote_assets)[1] if balance is not None else ""
+                entry = size(candle.close, balance.get(quote) if balance is not None else None, self.settings)
+            qty, why = order_qty(signal.side, held, entry, self.settings.ai_exit_fraction)
             if qty <= 0:
+                self.totals["signals_ignored"] += 1
+                log.debug("signal_ignored", strategy=strategy.name, symbol=candle.symbol, side=signal.side, reason=why)
                 continue
+            positions[key] = held + qty if signal.side == "BUY" else held - qty
             payload = {
                 "symbol": candle.symbol,
                 "side": signal.side,
@@ -154,11 +250,43 @@ class AiEngine:
                     timestamp=stamp,
                 )
             )
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for fields in decisions:
-                pipe.xadd(self.settings.decision_stream, fields)
-            pipe.xack(self.settings.candle_stream, self.settings.ai_group, *[entry.id for entry in entries])
-            await pipe.execute()
-        self.totals["candles"] += len(fresh)
-        self.totals["decisions"] += len(decisions)
-        self.totals["skipped"] += len(skipped)
+        return decisions
+
+    async def positions(self) -> tuple[dict[str, Decimal], dict[str, Decimal], str]:
+        """The positions on record, the same brought up to date with the outcomes since, and the results cursor.
+
+        Only results of this engine's own decisions count (correlation id
+        ``<strategy>:<symbol>:<consumer>``). The first time, the cursor starts at the newest
+        result: outcomes of decisions made before the record existed are not this record's.
+        """
+        raw = await self.redis.hgetall(keys.AI_POSITIONS)
+        cursor = raw.pop(CURSOR_FIELD, "")
+        loaded: dict[str, Decimal] = {}
+        for key, value in raw.items():
+            try:
+                loaded[key] = Decimal(value)
+            except ArithmeticError:
+                log.error("position_unreadable", key=key, value=value[:40], action="treated as no position")
+        positions = dict(loaded)
+        stream = self.settings.result_stream
+        if not cursor:
+            newest = await self.redis.xrevrange(stream, count=1)
+            return loaded, positions, newest[0][0] if newest else "0-0"
+        suffix = f":{self.run_id}"
+        while True:
+            page = await self.redis.xrange(stream, min=f"({cursor}", max="+", count=_RESULTS_PAGE)
+            for entry_id, fields in page:
+                cursor = entry_id
+                correlation = fields.get("correlation_id", "")
+                if not correlation.endswith(suffix):
+                    continue
+                strategy, _, symbol = correlation.removesuffix(suffix).partition(":")
+                try:
+                    _env, result = decode_event(fields, ExecutionResult, EXECUTION_RESULT)
+                    base = split_symbol(symbol, self.settings.quote_assets)[0]
+                except (DecodeError, ValueError):
+                    continue
+                key = position_key(strategy, symbol)
+                positions[key] = after_outcome(positions.get(key, _ZERO), result, base)
+            if len(page) < _RESULTS_PAGE:
+                return loaded, positions, cursor

@@ -1,11 +1,12 @@
 """Backtests through the production code path: engine → router → governor → paper exchange.
 
 A private Valkey in a temporary directory (a fresh namespace: live keys are never
-touched) runs the same stages as production. The clock is simulated: each candle
-is published, then the engine, the router and execution each handle what is
-waiting, with "now" at the candle's close, before the next candle. Same data, same
-strategies, same settings: the same trades. The report's figures are pure functions
-of the trades and the closes.
+touched) runs the same stages as production, with the same settings as ``run`` (fees,
+slippage, quote assets, sizing, limits, gap rule), the paper exchange funded with the
+starting quote balance only. The clock is simulated: each candle is published, then
+the engine, the router and execution each handle what is waiting, with "now" at the
+candle's close, before the next candle. Same data, same strategies, same settings: the
+same trades. The report's figures are pure functions of the trades and the closes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,14 @@ from quantum_trader.bus.embedded import EmbeddedValkey, free_port
 from quantum_trader.bus.streams import GroupConsumer
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.base import split_symbol
-from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.execution import Execution
-from quantum_trader.marketdata import Candle, clean, publish
+from quantum_trader.marketdata import Candle, clean, gap_rule, publish
 from quantum_trader.router import Router
-from quantum_trader.settings import Settings
+from quantum_trader.services import build_exchange
+from quantum_trader.settings import Settings, load_settings
 from quantum_trader.strategies import Strategy
+
+DEFAULT_START_QUOTE = Decimal(10_000)  # when neither --balance nor QT_PAPER_BALANCES names the quote asset
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,18 @@ class Trade:
     qty: Decimal
     price: Decimal
     fee: Decimal
+    strategy: str = ""
+
+    def as_json(self) -> dict[str, str]:
+        """Exact decimals as strings, the time as ISO-8601 UTC."""
+        return {
+            "time": datetime.fromtimestamp(self.time / 1000, UTC).isoformat().replace("+00:00", "Z"),
+            "side": self.side,
+            "qty": str(self.qty),
+            "price": str(self.price),
+            "fee": str(self.fee),
+            "strategy": self.strategy,
+        }
 
 
 @dataclass
@@ -69,6 +85,13 @@ class Report:
     fees: float
     equity: list[float] = field(default_factory=list)
     times: list[int] = field(default_factory=list)
+    rejections: dict[str, int] = field(default_factory=dict)  # reason code -> orders rejected for it
+    settings: dict[str, str] = field(default_factory=dict)  # the settings that shaped the trades
+
+    @property
+    def rejected(self) -> int:
+        """Decisions that did not become fills (router, governor or exchange said no)."""
+        return sum(self.rejections.values())
 
     def summary(self) -> dict[str, Any]:
         """The figures, without the curves."""
@@ -76,6 +99,7 @@ class Report:
             "symbol": self.symbol,
             "candles": self.candles,
             "trades": len(self.trades),
+            "rejected": self.rejected,
             "pnl": round(self.pnl, 6),
             "return_pct": round(self.return_pct, 4),
             "max_drawdown_pct": round(self.max_drawdown_pct, 4),
@@ -85,25 +109,38 @@ class Report:
             "fees": round(self.fees, 6),
         }
 
+    def as_json(self) -> dict[str, Any]:
+        """The summary, the rejections by reason, the settings and every trade."""
+        return {
+            **self.summary(),
+            "start_equity": self.start_equity,
+            "rejections": dict(sorted(self.rejections.items())),
+            "settings": self.settings,
+            "trade_list": [trade.as_json() for trade in self.trades],
+        }
+
 
 def evaluate(symbol: str, candles: list[Candle], trades: list[Trade], start_quote: float) -> Report:
     """Equity curve and figures from the fills (pure)."""
     by_time: dict[int, list[Trade]] = {}
     for trade in trades:
         by_time.setdefault(trade.time, []).append(trade)
-    quote, base = start_quote, 0.0
+    quote, base, held = start_quote, 0.0, Decimal(0)  # held: exact, so a closed position is exactly zero
     equity, exposed = [], 0
     for candle in candles:
         for trade in by_time.get(candle.open_time, []):
             signed = float(trade.qty) if trade.side == "BUY" else -float(trade.qty)
+            held += trade.qty if trade.side == "BUY" else -trade.qty
             base += signed
             quote -= signed * float(trade.price) + float(trade.fee)
         equity.append(quote + base * candle.close)
-        exposed += base != 0
+        exposed += held != 0
     wins, closed = 0, 0
-    lots: list[tuple[float, float]] = []  # FIFO of (qty, cost per unit incl. fee)
+    # FIFO of (qty, cost per unit incl. fee) per strategy: an exit closes its own strategy's entries.
+    by_strategy: dict[str, list[tuple[float, float]]] = {}
     for trade in trades:
         qty, price, fee = float(trade.qty), float(trade.price), float(trade.fee)
+        lots = by_strategy.setdefault(trade.strategy, [])
         if trade.side == "BUY":
             lots.append((qty, price + fee / qty))
             continue
@@ -153,24 +190,48 @@ def evaluate(symbol: str, candles: list[Candle], trades: list[Trade], start_quot
 async def _drain(consumer: GroupConsumer, handle: Callable[[list[Any]], Any]) -> None:
     while batch := await consumer.read_new(wait=False):
         await handle(batch)
+        if len(batch) < consumer.count:
+            return  # nothing else writes to the private server: a short batch was the rest
+
+
+def reason_code(reason: str) -> str:
+    """``INSUFFICIENT_BALANCE: need 5 ETH, have 0`` -> ``INSUFFICIENT_BALANCE`` (pure)."""
+    return reason.split(":", 1)[0].strip() or "UNKNOWN"
+
+
+def quote_of(symbol: str, settings: Settings) -> str:
+    """The symbol's quote asset under QT_QUOTE_ASSETS, or a ConfigError saying how to fix it."""
+    try:
+        return split_symbol(symbol, settings.quote_assets)[1]
+    except ValueError as exc:
+        raise ConfigError(
+            f"{exc}; name the market with --symbol (e.g. BTCUSDT) or add its quote asset to QT_QUOTE_ASSETS"
+        ) from None
 
 
 async def run(
     candles: list[Candle],
     strategies: list[Strategy],
+    settings: Settings | None = None,
     *,
-    start_quote: Decimal = Decimal(10_000),
-    notional: Decimal = Decimal(1_000),
-    fee_rate: Decimal = Decimal("0.001"),
+    start_quote: Decimal | None = None,
+    notional: Decimal | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Report:
-    """Replay ``candles`` (one symbol) through the pipeline on a private server."""
+    """Replay ``candles`` (one symbol) through the pipeline on a private server.
+
+    ``settings`` are those ``run`` would use (read from the environment when None);
+    ``start_quote`` and ``notional`` override the starting quote balance
+    (``QT_PAPER_BALANCES`` of the quote asset, else 10,000) and ``QT_AI_NOTIONAL``.
+    """
+    base = settings if settings is not None else load_settings()
     kept, _skipped = clean(candles)
     if not kept:
         raise ConfigError(f"no usable candles in the data ({len(candles)} read, every one skipped as bad data)")
     symbol = kept[0].symbol
-    quote_assets = ["USDT", "USDC", "BUSD", "USD", "EUR", "BTC", "ETH"]
-    _base, quote = split_symbol(symbol, quote_assets)
+    quote = quote_of(symbol, base)
+    start = start_quote if start_quote is not None else base.paper_balances.get(quote, DEFAULT_START_QUOTE)
+    gap = gap_rule(base.ai_gap, kept)  # the whole file is known: a market with closures gets a tolerant rule
     now = {"t": datetime.fromtimestamp(kept[0].open_time / 1000, UTC)}
     clock = lambda: now["t"]  # noqa: E731  (the simulated clock every stage shares)
     with tempfile.TemporaryDirectory(prefix="qt-backtest-") as tmp:
@@ -178,57 +239,86 @@ async def run(
         server.start()
         redis: Redis = client(server.url)
         try:
-            settings = Settings(
-                redis_url=server.url,
-                data_dir=Path(tmp),
-                daily_limit=10**9,
-                max_notional=Decimal(10**12),
-                max_intent_age_s=3600,
-                ai_notional=notional,
-                paper_fee_rate=fee_rate,
-                paper_balances={quote: start_quote},
-                quote_assets=quote_assets,
-                consumer="backtest",
-            )
+            # Only where the run happens changes (and a private consumer name): every trading setting is the user's.
+            update: dict[str, Any] = {
+                "redis_url": server.url,
+                "data_dir": Path(tmp),
+                "exchange": "paper",
+                "paper_balances": {quote: start},
+                "consumer": "backtest",
+            }
+            if notional is not None:
+                update["ai_notional"] = notional
+            cfg = base.model_copy(update=update)
             await redis.set(keys.KILL_SWITCH, "0")
-            engine = AiEngine(redis, settings, strategies, clock=clock)
-            router = Router(redis, settings, clock=clock)
-            paper = PaperExchange(
-                redis, fee_rate=fee_rate, quote_assets=quote_assets, starting_balances={quote: start_quote}
-            )
-            await paper.fund()
-            execution = Execution(redis, settings, paper, clock=clock)
+            engine = AiEngine(redis, cfg, strategies, clock=clock, gap=gap)
+            router = Router(redis, cfg, clock=clock)
+            paper = await build_exchange(redis, cfg)
+            execution = Execution(redis, cfg, paper, clock=clock)
             for stage in (engine.consumer, router.consumer, execution.consumer):
                 await stage.setup()
             for index, candle in enumerate(kept):
                 now["t"] = datetime.fromtimestamp(candle.open_time / 1000, UTC)
-                await publish(redis, settings.candle_stream, [candle])
+                await publish(redis, cfg.candle_stream, [candle])
+                decided = engine.totals["decisions"]
                 await _drain(engine.consumer, engine.handle)
-                await _drain(router.consumer, router.handle)
-                await _drain(execution.consumer, execution.handle)
+                if engine.totals["decisions"] > decided:  # nothing new to route or execute otherwise
+                    await _drain(router.consumer, router.handle)
+                    await _drain(execution.consumer, execution.handle)
                 if progress is not None:
                     progress(index + 1)
-            trades = []
-            intents = {i: json.loads(f["payload"]) for i, f in await redis.xrange(settings.intent_stream)}
-            for _id, fields in await redis.xrange(settings.result_stream):
-                result = json.loads(fields["payload"])
-                if result["status"] != "FILLED":
-                    continue
-                decided = intents[result["intent_id"]]["decision_ts"]
-                at = int(datetime.fromisoformat(decided.replace("Z", "+00:00")).timestamp() * 1000)
-                trades.append(
-                    Trade(
-                        at,
-                        result["side"],
-                        Decimal(result["filled_qty"]),
-                        Decimal(result["avg_price"]),
-                        Decimal(result["fee"]),
-                    )
-                )
+            trades, rejections = await _outcomes(redis, cfg)
         finally:
             await redis.aclose()
             server.stop()
-    return evaluate(symbol, kept, trades, float(start_quote))
+    report = evaluate(symbol, kept, trades, float(start))
+    report.rejections = rejections
+    sizing = f"fixed {cfg.ai_notional} {quote}" if cfg.ai_sizing == "fixed" else f"fraction {cfg.ai_fraction}"
+    report.settings = {
+        "start_quote": f"{start} {quote}",
+        "sizing": sizing,
+        "exit_fraction": str(cfg.ai_exit_fraction),
+        "fee_rate": str(cfg.paper_fee_rate),
+        "slippage_bps": str(cfg.paper_slippage_bps),
+        "gap_rule": str(gap),
+    }
+    return report
+
+
+async def _outcomes(redis: Redis, settings: Settings) -> tuple[list[Trade], dict[str, int]]:
+    """Fills (timed by their decision) and rejections by reason code, from the private server's streams."""
+    trades: list[Trade] = []
+    rejections: dict[str, int] = {}
+    intents = {i: json.loads(f["payload"]) for i, f in await redis.xrange(settings.intent_stream)}
+    for _id, fields in await redis.xrange(settings.result_stream):
+        result = json.loads(fields["payload"])
+        if result["status"] != "FILLED":
+            code = reason_code(result.get("reason", "") or result["status"])
+            rejections[code] = rejections.get(code, 0) + 1
+            continue
+        intent = intents[result["intent_id"]]
+        decided = intent["decision_ts"]
+        at = int(datetime.fromisoformat(decided.replace("Z", "+00:00")).timestamp() * 1000)
+        trades.append(
+            Trade(
+                at,
+                result["side"],
+                Decimal(result["filled_qty"]),
+                Decimal(result["avg_price"]),
+                Decimal(result["fee"]),
+                intent.get("strategy") or "",
+            )
+        )
+    for _id, fields in await redis.xrange(settings.rejected_stream):
+        code = reason_code(json.loads(fields["payload"]).get("reason", ""))
+        rejections[code] = rejections.get(code, 0) + 1
+    return trades, rejections
+
+
+def shown(value: Decimal | float, places: int = 8) -> str:
+    """A figure for people: at most ``places`` decimals, no trailing zeros (``0.99999999895614`` -> ``1``)."""
+    rounded = Decimal(str(value)).quantize(Decimal(1).scaleb(-places)).normalize()
+    return f"{rounded:f}"
 
 
 def html(report: Report) -> str:
@@ -246,10 +336,12 @@ def html(report: Report) -> str:
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     image = base64.b64encode(buffer.getvalue()).decode()
-    rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in report.summary().items())
+    figures = {**report.summary(), **{f"rejected {code}": n for code, n in sorted(report.rejections.items())}}
+    figures |= report.settings
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in figures.items())
     trades = "".join(
-        f"<tr><td>{datetime.fromtimestamp(t.time / 1000, UTC):%Y-%m-%d %H:%M}</td><td>{t.side}</td><td>{t.qty}</td>"
-        f"<td>{t.price}</td><td>{t.fee}</td></tr>"
+        f"<tr><td>{datetime.fromtimestamp(t.time / 1000, UTC):%Y-%m-%d %H:%M}</td><td>{t.side}</td>"
+        f"<td>{shown(t.qty)}</td><td>{shown(t.price)}</td><td>{shown(t.fee)}</td><td>{escape(t.strategy)}</td></tr>"
         for t in report.trades
     )
     return (
@@ -257,5 +349,6 @@ def html(report: Report) -> str:
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 10px;text-align:right}</style>"
         f"<h1>Backtest {report.symbol}</h1><img alt='equity curve' src='data:image/png;base64,{image}'>"
         f"<h2>Figures</h2><table>{rows}</table>"
-        f"<h2>Trades</h2><table><tr><th>time</th><th>side</th><th>qty</th><th>price</th><th>fee</th></tr>{trades}</table>"
+        f"<h2>Trades</h2><table><tr><th>time</th><th>side</th><th>qty</th><th>price</th><th>fee</th><th>strategy</th></tr>"
+        f"{trades}</table>"
     )

@@ -6,14 +6,19 @@ import asyncio
 import functools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import sleep_or_stop
-from quantum_trader.cli_support import console, settings, with_redis
-from quantum_trader.errors import ConfigError
+from quantum_trader.cli_support import console, err, settings, with_redis
+from quantum_trader.errors import ConfigError, ExchangeError
 from quantum_trader.logs import configure
+
+if TYPE_CHECKING:
+    from quantum_trader.marketdata import Candle
+    from quantum_trader.strategies import Strategy
 
 SYMBOLS = {"BTCUSDT": 60_000.0, "ETHUSDT": 3_000.0, "SOLUSDT": 150.0}
 
@@ -51,6 +56,8 @@ def feed(
     if source == "live" and marketdata.interval_ms(interval) is None:
         raise ConfigError(f"--interval {interval!r}: use a number and one of s, m, h, d, w (e.g. 1m, 1h)")
 
+    polled = marketdata.PollStats()
+
     async def go(redis: Redis) -> marketdata.FeedTotals:
         totals, stop = marketdata.FeedTotals(), asyncio.Event()
 
@@ -66,7 +73,9 @@ def feed(
             exchange = CcxtExchange.public(redis, cfg, cfg.feed_exchange)
             wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()]
             try:
-                batches = marketdata.live(exchange, wanted, timeframe=interval, poll_s=poll_s, sleep=sleep, stop=stop)
+                batches = marketdata.live(
+                    exchange, wanted, timeframe=interval, poll_s=poll_s, sleep=sleep, stop=stop, stats=polled
+                )
                 start_clock()
                 return await marketdata.run_feed(redis, cfg.candle_stream, batches, stop, totals)
             finally:
@@ -81,28 +90,65 @@ def feed(
         return await marketdata.run_feed(redis, cfg.candle_stream, batches, stop, totals)
 
     totals = with_redis(cfg, go)
-    console.print(
-        f"published {totals.published:,} candles to {cfg.candle_stream} ({totals.skipped:,} skipped as bad data)"
-    )
+    console.print(totals.summary(cfg.candle_stream), highlight=False, markup=False, soft_wrap=True)
+    if source == "live":
+        problem = polled.problem(cfg.feed_exchange)
+        if problem is not None:
+            raise ExchangeError(f"{problem} (check the network, QT_FEED_EXCHANGE and --symbols)")
+        if polled.failed:
+            err.print(
+                f"{polled.failed:,} of {polled.requests:,} requests to {cfg.feed_exchange} failed; "
+                f"last error: {polled.last_error}",
+                highlight=False,
+                markup=False,
+            )
+
+
+FROM_OPT = typer.Option(None, "--from", help="Only candles opened at or after this time (ISO-8601, UTC).")
+UNTIL_OPT = typer.Option(None, "--until", help="Only candles opened before this time (ISO-8601, UTC).")
+
+
+def _writable_dir(path: Path, option: str) -> None:
+    """Fail before the work, not after it, when the output's directory is missing."""
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: directory {path.parent} does not exist; create it or choose another")
+
+
+def _window(candles: list[Candle], start: str | None, end: str | None) -> list[Candle]:
+    from quantum_trader import marketdata
+
+    start_ms = marketdata.parse_time(start, "--from") if start else None
+    end_ms = marketdata.parse_time(end, "--until") if end else None
+    return marketdata.between(candles, start_ms, end_ms)
 
 
 def train(
     data: Path = typer.Option(..., "--data", help="CSV or Parquet candles."),
     out: Path = typer.Option(Path("model.joblib"), "--out", help="Where to save the model (+ .json metadata)."),
     symbol: str | None = typer.Option(None),
+    start: str | None = FROM_OPT,
+    end: str | None = UNTIL_OPT,
 ) -> None:
-    """Fit the learned strategy on a file (time-ordered validation) and save it with its metadata."""
+    """Fit the learned strategy on a file (time-ordered validation) and save it with its metadata.
+
+    Backtest it on candles after the training range (--until here, --from there): a model
+    scores well on the data it has seen.
+    """
     import numpy as np
 
     from quantum_trader import marketdata
     from quantum_trader.strategies import learned
 
-    candles, skipped = marketdata.clean(marketdata.read_file(data, symbol))
+    _writable_dir(out, "--out")
+    candles, skipped = marketdata.clean(_window(marketdata.read_file(data, symbol), start, end))
     closes = np.array([c.close for c in candles], dtype=np.float64)
     trained = learned.train(closes, [c.open_time for c in candles])
     metadata = learned.save(trained, out)
     console.print(json.dumps(metadata["metrics"], indent=2))
     console.print(f"saved {out} (sha256 {metadata['sha256'][:12]}…); {len(skipped)} bad candles skipped")
+    warning = learned.no_edge(metadata["metrics"])
+    if warning is not None:
+        err.print(f"warning: {warning}", highlight=False, markup=False)
 
 
 def backtest(
@@ -110,12 +156,22 @@ def backtest(
     symbol: str | None = typer.Option(None, help="Symbol (default: the file's stem), e.g. ETHUSDT."),
     strategy: str = typer.Option("ema-cross,rsi", help="Comma-separated: ema-cross, rsi, learned."),
     model: Path | None = typer.Option(None, "--model", help="Model for the learned strategy."),
-    notional: float = typer.Option(1000.0, min=0.0001, help="Quote amount per decision."),
-    balance: float = typer.Option(10_000.0, min=1, help="Starting quote balance."),
+    notional: float | None = typer.Option(
+        None, min=0.0001, help="Quote amount per entry; overrides QT_AI_NOTIONAL (and QT_AI_SIZING=fraction)."
+    ),
+    balance: float | None = typer.Option(
+        None, min=1, help="Starting quote balance; overrides QT_PAPER_BALANCES (default there, else 10,000)."
+    ),
+    start: str | None = FROM_OPT,
+    end: str | None = UNTIL_OPT,
     html_out: Path | None = typer.Option(None, "--html", help="Write an HTML report with the equity curve."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only (with every trade)."),
 ) -> None:
-    """Replay a file through engine, router, governor and paper exchange on a private server."""
+    """Replay a file through engine, router, governor and paper exchange on a private server.
+
+    Uses the same settings as `run` (environment and --env-file): fees, slippage, quote
+    assets, sizing, exit fraction, limits, gap rule.
+    """
     from decimal import Decimal
 
     from rich.progress import Progress
@@ -124,9 +180,15 @@ def backtest(
     from quantum_trader import marketdata
     from quantum_trader.ai_engine import build_strategies
 
-    cfg = settings().model_copy(
-        update={"ai_strategies": [s.strip() for s in strategy.split(",") if s.strip()], "ai_model_path": model}
-    )
+    if html_out is not None:
+        _writable_dir(html_out, "--html")
+    update: dict[str, object] = {
+        "ai_strategies": [s.strip() for s in strategy.split(",") if s.strip()],
+        "ai_model_path": model,
+    }
+    if notional is not None:
+        update["ai_sizing"] = "fixed"  # a quote amount per entry is fixed sizing
+    cfg = settings().model_copy(update=update)
     if cfg.log_level == "info":
         # One outcome line per simulated trade would bury the progress bar and the report.
         configure("warning", cfg.log_format)
@@ -134,27 +196,57 @@ def backtest(
         strategies = build_strategies(cfg)
     except ConfigError as exc:
         raise ConfigError(f"--strategy/--model: {exc}") from None
-    candles = marketdata.read_file(data, symbol)
-    with Progress(console=console, transient=True) as bar:
+    candles = _window(marketdata.read_file(data, symbol), start, end)
+    _warn_if_trained_on(strategies, candles)
+    # The progress bar goes to stderr: stdout holds the report alone (JSON with --json).
+    with Progress(console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task(f"backtest {candles[0].symbol if candles else ''}", total=len(candles))
         report = asyncio.run(
             bt.run(
                 candles,
                 strategies,
-                start_quote=Decimal(str(balance)),
-                notional=Decimal(str(notional)),
+                cfg,
+                start_quote=Decimal(str(balance)) if balance is not None else None,
+                notional=Decimal(str(notional)) if notional is not None else None,
                 progress=lambda n: bar.update(task, completed=n),
             )
         )
     if html_out is not None:
         html_out.write_text(bt.html(report))
     if as_json:
-        print(json.dumps(report.summary()))
+        print(json.dumps(report.as_json()))
         return
     for name, value in report.summary().items():
-        console.print(f"{name:<18}{value}")
+        console.print(f"{name:<18}{value}", highlight=False)
+    for code, count in sorted(report.rejections.items()):
+        console.print(f"  {code:<16}{count}", highlight=False)
+    console.print("settings          " + ", ".join(f"{k} {v}" for k, v in report.settings.items()), highlight=False)
     if html_out is not None:
         console.print(f"report: {html_out}")
+
+
+def _warn_if_trained_on(strategies: list[Strategy], candles: list[Candle]) -> None:
+    """A learned model backtested on candles it was trained on scores what it memorised."""
+    from quantum_trader.strategies.learned import LearnedModel
+
+    for strategy in strategies:
+        if not isinstance(strategy, LearnedModel) or not candles:
+            continue
+        trained = strategy.trained.metadata.get("training_range")
+        if trained and candles[0].open_time <= trained[1] and candles[-1].open_time >= trained[0]:
+            err.print(
+                "warning: the backtest covers the model's training range "
+                f"({_iso(trained[0])} to {_iso(trained[1])}): its figures overstate the model; "
+                f"backtest from after it, e.g. --from {_iso(trained[1] + 1000)}",
+                highlight=False,
+                markup=False,
+            )
+
+
+def _iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def register(app: typer.Typer) -> None:

@@ -6,9 +6,10 @@ possible, at a fixed rate, or paced by the candles' own times at a speed factor)
 source: ``clean`` drops what a strategy must never see (non-finite or non-positive
 prices, high below low, out-of-order or duplicate open times) and says why;
 ``publish`` XADDs a batch of candles to the candle stream in one pipeline and
-records each symbol's latest close where the paper exchange reads prices. Gaps
-(missing candles) are not filled with invented prices: the AI engine restarts the
-symbol's warm-up after one (``gap``).
+records each symbol's latest close where the paper exchange reads prices, and its
+newest open time: a feed run again skips what is already on the stream and says so.
+Gaps (missing candles) are not filled with invented prices: the AI engine restarts the
+symbol's warm-up after one (``GapRule``; how long a hole may be depends on the market).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,7 +31,7 @@ import pandas as pd
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.errors import ConfigError, QuantumTraderError
+from quantum_trader.errors import ConfigError, QuantumTraderError, TransientExchangeError
 from quantum_trader.events import Fields, envelope
 from quantum_trader.logs import get_logger
 
@@ -39,7 +40,9 @@ MARKET_CANDLE = "market.candle"
 TIME_COLUMNS = ("timestamp", "time", "date", "datetime")
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-GAP_INTERVALS = 3  # more than this many intervals without a candle is a gap
+GAP_INTERVALS = 3  # 24/7 markets: more than this many intervals without a candle is a gap
+CLOSURE_GAP_MS = 5 * 86_400_000  # markets with closures: a weekend plus two closed weekdays is not a gap
+ALREADY_PUBLISHED = "already published (not after the newest candle of the symbol on the stream)"
 
 
 def interval_ms(interval: str) -> int | None:
@@ -50,10 +53,74 @@ def interval_ms(interval: str) -> int | None:
     return int(match.group(1)) * _UNITS_MS[match.group(2)]
 
 
-def gap(previous_ms: int, candle: Candle) -> bool:
-    """True when more than ``GAP_INTERVALS`` intervals passed since the previous candle (pure)."""
-    step = interval_ms(candle.interval)
-    return step is not None and candle.open_time - previous_ms > GAP_INTERVALS * step
+@dataclass(frozen=True, slots=True)
+class GapRule:
+    """When a hole in a symbol's candles restarts its warm-up: when it is longer than every limit set.
+
+    ``intervals``: more than that many of the candle's intervals; ``span_ms``: longer than that.
+    Neither set: never (``QT_AI_GAP=off``).
+    """
+
+    intervals: int | None = GAP_INTERVALS
+    span_ms: int | None = None
+
+    def __call__(self, previous_ms: int, candle: Candle) -> bool:
+        """True when the hole between the previous candle and ``candle`` is a gap (pure)."""
+        if self.intervals is None and self.span_ms is None:
+            return False
+        hole = candle.open_time - previous_ms
+        if self.intervals is not None:
+            step = interval_ms(candle.interval)
+            if step is None or hole <= self.intervals * step:
+                return False  # an unknown interval has no interval rule
+        return self.span_ms is None or hole > self.span_ms
+
+    def __str__(self) -> str:
+        limits = [f"{self.intervals} intervals"] if self.intervals is not None else []
+        limits += [f"{self.span_ms / 86_400_000:g} days"] if self.span_ms is not None else []
+        return "more than " + " and ".join(limits) if limits else "off"
+
+
+def has_closures(candles: Sequence[Candle]) -> bool:
+    """True for a market that closes on weekends (FX, equities): under half of a 24/7 market's Saturdays (pure).
+
+    A 24/7 market has a seventh of its candles on Saturdays (UTC); FX has none (it reopens on
+    Sunday evening), equities none. Less than a week of data, or candles of a week or longer,
+    say nothing either way: those count as 24/7.
+    """
+    step = interval_ms(candles[0].interval) if candles else None
+    if step is None or step >= _UNITS_MS["w"] or candles[-1].open_time - candles[0].open_time < _UNITS_MS["w"]:
+        return False
+    saturdays = sum(1 for c in candles if datetime.fromtimestamp(c.open_time / 1000, UTC).weekday() == 5)
+    return saturdays < len(candles) / 14
+
+
+def gap_rule(setting: str, candles: Sequence[Candle] | None = None) -> GapRule:
+    """The rule ``QT_AI_GAP`` names (pure): N intervals, a duration, ``off``, or ``auto``.
+
+    ``auto``: 3 intervals for 24/7 markets (the live and synthetic feeds, or ``candles`` with
+    weekend candles); for ``candles`` of a market with closures, a hole must also be longer than
+    5 days, so weekends, holidays and a long weekend keep the warm-up.
+    """
+    text = setting.strip().lower()
+    if text == "off":
+        return GapRule(None, None)
+    if text == "auto":
+        closures = candles is not None and has_closures(candles)
+        return GapRule(GAP_INTERVALS, CLOSURE_GAP_MS if closures else None)
+    if text.isdecimal():
+        return GapRule(int(text), None)
+    span = interval_ms(text)
+    if span is None:
+        raise ConfigError(
+            f"QT_AI_GAP={setting!r}: use a number of intervals (3), a duration (90m, 72h, 5d), off or auto"
+        )
+    return GapRule(None, span)
+
+
+def gap(previous_ms: int, candle: Candle, rule: GapRule = GapRule()) -> bool:
+    """True when the hole since the previous candle restarts warm-up under ``rule`` (pure)."""
+    return rule(previous_ms, candle)
 
 
 class Candle(msgspec.Struct, frozen=True, kw_only=True):
@@ -198,6 +265,26 @@ def read_file(path: Path, symbol: str | None = None, interval: str = "") -> list
     ]
 
 
+def parse_time(text: str, option: str) -> int:
+    """``2017-12-01`` or ``2017-12-01T09:00`` (naive = UTC) -> epoch ms; a ConfigError naming ``option`` otherwise."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{option} {text!r}: give a date or time in ISO-8601, e.g. 2017-12-01 or 2017-12-01T09:00"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def between(candles: list[Candle], start_ms: int | None = None, end_ms: int | None = None) -> list[Candle]:
+    """The candles opened at or after ``start_ms`` and before ``end_ms`` (pure; None = no bound)."""
+    return [
+        c for c in candles if (start_ms is None or c.open_time >= start_ms) and (end_ms is None or c.open_time < end_ms)
+    ]
+
+
 def candle_fields(candle: Candle) -> Fields:
     """A candle as a stream entry (the pipeline's envelope)."""
     stamp = datetime.fromtimestamp(candle.open_time / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -207,15 +294,23 @@ def candle_fields(candle: Candle) -> Fields:
 
 
 async def publish(redis: Redis, stream: str, candles: list[Candle]) -> None:
-    """XADD a batch of candles and record each symbol's latest close, in one pipeline."""
+    """XADD a batch of candles and record each symbol's latest close and open time, in one pipeline."""
     if not candles:
         return
     latest = {candle.symbol: repr(candle.close) for candle in candles}
+    newest = {candle.symbol: str(candle.open_time) for candle in candles}
     async with redis.pipeline(transaction=False) as pipe:
         for candle in candles:
             pipe.xadd(stream, candle_fields(candle))
         pipe.hset(keys.PRICE_HASH, mapping=latest)
+        pipe.hset(keys.LAST_OPEN_HASH, mapping=newest)
         await pipe.execute()
+
+
+async def published_until(redis: Redis) -> dict[str, int]:
+    """Each symbol's newest open time already published to the candle stream (epoch ms)."""
+    raw = await redis.hgetall(keys.LAST_OPEN_HASH)
+    return {symbol: int(value) for symbol, value in raw.items() if value.isascii() and value.isdecimal()}
 
 
 # ---- sources and the feed --------------------------------------------------------------
@@ -267,24 +362,31 @@ async def live(
     sleep: Sleep = asyncio.sleep,
     polls: int | None = None,
     stop: asyncio.Event | None = None,
+    stats: PollStats | None = None,
 ) -> AsyncIterator[list[Candle]]:
     """Poll an exchange's public OHLCV endpoint; yield each closed candle once, oldest first.
 
     The candle still forming (its close time in the future) is left for a later poll. A
     failed poll is logged and retried at the next one: a live feed does not stop for a
-    passing network error.
+    passing network error. ``stats`` counts the requests and failures, so the caller can
+    say when the exchange could not be reached at all.
     """
     step = interval_ms(timeframe)
     if step is None:
         raise ConfigError(f"timeframe {timeframe!r}: use a number and one of s, m, h, d, w (e.g. 1m, 1h)")
     newest: dict[str, int] = {}
+    stats = stats if stats is not None else PollStats()
     done = 0
     while (polls is None or done < polls) and not (stop is not None and stop.is_set()):
         out: list[Candle] = []
         for symbol in symbols:
+            stats.requests += 1
             try:
                 rows = await source.candles(symbol, timeframe, limit)
             except (QuantumTraderError, OSError, ValueError) as exc:
+                stats.failed += 1
+                stats.unreachable += isinstance(exc, TransientExchangeError | OSError)
+                stats.last_error = str(exc)
                 log.warning("live_poll_failed", symbol=symbol, error=str(exc), retry_in_s=poll_s)
                 continue
             closed_before = now_ms() - step
@@ -304,12 +406,40 @@ async def live(
 
 
 @dataclass
+class PollStats:
+    """What a live source asked the exchange and how often that failed."""
+
+    requests: int = 0
+    failed: int = 0
+    unreachable: int = 0  # failures of the network or the exchange's service (after the adapter's retries)
+    last_error: str = ""
+
+    def problem(self, exchange: str) -> str | None:
+        """One line when nothing could be fetched at all (None when something was)."""
+        if not self.requests or self.failed < self.requests:
+            return None
+        what = "could not be reached" if self.unreachable else "answered no request"
+        failed = f"{self.failed} of {self.requests} requests failed"
+        return f"the exchange {exchange} {what}: {failed}; last error: {self.last_error}"
+
+
+@dataclass
 class FeedTotals:
-    """What a feed did so far."""
+    """What a feed did so far; ``reasons`` counts the skipped candles by why."""
 
     published: int = 0
     skipped: int = 0
     last: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    on_stream: dict[str, int] | None = None  # newest open time per symbol before this feed began
+
+    def summary(self, stream: str) -> str:
+        """The feed's one-line report: what it published, what it skipped and why."""
+        line = f"published {self.published:,} candles to {stream}"
+        if not self.skipped:
+            return line + "; none skipped"
+        why = ", ".join(f"{count:,} {reason}" for reason, count in sorted(self.reasons.items(), key=lambda i: -i[1]))
+        return f"{line}; skipped {self.skipped:,}: {why}"
 
 
 async def run_feed(
@@ -319,13 +449,33 @@ async def run_feed(
     stop: asyncio.Event | None = None,
     totals: FeedTotals | None = None,
 ) -> FeedTotals:
-    """Clean and publish every batch of ``source`` until it ends or ``stop`` is set."""
+    """Clean and publish every batch of ``source`` until it ends or ``stop`` is set.
+
+    A candle not after the newest one of its symbol already on the stream (a feed run twice,
+    a file replayed) is skipped as already published: the AI engine would skip it as out of
+    order anyway. Each symbol's candles on the stream stay in time order.
+    """
     totals = totals or FeedTotals()
+    if totals.on_stream is None:
+        totals.on_stream = await published_until(redis)
+        for symbol, newest in totals.on_stream.items():
+            totals.last[symbol] = max(newest, totals.last.get(symbol, newest))
+    on_stream = totals.on_stream
     async for batch in source:
         if stop is not None and stop.is_set():
             break
-        kept, skipped = clean(batch, totals.last)
+        fresh = [c for c in batch if c.open_time > on_stream.get(c.symbol, -1)]
+        if len(fresh) < len(batch):
+            if ALREADY_PUBLISHED not in totals.reasons:  # once per feed, not once per candle
+                times = {s: datetime.fromtimestamp(t / 1000, UTC).isoformat() for s, t in on_stream.items()}
+                log.warning("candles_already_published", action="skipped", newest_on_stream=times)
+            old = len(batch) - len(fresh)
+            totals.reasons[ALREADY_PUBLISHED] = totals.reasons.get(ALREADY_PUBLISHED, 0) + old
+            totals.skipped += old
+        kept, skipped = clean(fresh, totals.last)
         await publish(redis, stream, kept)
         totals.published += len(kept)
         totals.skipped += len(skipped)
+        for item in skipped:
+            totals.reasons[item.reason] = totals.reasons.get(item.reason, 0) + 1
     return totals

@@ -144,6 +144,22 @@ class Settings(BaseSettings):
         default=0.6, gt=0.5, le=1, description="the learned model speaks only at or above this probability"
     )
     feed_exchange: str = Field(default="binance", description="ccxt id whose public candles the live feed polls")
+    ai_exit_fraction: Decimal = Field(
+        default=Decimal(1), gt=0, le=1, description="share of a strategy's position its SELL closes (1 = all)"
+    )
+    ai_gap: str = Field(
+        default="auto",
+        description="hole in a symbol's candles that restarts warm-up: N intervals, a duration (5d), off or auto",
+    )
+
+    @field_validator("ai_gap")
+    @classmethod
+    def _ai_gap(cls, value: str) -> str:
+        text = value.strip().lower()
+        number = text[:-1] if text[-1:] in ("s", "m", "h", "d", "w") else text
+        if text in ("auto", "off") or (number.isascii() and number.isdecimal() and int(number) > 0):
+            return text
+        raise ValueError("use a number of intervals (3), a duration (90m, 72h, 5d), off or auto")
 
     # --- exchange connectivity (ccxt): add fields below this line ---
     exchange_api_url: str = Field(

@@ -12,11 +12,12 @@ import pytest
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.errors import ConfigError
+from quantum_trader.bus.embedded import free_port
+from quantum_trader.errors import ConfigError, TransientExchangeError
 from quantum_trader.events import decode_event
 from quantum_trader.exchanges.base import OrderRequest
 from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
-from quantum_trader.marketdata import MARKET_CANDLE, Candle, live, run_feed
+from quantum_trader.marketdata import MARKET_CANDLE, Candle, PollStats, live, run_feed
 from quantum_trader.settings import Settings
 from tests.exchanges.conftest import LogTrap
 from tests.exchanges.fake_binance import FakeBinance
@@ -110,3 +111,42 @@ async def test_a_symbol_the_exchange_lacks_is_logged_and_the_others_still_flow(
     assert totals.published == 3
     [line] = log_trap.lines("live_poll_failed")
     assert "NOPEUSDT" in line
+
+
+class Unreachable:
+    """A source whose every request fails as the network does (after the adapter's retries)."""
+
+    async def candles(self, symbol: str, timeframe: str = "1m", limit: int = 100) -> list[list[Decimal]]:
+        raise TransientExchangeError("fetch_ohlcv: Cannot connect to host api.binance.com:443")
+
+
+async def test_a_source_that_never_answers_is_told_apart_from_one_that_sometimes_fails() -> None:
+    stats = PollStats()
+    assert [b async for b in live(Unreachable(), ["ETHUSDT", "BTCUSDT"], sleep=no_sleep, polls=3, stats=stats)] == []
+    assert (stats.requests, stats.failed) == (6, 6)
+    problem = stats.problem("binance")
+    assert problem is not None
+    assert problem.startswith("the exchange binance could not be reached: 6 of 6 requests failed")
+    assert "Cannot connect" in problem
+
+    some = PollStats()
+    source = Rows([[7 * MINUTE]])
+    [b async for b in live(source, ["ETHUSDT"], now_ms=lambda: 10 * MINUTE, sleep=no_sleep, polls=1, stats=some)]
+    assert some.problem("binance") is None
+
+
+async def test_feed_command_says_the_exchange_cannot_be_reached_and_fails(clean_url: str, r: Redis) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
+    env |= {"QT_REDIS_URL": clean_url, "QT_EXCHANGE_API_URL": nobody, "QT_EXCHANGE_RETRIES": "0",
+            "QT_EXCHANGE_TIMEOUT_S": "1", "QT_LOG_FORMAT": "json"}  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "quantum_trader", "feed", "--source", "live", "--symbols", "ETHUSDT",
+        "--poll-s", "0.2", "--duration", "1", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 1, out.decode() + err.decode()
+    assert "published 0 candles" in out.decode()
+    assert "error: the exchange binance could not be reached" in err.decode()
+    assert "Traceback" not in err.decode()
+    assert await r.xlen("quantum:stream:market.candle") == 0

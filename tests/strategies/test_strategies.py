@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import backtesting
@@ -11,7 +15,7 @@ import pytest
 from quantum_trader.errors import ConfigError
 from quantum_trader.marketdata import read_file
 from quantum_trader.strategies import EmaCross, RsiReversion
-from quantum_trader.strategies.learned import LearnedModel, features, load, save, train
+from quantum_trader.strategies.learned import LearnedModel, features, load, no_edge, save, train
 
 SAMPLES = Path(backtesting.__file__).parent / "test"
 
@@ -30,13 +34,16 @@ def test_ema_cross_buys_on_the_upward_cross_only() -> None:
     assert [s.side for s in calls if s is not None] == ["SELL"]
 
 
-def test_rsi_buys_oversold_and_sells_overbought() -> None:
+def test_rsi_signals_on_the_crossing_not_on_every_candle_beyond_it() -> None:
     strategy = RsiReversion()
-    down = 100 - np.arange(30) + np.tile([0.0, 0.3], 15)
-    up = 100 + np.arange(30) - np.tile([0.0, 0.3], 15)
     flat = 100 + np.tile([1.0, -1.0], 15)
-    assert strategy.decide(down).side == "BUY"  # type: ignore[union-attr]
-    assert strategy.decide(up).side == "SELL"  # type: ignore[union-attr]
+    down = 100 - np.arange(1, 41) + np.tile([0.0, 0.3], 20)  # RSI falls below 30 and stays there
+    up = 60 + np.arange(1, 41) - np.tile([0.0, 0.3], 20)  # then rises above 70 and stays there
+    series = np.concatenate([flat, down, up])
+    calls = [strategy.decide(series[:n]) for n in range(strategy.warmup, len(series) + 1)]
+    signals = [(n, s.side) for n, s in enumerate(calls) if s is not None]
+    # One BUY where RSI crosses below 30, one SELL where it crosses above 70; nothing while it stays beyond.
+    assert [side for _n, side in signals] == ["BUY", "SELL"]
     assert strategy.decide(flat) is None
 
 
@@ -69,3 +76,27 @@ def test_learned_model_speaks_only_above_its_threshold() -> None:
     window = closes[:200]
     assert always.decide(window) is not None
     assert never.decide(window) is None
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
+    return subprocess.run([sys.executable, "-m", "quantum_trader", *args], capture_output=True, text=True, timeout=120,
+                          env=env)  # fmt: skip
+
+
+def test_train_warns_when_the_model_is_no_better_than_the_majority_class(tmp_path: Path) -> None:
+    model = tmp_path / "model.joblib"
+    done = cli("train", "--data", str(SAMPLES / "EURUSD.csv"), "--out", str(model))
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "model.joblib.json").read_text())["metrics"]
+    # On EURUSD's last fifth, 51.6 % of candles close lower: always saying "down" scores that; the model scores less.
+    assert metrics["validation_accuracy"] <= metrics["validation_majority_rate"] == 0.5161
+    assert "warning: validation accuracy 0.5020 is no better than always predicting the majority class" in done.stderr
+    assert no_edge({"validation_accuracy": 0.53, "validation_majority_rate": 0.51}) is None
+
+    # Backtesting on candles the model was trained on says so (the README's example trains --until, tests --from).
+    done = cli("backtest", "--data", str(SAMPLES / "EURUSD.csv"), "--strategy", "learned", "--model", str(model),
+               "--from", "2018-02-05", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "warning: the backtest covers the model's training range" in done.stderr
+    assert json.loads(done.stdout)["candles"] < 100

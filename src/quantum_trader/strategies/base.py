@@ -12,7 +12,6 @@ from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
 Closes = npt.NDArray[np.float64]
 
@@ -45,16 +44,37 @@ class Strategy(Protocol):
         ...
 
 
+def ewm(values: Closes, alpha: float) -> Closes:
+    """Exponentially weighted mean, ``adjust=False`` (pandas' recursion: y0 = x0, y = (1 - alpha) y + alpha x).
+
+    A plain loop: a strategy runs on every candle, and pandas' per-call overhead was most of a backtest's time.
+    """
+    out = np.empty(len(values), dtype=np.float64)
+    if not len(values):
+        return out
+    keep, mean = 1.0 - alpha, float(values[0])
+    for index, value in enumerate(values.tolist()):
+        mean = keep * mean + alpha * value
+        out[index] = mean
+    return out
+
+
 def ema(values: Closes, span: int) -> Closes:
-    """Exponential moving average (pandas, ``adjust=False``)."""
-    return pd.Series(values).ewm(span=span, adjust=False).mean().to_numpy()
+    """Exponential moving average over ``span`` values (alpha = 2 / (span + 1))."""
+    return ewm(values, 2 / (span + 1))
+
+
+def rsi_series(values: Closes, period: int) -> Closes:
+    """Wilder's relative strength index of each value after the first, 0 to 100 (alpha = 1/period)."""
+    deltas = np.diff(values)
+    gain = ewm(np.clip(deltas, 0, None), 1 / period)
+    loss = ewm(np.clip(-deltas, 0, None), 1 / period)
+    flat = np.where(gain > 0, 100.0, 50.0)  # no loss at all: 100 after gains, 50 when nothing moved
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out: Closes = np.where(loss == 0, flat, 100 - 100 / (1 + gain / loss))
+    return out
 
 
 def rsi(values: Closes, period: int) -> float:
-    """Wilder's relative strength index of the last value, 0 to 100 (pandas smoothing, alpha = 1/period)."""
-    deltas = pd.Series(values).diff().iloc[1:]
-    gain = deltas.clip(lower=0).ewm(alpha=1 / period, adjust=False).mean().iloc[-1]
-    loss = (-deltas.clip(upper=0)).ewm(alpha=1 / period, adjust=False).mean().iloc[-1]
-    if loss == 0:
-        return 100.0 if gain > 0 else 50.0
-    return float(100 - 100 / (1 + gain / loss))
+    """Wilder's relative strength index of the last value, 0 to 100."""
+    return float(rsi_series(values, period)[-1])

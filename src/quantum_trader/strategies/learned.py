@@ -79,6 +79,9 @@ def train(closes: Closes, open_times: list[int] | None = None, validation: float
         else None,
         "validation_base_rate": round(float(check["label"].mean()), 4),
     }
+    # Always answering the more frequent class scores this much: a model must beat it to know anything.
+    up = float(check["label"].mean())
+    metrics["validation_majority_rate"] = round(max(up, 1 - up), 4)
     times = open_times or []
     metadata = {
         "features": list(FEATURES),
@@ -87,6 +90,17 @@ def train(closes: Closes, open_times: list[int] | None = None, validation: float
         "model": "StandardScaler + LogisticRegression",
     }
     return TrainedModel(model, metadata)
+
+
+def no_edge(metrics: dict[str, Any]) -> str | None:
+    """A warning when validation accuracy is no better than always predicting the majority class (pure)."""
+    accuracy, majority = metrics.get("validation_accuracy"), metrics.get("validation_majority_rate")
+    if accuracy is None or majority is None or accuracy > majority:
+        return None
+    return (
+        f"validation accuracy {accuracy:.4f} is no better than always predicting the majority class "
+        f"({majority:.4f}): the model shows no edge on this data; do not trade it"
+    )
 
 
 def save(trained: TrainedModel, path: Path) -> dict[str, Any]:
