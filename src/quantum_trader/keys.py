@@ -17,6 +17,8 @@ HEARTBEAT_PREFIX = "quantum:heartbeat:"
 SUSPECTS_PREFIX = "quantum:bus:suspects:"
 PAPER_PREFIX = "quantum:paper:"
 PRICE_HASH = "quantum:market:last_price"
+LAST_OPEN_HASH = "quantum:market:last_open_time"  # symbol -> newest open time published (epoch ms)
+AI_POSITIONS = "quantum:ai:positions"  # "<strategy>:<symbol>" -> quantity the AI engine holds
 EXCHANGE_SENT_PREFIX = "quantum:exchange:sent:"
 PROOF_SNAPSHOTS = "quantum:proof:snapshots"
 
