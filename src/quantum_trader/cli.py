@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,10 +23,11 @@ from quantum_trader.bus.connection import Redis, connected, server_url
 from quantum_trader.bus.embedded import EmbeddedValkey, write_url_file
 from quantum_trader.bus.streams import publish
 from quantum_trader.cli_support import JSON_OPT, console, err, state, with_redis
-from quantum_trader.errors import ConfigError, QuantumTraderError
+from quantum_trader.errors import ConfigError, DecodeError, QuantumTraderError
 from quantum_trader.events import DECISION, envelope
 from quantum_trader.logs import configure
 from quantum_trader.redaction import redact_url, redact_urls
+from quantum_trader.router import validate as validate_decision
 from quantum_trader.status import pipeline_status
 from quantum_trader.views import governor_table, status_table
 
@@ -50,6 +54,10 @@ def _root(
 
 def run_stages(stage_names: list[str], duration: float | None) -> None:
     settings = cli_support.settings()
+    if duration is not None and duration <= 0:
+        raise ConfigError(
+            f"--duration {duration:g}: give a number of seconds above 0 (or leave it out to run until stopped)"
+        )
 
     async def main(url: str) -> None:
         async with connected(url) as redis:
@@ -90,6 +98,8 @@ def status(
 ) -> None:
     """Length, entries added, last id, and per group: consumers, pending, lag, last delivered id."""
     settings = cli_support.settings()
+    if watch < 0 or (watch and watch < 0.1):
+        raise ConfigError(f"--watch {watch:g}: give the refresh interval in seconds, 0.1 or more (0 = once)")
 
     async def show(redis: Redis) -> None:
         while True:
@@ -165,8 +175,14 @@ def decide(
     order_type: str = typer.Option("MARKET", "--order-type"),
     correlation_id: str = typer.Option("", "--correlation-id"),
     trace_id: str = typer.Option("", "--trace-id"),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the decision's outcome and print it."),
+    wait_s: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds --wait waits for the outcome."),
 ) -> None:
-    """Publish one decision by hand (the router validates it like any other)."""
+    """Publish one decision by hand, checked by the router's own rules first.
+
+    With --wait: exit 0 when it FILLED, 1 for any other outcome (printed with its reason),
+    3 when no outcome came within --timeout (is the pipeline running?).
+    """
     settings = cli_support.settings()
     payload: dict[str, Any] = {"symbol": symbol, "side": side, "qty": qty, "order_type": order_type}
     if price is not None:
@@ -178,8 +194,41 @@ def decide(
         correlation_id=correlation_id or uuid.uuid4().hex,
         source="cli",
     )
-    [entry_id] = with_redis(settings, lambda r: publish(r, settings.decision_stream, [fields]))
-    console.print(f"published {entry_id} on {settings.decision_stream} (trace_id {fields['trace_id']})")
+    try:
+        validate_decision(fields, datetime.now(UTC), timedelta(seconds=settings.clock_skew_s), settings.quote_assets)
+    except DecodeError as exc:
+        raise ConfigError(f"not published: {exc.reason} (the router would reject it INVALID)") from None
+
+    async def publish_and_wait(redis: Redis) -> tuple[str, dict[str, Any] | None]:
+        since = await ops.last_ids(redis, [settings.result_stream, settings.streams.rejected])
+        [entry_id] = await publish(redis, settings.decision_stream, [fields])
+        console.print(f"published {entry_id} on {settings.decision_stream} (trace_id {fields['trace_id']})")
+        if not wait:
+            return entry_id, None
+        return entry_id, await ops.wait_for_outcome(redis, settings, entry_id, since, wait_s)
+
+    entry_id, outcome = with_redis(settings, publish_and_wait)
+    if not wait:
+        return
+    if outcome is None:
+        err.print(f"no outcome for {entry_id} within {wait_s:g}s: is the pipeline running? (quantum-trader status)")
+        raise typer.Exit(3)
+    console.print(describe_outcome(outcome), highlight=False)
+    if outcome.get("status") != "FILLED":
+        raise typer.Exit(1)
+
+
+def describe_outcome(outcome: dict[str, Any]) -> str:
+    """One line: ``FILLED 0.1 ETHUSDT at 3000 (fee 0.3 USDT)`` or ``REJECTED KILL_SWITCH: detail``."""
+    if outcome.get("status") == "FILLED":
+        return (
+            f"FILLED {outcome.get('side')} {outcome.get('filled_qty')} {outcome.get('symbol')} at "
+            f"{outcome.get('avg_price')} (fee {outcome.get('fee')} {outcome.get('fee_asset')})"
+        )
+    status = outcome.get("status") or outcome.get("reason")  # a rejection has only a reason
+    reason = outcome.get("reason", "") if outcome.get("status") else ""
+    detail = outcome.get("detail", "")
+    return " ".join(part for part in (str(status), str(reason)) if part) + (f": {detail}" if detail else "")
 
 
 @dlq_app.command("list")
@@ -230,6 +279,12 @@ def server() -> None:
         valkey.stop()
 
 
+SERVER_URL_HELP = (
+    "Run on this server instead of a private one; its streams, kill switch and balances change "
+    "(give it an empty database)."
+)
+
+
 @app.command()
 def demo(
     source: str = typer.Option("candles", help="candles: AI engine on synthetic market data; decisions: generated."),
@@ -240,8 +295,13 @@ def demo(
     duration: float | None = typer.Option(None, envvar="QT_DURATION", help="Stop after this many seconds."),
     timeout: float = typer.Option(120.0, min=1, help="Give up after this many seconds (without --duration)."),
     seed: int = typer.Option(7),
+    server: str | None = typer.Option(None, "--server-url", help=SERVER_URL_HELP),
 ) -> None:
-    """Run market data → AI engine → router → governor → execution on the paper exchange, live."""
+    """Run market data → AI engine → router → governor → execution on the paper exchange, live.
+
+    The demo runs on a private server of its own in a temporary directory: the operator's
+    kill switch, balances, counters and data directory stay exactly as they were.
+    """
     settings = cli_support.settings()
     if source not in ("candles", "decisions"):
         raise ConfigError(f"--source {source!r}: choose candles or decisions")
@@ -249,25 +309,33 @@ def demo(
         raise ConfigError(
             "the demo turns the kill switch off and trades: it runs only with QT_MODE=paper and QT_EXCHANGE=paper"
         )
-    log_path = settings.data_dir / "demo.log"
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if server is not None and not server.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"--server-url {redact_urls(server)!r} must start with redis://, rediss:// or unix://")
+    private = Path(tempfile.mkdtemp(prefix="quantum-trader-demo-"))  # 0700
+    if server is None and settings.redis_url:
+        console.print("the demo runs on a private server: QT_REDIS_URL is left alone")
+    settings = settings.model_copy(update={"redis_url": server, "data_dir": private / "server"})
+    log_path = private / "demo.log"
     log_file = log_path.open("a", encoding="utf-8")
     configure(settings.log_level, "json", log_file)  # keep the live table readable; outcomes go to the file
     console.print(f"outcome log: {log_path}")
-    report = with_redis(
-        settings,
-        lambda r: ops.run_demo(
-            r,
+    try:
+        report = with_redis(
             settings,
-            source=source,
-            count=count,
-            rate=rate,
-            duration=duration,
-            limit_s=timeout,
-            seed=seed,
-            console=console,
-        ),
-    )
+            lambda r: ops.run_demo(
+                r,
+                settings,
+                source=source,
+                count=count,
+                rate=rate,
+                duration=duration,
+                limit_s=timeout,
+                seed=seed,
+                console=console,
+            ),
+        )
+    finally:
+        shutil.rmtree(private / "server", ignore_errors=True)  # the private server's data; the log stays
     if report.source == "candles":
         console.print(f"\n{report.candles:,} candles → {report.published:,} decisions by the AI engine's strategies")
     else:
@@ -301,4 +369,9 @@ def main() -> None:
         sys.exit(2)
     except QuantumTraderError as exc:
         err.print(f"error: {redact_urls(str(exc))}", highlight=False)
+        sys.exit(1)
+    except OSError as exc:
+        # A path the operator gave (or the server's files) cannot be used: say which and why.
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(f"error: {exc.strerror or redact_urls(str(exc))}{where}", highlight=False)
         sys.exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def recover_command(
 
 
 def _layout(venv: Path, data_dir: Path, user: str) -> units.Layout:
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
+        raise ConfigError(f"--user {user!r} is not a valid user name (lower-case letters, digits, _ and -)")
     return units.Layout(venv=venv, data_dir=data_dir, user=user, group=user)
 
 

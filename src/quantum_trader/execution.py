@@ -16,6 +16,7 @@ Per batch, in order:
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ class Execution:
             redis, settings, "execution", self.streams.intent, self.streams.execution_group
         )
         self.totals: dict[str, int] = {"FILLED": 0, "REJECTED": 0, "EXPIRED": 0, "FAILED": 0}
+        # Per symbol, the batch in flight that holds it last (see ``handle``).
+        self._last_for_symbol: dict[str, asyncio.Future[None]] = {}
 
     def _decode(self, entries: list[Entry]) -> tuple[list[Job], list[tuple[Entry, DecodeError]]]:
         jobs, bad = [], []
@@ -141,8 +144,30 @@ class Execution:
         return jobs, bad
 
     async def handle(self, entries: list[Entry]) -> None:
-        """Execute one batch (see the module docstring for the steps)."""
+        """Execute one batch (see the module docstring for the steps).
+
+        Decisions for one symbol execute in the order they were published: a batch's orders
+        wait until every earlier batch in flight holding one of its symbols has finished (other
+        symbols overlap freely). Batches start in read order, so the chain is set up before the
+        first await.
+        """
         jobs, bad = self._decode(entries)
+        symbols = {job.intent.symbol for job in jobs}
+        earlier = {self._last_for_symbol[symbol] for symbol in symbols if symbol in self._last_for_symbol}
+        finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for symbol in symbols:
+            self._last_for_symbol[symbol] = finished
+        try:
+            await self._execute(jobs, bad, earlier)
+        finally:
+            finished.set_result(None)
+            for symbol in symbols:
+                if self._last_for_symbol.get(symbol) is finished:
+                    del self._last_for_symbol[symbol]
+
+    async def _execute(
+        self, jobs: list[Job], bad: list[tuple[Entry, DecodeError]], earlier: set[asyncio.Future[None]]
+    ) -> None:
         for entry, exc in bad:
             await self.consumer.dead_letter([entry], f"undecodable trade intent: {exc.reason}", exc.field)
         results: dict[str, ExecutionResult] = {}
@@ -201,6 +226,8 @@ class Execution:
         # unless the exchange says they never left (the kill switch, read again right before each
         # order: turned on since the gate, it stops the rest of an approved batch).
         sent = {job.entry.id for job in redelivered if job.coid in existing} if redelivered else set()
+        if earlier:
+            await asyncio.wait(earlier)
         outcomes = await self.exchange.place_orders(requests, guard=gov.SEND_GUARD)
         for job, outcome in zip(approved, outcomes, strict=True):
             if outcome.sent:

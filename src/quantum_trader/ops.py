@@ -6,6 +6,7 @@ import asyncio
 import base64
 import functools
 import json
+import re
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -208,12 +209,20 @@ async def dead_letters(redis: Redis, stream: str, count: int) -> list[dict[str, 
     return out
 
 
+_ENTRY_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?\Z")
+
+
 async def replay_dead_letters(redis: Redis, stream: str, ids: list[str]) -> list[tuple[str, str, str]]:
     """Put dead-letter entries back on their origin stream (and remove them from the dead letters).
 
     Returns (dead-letter id, origin stream, new entry id) for each replayed entry.
     """
     replayed = []
+    malformed = [dead_id for dead_id in ids if not _ENTRY_ID.match(dead_id)]
+    if malformed:
+        raise LookupError(
+            f"{malformed[0]!r} is not a stream entry id (like 1700000000000-0); see: quantum-trader dlq list"
+        )
     for dead_id in ids:
         found = await redis.xrange(stream, min=dead_id, max=dead_id)
         if not found:

@@ -13,6 +13,7 @@ crash or a redelivery can neither lose a decision nor route it twice.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import Callable
@@ -289,9 +290,25 @@ class Router:
             redis, settings, "router", self.streams.decision, self.streams.router_group
         )
         self.totals = {"intents": 0, "duplicates": 0, "invalid": 0, "skipped": 0}
+        self._last_batch: asyncio.Future[None] | None = None
 
     async def handle(self, entries: list[Entry]) -> None:
-        """Route one batch in one script call."""
+        """Route one batch in one script call.
+
+        With batches in flight, each batch's script runs after the one read before it has
+        finished, so intents keep the decisions' order (the planning still overlaps).
+        """
+        earlier = self._last_batch
+        finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last_batch = finished
+        try:
+            await self._route_batch(entries, earlier)
+        finally:
+            finished.set_result(None)
+            if self._last_batch is finished:
+                self._last_batch = None
+
+    async def _route_batch(self, entries: list[Entry], earlier: asyncio.Future[None] | None) -> None:
         now = self.clock()
         plan = plan_batch(entries, self.settings, now)
         valid: list[str] = []
@@ -307,6 +324,8 @@ class Router:
         ]
         script_keys = [self.streams.decision, self.streams.intent, self.streams.rejected]
         script_keys += [routed.dedup_key for routed in plan.valid]
+        if earlier is not None:
+            await asyncio.wait([earlier])
         reply = await self._route(keys=script_keys, args=args)
         for name, count in zip(self.totals, reply[:4], strict=True):
             self.totals[name] += int(count)

@@ -190,10 +190,16 @@ class Settings(BaseSettings):
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
-    @field_validator("symbol_allowlist", "quote_assets")
+    @field_validator("quote_assets")
     @classmethod
     def _upper(cls, value: list[str]) -> list[str]:
         return [item.upper() for item in value]
+
+    @field_validator("symbol_allowlist")
+    @classmethod
+    def _symbols(cls, value: list[str]) -> list[str]:
+        # Compared with the router's normalised symbols: ``eth/usdt`` -> ``ETHUSDT``.
+        return [item.upper().replace("/", "") for item in value]
 
     @field_validator("dedup_fields")
     @classmethod

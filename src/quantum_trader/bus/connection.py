@@ -32,12 +32,18 @@ def server_url(settings: Settings) -> Iterator[str]:
 def client(url: str) -> Redis:
     """An asyncio client returning ``str`` values, with hiredis parsing when installed.
 
+    A value that is not UTF-8 comes back with surrogate escapes (``events.raw_bytes`` gives
+    its exact bytes back, and writing it returns the same bytes to the server).
+
     Its connections carry this process's name: the embedded server's last user is the one
     that sees no other process's connections (see ``attached_or_started``).
     """
     return aioredis.Redis.from_url(
         url,
         decode_responses=True,
+        # Bytes that are not UTF-8 (anyone can XADD them) read as surrogate escapes instead of
+        # failing the whole reply: the stage refuses that one entry and records its exact bytes.
+        encoding_errors="surrogateescape",
         client_name=client_name(),
         socket_connect_timeout=5,
         health_check_interval=30,
