@@ -192,3 +192,19 @@ async def test_daily_limit_holds_with_four_execution_processes_racing(
     assert sum(o["status"] == "FILLED" for o in outcomes) == limit
     assert sum(o["reason"] == "DAILY_LIMIT" for o in outcomes) == extra
     assert await r.get(keys.daily_trades(datetime.now(UTC).date())) == str(limit)
+
+
+async def test_the_gate_finds_its_intents_however_many_others_the_consumer_holds(r: Redis) -> None:
+    stream, group = "quantum:stream:trade.intent", "quantum:group:execution:trade.intent"
+    await ensure_group(r, stream, group)
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(3_000):
+            pipe.xadd(stream, {"n": str(i)})
+        ids = await pipe.execute()
+    await r.xreadgroup(group, "exec-1", {stream: ">"}, count=3_000)  # an outage left it holding all of them
+    await r.set("quantum:kill", "0")
+    governor = Governor(r, Settings(redis_url="redis://unused"))
+
+    verdicts = await governor.gate([ids[0], ids[-1]], datetime.now(UTC), "exec-1")
+
+    assert verdicts == ["APPROVED", "APPROVED"]

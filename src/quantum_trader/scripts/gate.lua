@@ -15,10 +15,18 @@ local ids = cmsgpack.unpack(ARGV[7])
 local out = {}
 if #ids == 0 then return out end
 
--- One range query for the whole batch: which of these are still pending on this consumer.
+-- Range queries over the batch's ids: which of these are still pending on this consumer. Paged, so
+-- a consumer holding many more entries in that range (after an outage) still finds its own.
 local mine = {}
-for _, entry in ipairs(redis.call('XPENDING', KEYS[4], group, low, high, #ids * 4 + 1000, consumer)) do
-  mine[entry[1]] = true
+local page = #ids * 4 + 1000
+local start = low
+while true do
+  local rows = redis.call('XPENDING', KEYS[4], group, start, high, page, consumer)
+  for _, entry in ipairs(rows) do
+    mine[entry[1]] = true
+  end
+  if #rows < page then break end
+  start = '(' .. rows[#rows][1]
 end
 -- pcall: GET on a list (say) answers an error table instead of failing the batch.
 local kill = redis.pcall('GET', KEYS[1])
