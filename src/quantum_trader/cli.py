@@ -6,9 +6,10 @@ import asyncio
 import importlib
 import json
 import shutil
+import signal
 import sys
 import tempfile
-import time
+import threading
 import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -270,11 +271,14 @@ def server() -> None:
     valkey.start()
     write_url_file(settings.data_dir, valkey.url)
     console.print(f"valkey serving at {redact_url(valkey.url)} (data in {settings.data_dir})")
+    # systemd stops the unit with SIGTERM: stop Valkey (it flushes its AOF) before exiting, never
+    # leave it running without its parent.
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
     try:
-        while valkey.process is not None and valkey.process.poll() is None:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+        while valkey.process is not None and valkey.process.poll() is None and not stopping.wait(0.5):
+            pass
     finally:
         valkey.stop()
 

@@ -14,14 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import redis
 
-from quantum_trader.bus.embedded import attached_or_started
+from quantum_trader.bus.embedded import attached_or_started, read_url_file
+from quantum_trader.errors import QuantumTraderError
 
 # A user in another process: attach (or start), print the URL, hold on until stdin closes.
 USER = """
 import sys
-from quantum_trader.bus.embedded import attached_or_started
+from quantum_trader.bus.embedded import attached_or_started, read_url_file
+from quantum_trader.errors import QuantumTraderError
 from quantum_trader.logs import configure
 configure("info", "json")
 with attached_or_started(sys.argv[1]) as url:
@@ -161,3 +164,43 @@ def test_router_and_execution_commands_share_one_server_and_outlive_each_other(t
     assert execution.returncode == 0, execution_err
     assert not serves(url)  # the last one out stopped it
     assert not url_file.exists()
+
+
+def test_server_command_stops_valkey_with_its_aof_on_sigterm(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_DATA_DIR": str(data_dir)}
+    command = [sys.executable, "-m", "quantum_trader", "server"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (data_dir / "server.url").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        url = read_url_file(data_dir)
+        client = redis.Redis.from_url(url)
+        client.set("written-before-the-stop", "1")
+        client.close()
+        [valkey] = psutil.Process(process.pid).children()
+
+        process.send_signal(signal.SIGTERM)  # what systemd sends
+        assert process.wait(timeout=30) == 0
+        valkey.wait(timeout=10)  # gone with its parent, not left to PID 1
+        assert not valkey.is_running()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    again = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        value = None
+        while value is None and time.monotonic() < deadline:
+            try:
+                client = redis.Redis.from_url(read_url_file(data_dir))
+                value = client.get("written-before-the-stop")
+                client.close()
+            except (redis.RedisError, OSError, QuantumTraderError):
+                time.sleep(0.1)
+        assert value == b"1"  # flushed to the AOF by the graceful stop
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(timeout=30)
