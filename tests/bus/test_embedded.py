@@ -26,7 +26,7 @@ import sys
 from quantum_trader.bus.embedded import attached_or_started, read_url_file
 from quantum_trader.errors import QuantumTraderError
 from quantum_trader.logs import configure
-configure("info", "json")
+configure("debug", "json")
 with attached_or_started(sys.argv[1]) as url:
     print(url, flush=True)
     sys.stdin.read()
@@ -116,6 +116,7 @@ def test_router_and_execution_commands_share_one_server_and_outlive_each_other(t
         "QT_DATA_DIR": str(data),
         "QT_BLOCK_MS": "50",
         "QT_LOG_FORMAT": "json",
+        "QT_LOG_LEVEL": "debug",
     }
 
     def command(name: str) -> subprocess.Popen[str]:
@@ -204,3 +205,19 @@ def test_server_command_stops_valkey_with_its_aof_on_sigterm(tmp_path: Path) -> 
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(timeout=30)
+
+
+def test_a_command_run_while_the_pipeline_holds_the_server_does_not_talk_about_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    holder, url = other_user(data)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_DATA_DIR": str(data)}
+        done = subprocess.run(
+            [sys.executable, "-m", "quantum_trader", "kill", "status"], env=env, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert "HALTED" in done.stdout
+        assert "embedded_server_left_running" not in done.stdout + done.stderr
+        assert serves(url)
+    finally:
+        leave(holder)

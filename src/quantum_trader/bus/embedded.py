@@ -436,7 +436,8 @@ def _leave(presence: Any, url: str, url_file: Path, pid_file: Path) -> None:
     finally:
         presence.close()
     if others > 0:
-        log.info("embedded_server_left_running", url=redact_url(url), other_clients=others)
+        # Not news to the user (another command of theirs is using it): debug only.
+        log.debug("embedded_server_left_running", url=redact_url(url), other_clients=others)
         return
     # Only a server started here has a pid file: one run by `quantum-trader server` is never stopped.
     _shutdown_daemon(url, pid_file, timeout=10.0)
