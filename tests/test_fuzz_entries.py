@@ -210,8 +210,8 @@ def judge_decision(case: fz.Case, stored: dict[bytes, bytes], found: list[Outcom
             return f"rejected {reason}: {payload.get('detail')}"
         if reason == "DUPLICATE_SKIP" and case.expect == fz.ANY:
             return None
-        if reason != "INVALID" or not field:
-            return f"rejection {reason!r} naming field {field!r}: {payload.get('detail')}"
+        if reason != "INVALID" or not isinstance(field, str) or (not field and b"" not in stored):
+            return f"rejection {reason!r} naming field {field!r}: {payload.get('detail')}"  # '' only if so named
         if case.fields and field not in case.fields:
             return f"INVALID names {field!r}, expected one of {sorted(case.fields)}: {payload.get('detail')}"
         if not carries(stored, payload, "original", "original_base64"):
