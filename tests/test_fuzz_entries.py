@@ -465,7 +465,6 @@ async def execute_batch(url: str, settings: Settings, cases: list[fz.Case], limi
         await raw.aclose()
 
 
-@pytest.mark.xfail(reason="issue 12 point 4: fix in progress", strict=False)
 @fuzz(40)
 @given(cases=fz.batches(fz.hostile(fz.INTENT), fz.valid(fz.INTENT)), batch_size=st.sampled_from([1, 3, 1000]))
 def test_execution_gives_every_hostile_intent_one_outcome_and_fills_its_neighbours(
@@ -536,7 +535,6 @@ async def test_garbage_decisions_are_invalid_or_rejected_never_filled(
         await raw.aclose()
 
 
-@pytest.mark.xfail(reason="issue 12 point 4: fix in progress", strict=False)
 async def test_garbage_intents_injected_directly_are_rejected_never_filled(
     clean_url: str, settings_for: Callable[..., Settings]
 ) -> None:

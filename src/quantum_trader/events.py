@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
@@ -166,6 +167,36 @@ def envelope(
 # Amounts between 1e-18 and 1e16: prices and quantities of any real market, and products that
 # decimal arithmetic computes exactly enough (no overflow, no underflow to zero).
 MIN_EXPONENT, MAX_EXPONENT = -18, 15
+
+
+# ASCII decimal notation only: no other scripts' digits, no underscores, no hex, no spaces.
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?\Z")
+MAX_NUMBER_CHARS = 40
+
+
+def is_decimal_text(text: str) -> bool:
+    """``0.1``, ``1e-3``, ``12``: yes. ``1_000``, ``0x10``, `` 12 ``, other scripts' digits: no."""
+    return len(text) <= MAX_NUMBER_CHARS and _DECIMAL_TEXT.match(text) is not None
+
+
+class _Amounts(msgspec.Struct):
+    qty: Any = None
+    price: Any = None
+
+
+_amounts = msgspec.json.Decoder(_Amounts)
+
+
+def check_amount_texts(payload: str) -> None:
+    """DecodeError when ``qty`` or ``price`` is a string that is not ASCII decimal notation.
+
+    (msgspec reads ``"1_000"`` or Arabic-Indic digits into a Decimal without a word.)
+    """
+    amounts = _amounts.decode(payload)
+    for name in ("qty", "price"):
+        value = getattr(amounts, name)
+        if isinstance(value, str) and not is_decimal_text(value):
+            raise DecodeError(f"{name} {printable(value, 40)!r} is not a decimal number in ASCII notation", field=name)
 
 
 def check_amount(number: Decimal, name: str) -> Decimal:

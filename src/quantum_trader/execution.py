@@ -36,6 +36,7 @@ from quantum_trader.events import (
     Status,
     TradeIntent,
     check_amount,
+    check_amount_texts,
     decode_event,
     encode_payload,
     now_iso,
@@ -133,6 +134,7 @@ class Execution:
         for entry in entries:
             try:
                 env, intent = decode_event(entry.fields, TradeIntent, TRADE_INTENT)
+                check_amount_texts(env.payload)
                 check_amounts(intent)
             except DecodeError as exc:
                 bad.append((entry, exc))

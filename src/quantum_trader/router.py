@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,6 +42,7 @@ from quantum_trader.events import (
     decode_envelope,
     encode_payload,
     envelope,
+    is_decimal_text,
     now_iso,
     parse_iso,
     printable,
@@ -54,9 +54,6 @@ from quantum_trader.scripts import pack, register
 from quantum_trader.settings import DEFAULT_QUOTE_ASSETS, Settings
 
 _json = msgspec.json.Decoder(float_hook=Decimal)
-# ASCII decimal notation only: no other scripts' digits, no underscores, no hex, no spaces.
-_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?\Z")
-MAX_NUMBER_CHARS = 40
 MAX_LABEL_CHARS = 128  # strategy, model_version
 
 
@@ -69,9 +66,9 @@ def _decimal(payload: dict[str, Any], name: str, *, required: bool) -> Decimal |
     if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
         raise DecodeError(f"{name} must be a number or decimal string, got {type(value).__name__}", field=name)
     if isinstance(value, str):
-        if len(value) > MAX_NUMBER_CHARS or not _NUMBER.match(value):
+        if not is_decimal_text(value):
             raise DecodeError(
-                f"{name} {printable(value, MAX_NUMBER_CHARS)!r} is not a decimal number in ASCII notation "
+                f"{name} {printable(value, 40)!r} is not a decimal number in ASCII notation "
                 "(digits 0-9, one '.', optional exponent)",
                 field=name,
             )

@@ -8,6 +8,7 @@ import json
 import pytest
 import redis.asyncio
 
+from quantum_trader import keys
 from quantum_trader.bus import connection
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer, publish
@@ -92,21 +93,22 @@ async def test_an_entry_the_stage_keeps_dying_on_is_set_aside_after_two_lone_tri
             raise Died
         await r.xack(STREAM, GROUP, *[e.id for e in batch])
 
-    for _ in range(2):  # deliveries 4 and 5: suspects, each handled alone; the process dies each time
+    # Deliveries 4, 5 and 6: suspects. Tried together once, then each alone; the process dies each time.
+    for _ in range(3):
         batch = await c.own_pending()
         with pytest.raises(Died):
             await c.process(dies_on_poison, batch)
-    assert handled == [[poison_id], [poison_id]]  # never together with its neighbour
+    assert handled == [[poison_id, good_id], [poison_id], [poison_id]]  # alone after the first death
     batch = await c.own_pending()
-    await c.process(dies_on_poison, batch)  # third lone try: set aside without handling it again
+    await c.process(dies_on_poison, batch)  # set aside without handling it again; its neighbour flows
 
-    assert handled[2:] == [[good_id]]
+    assert handled[3:] == [[good_id]]
     [(_dlq_id, dead)] = await r.xrange(DLQ)
     payload = json.loads(dead["payload"])
     assert dead["origin_id"] == poison_id
     assert "stopped 2 times while handling it alone" in dead["reason"]
     assert payload["raw"] == fields(1) | {"timestamp": payload["raw"]["timestamp"]}
-    assert payload["deliveries"] == 6
+    assert payload["deliveries"] == 7
     assert (await r.xpending(STREAM, GROUP))["pending"] == 0
 
 
@@ -309,3 +311,26 @@ async def test_own_entries_deleted_while_held_are_dropped_from_pending(r: Redis)
 
     assert [e.id for e in await c.own_pending()] == [ids[0], ids[2]]
     assert {p["message_id"] for p in await r.xpending_range(STREAM, GROUP, "-", "+", 10)} == {ids[0], ids[2]}
+
+
+async def test_entries_whose_counts_outages_inflated_are_still_handled_together(r: Redis) -> None:
+    c = consumer(r, "a", batch_size=50, block_ms=20, max_deliveries=2)
+    await c.setup()
+    ids = await publish(r, STREAM, [fields(i) for i in range(30)])
+    await c.read_new()
+    for _ in range(4):  # four outages: each retry of the batch counted as a delivery
+        await c.own_pending()
+    sizes: list[int] = []
+
+    async def handler(batch: list[Entry]) -> None:
+        sizes.append(len(batch))
+        await r.xack(STREAM, GROUP, *[e.id for e in batch])
+
+    batch = await c.own_pending()
+    assert all(e.deliveries > 2 for e in batch)
+    await c.process(handler, batch)
+
+    assert sizes == [30]  # one batch, not thirty lone tries
+    assert await r.xlen(DLQ) == 0
+    assert await r.hlen(keys.suspects(STREAM, GROUP)) == 0
+    assert len(ids) == 30

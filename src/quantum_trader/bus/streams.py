@@ -10,9 +10,9 @@ the server's (any exception but a server, network or transient exchange error) i
 handled again entry by entry, and the entry that still fails alone goes to the
 dead-letter stream with its raw fields and the error, on that same delivery. A batch
 that fails because the server or the exchange is unreachable is retried whole and never
-set aside. An entry delivered more than ``max_deliveries`` times (its consumers kept
-dying) is handled alone; if the stage dies while handling it alone twice more, it is
-set aside.
+set aside. Entries delivered more than ``max_deliveries`` times (their consumers kept
+dying, or outages kept interrupting them) are tried together once more, then each alone;
+one the stage dies on alone twice is set aside.
 """
 
 from __future__ import annotations
@@ -207,8 +207,8 @@ class GroupConsumer:
         normal = [entry for entry in batch if entry.deliveries <= self.max_deliveries] if suspects else batch
         if normal:
             await self._isolating(handler, normal)
-        for entry in suspects:
-            await self._alone(handler, entry)
+        if suspects:
+            await self._suspects(handler, suspects)
 
     async def _isolating(self, handler: Handler, batch: list[Entry]) -> None:
         try:
@@ -225,26 +225,44 @@ class GroupConsumer:
                 # As a redelivery: the stage first looks up what the failed attempt may have done.
                 await self._isolating(handler, [Entry(entry.id, entry.fields, entry.deliveries, retried=True)])
 
-    async def _alone(self, handler: Handler, entry: Entry) -> None:
-        """A suspect entry: counted in the server before each try, so a stage that dies on it ends it."""
-        suspects = keys.suspects(self.stream, self.group)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(suspects, entry.id, 0 if entry.id in self._retrying else 1)
-            pipe.expire(suspects, 7 * 86_400)
-            tries, _ = await pipe.execute()
-        self._retrying.discard(entry.id)
-        if int(tries) > SUSPECT_TRIES:
-            await self.dead_letter(
-                [entry],
-                f"delivered {entry.deliveries} times; the stage stopped {int(tries) - 1} times while handling it alone",
-            )
-        else:
-            try:
-                await self._isolating(handler, [entry])
-            except TRANSIENT_ERRORS:
-                self._retrying.add(entry.id)
-                raise
-        await self.redis.hdel(suspects, entry.id)
+    async def _suspects(self, handler: Handler, entries: list[Entry]) -> None:
+        """Entries delivered too often: each try is counted in the server before it starts.
+
+        Never tried yet: handled together (outages inflate delivery counts without any entry
+        being at fault). Tried before (a stage died meanwhile): each alone. An entry the stage
+        died on alone ``SUSPECT_TRIES`` times is set aside. A transient failure is not counted.
+        """
+        key = keys.suspects(self.stream, self.group)
+        started = [int(n or 0) for n in await self.redis.hmget(key, [entry.id for entry in entries])]
+        together = [entry for entry, n in zip(entries, started, strict=True) if n == 0]
+        alone = [(entry, n) for entry, n in zip(entries, started, strict=True) if n > 0]
+        try:
+            if together:
+                await self._try_suspects(handler, key, together)
+            for entry, n in alone:
+                if n > SUSPECT_TRIES:
+                    reason = (
+                        f"delivered {entry.deliveries} times; the stage stopped {n - 1} times while handling it alone"
+                    )
+                    await self.dead_letter([entry], reason)
+                    await self.redis.hdel(key, entry.id)
+                else:
+                    await self._try_suspects(handler, key, [entry])
+        except TRANSIENT_ERRORS:
+            self._retrying.update(entry.id for entry in entries)
+            raise
+
+    async def _try_suspects(self, handler: Handler, key: str, entries: list[Entry]) -> None:
+        counted = [entry.id for entry in entries if entry.id not in self._retrying]
+        self._retrying.difference_update(entry.id for entry in entries)
+        if counted:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for entry_id in counted:
+                    pipe.hincrby(key, entry_id, 1)
+                pipe.expire(key, 7 * 86_400)
+                await pipe.execute()
+        await self._isolating(handler, entries)
+        await self.redis.hdel(key, *[entry.id for entry in entries])
 
     async def dead_letter(self, entries: list[Entry], reason: str, field_name: str = "") -> None:
         """Set entries aside on the dead-letter stream and acknowledge them, atomically.
