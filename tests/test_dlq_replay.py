@@ -11,9 +11,11 @@ from decimal import Decimal
 
 import pytest
 
+from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.streams import Entry, dead_letter_fields
 from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope
+from quantum_trader.exchanges.base import client_order_id
 from quantum_trader.ops import replay_dead_letters
 
 INTENTS = "quantum:stream:trade.intent"
@@ -67,3 +69,14 @@ async def test_two_replays_of_one_dead_letter_at_once_put_it_back_once(r: Redis,
         assert len(done) == 1
         assert [type(o) for o in outcomes if isinstance(o, BaseException)] == [LookupError]
         assert await r.xlen(DEAD_LETTERS) == 0
+
+
+async def test_an_intent_whose_order_may_exist_is_not_replayed(r: Redis) -> None:
+    dead_id = await dead_lettered_intent(r)
+    await r.set(keys.paper_order(client_order_id("1-1", "t1", "c1")), "{}")  # its first delivery placed it
+
+    with pytest.raises(LookupError, match="second order"):
+        await replay_dead_letters(r, DEAD_LETTERS, [dead_id])
+
+    assert await r.xlen(INTENTS) == 0
+    assert await r.xlen(DEAD_LETTERS) == 1  # kept, for the operator to settle by hand

@@ -253,7 +253,9 @@ def dlq_replay(
     """Put dead-letter entries back on their origin stream, once the cause is fixed."""
     settings = cli_support.settings()
     try:
-        done = with_redis(settings, lambda r: ops.replay_dead_letters(r, settings.dead_letter_stream, ids))
+        done = with_redis(
+            settings, lambda r: ops.replay_dead_letters(r, settings.dead_letter_stream, ids, settings.exchange)
+        )
     except LookupError as exc:
         err.print(f"error: {exc}")
         raise typer.Exit(2) from None

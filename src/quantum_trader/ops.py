@@ -22,6 +22,7 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import sleep_or_stop
 from quantum_trader.demo import START_PRICES as DEMO_SYMBOLS
 from quantum_trader.demo import DecisionGenerator
+from quantum_trader.exchanges.base import client_order_id
 from quantum_trader.governor import set_kill
 from quantum_trader.services import Runner, install_signal_handlers, serve
 from quantum_trader.settings import Settings
@@ -212,8 +213,14 @@ async def dead_letters(redis: Redis, stream: str, count: int) -> list[dict[str, 
 _ENTRY_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?\Z")
 
 
-async def replay_dead_letters(redis: Redis, stream: str, ids: list[str]) -> list[tuple[str, str, str]]:
+async def replay_dead_letters(
+    redis: Redis, stream: str, ids: list[str], exchange: str = "paper"
+) -> list[tuple[str, str, str]]:
     """Put dead-letter entries back on their origin stream (and remove them from the dead letters).
+
+    An intent whose first delivery may have placed an order (the paper exchange or the send
+    record of ``exchange`` knows its client order id) is refused: back on the stream it would get
+    a new id, hence a new client order id, and a second order.
 
     Returns (dead-letter id, origin stream, new entry id) for each replayed entry.
     """
@@ -229,6 +236,12 @@ async def replay_dead_letters(redis: Redis, stream: str, ids: list[str]) -> list
             raise LookupError(f"no dead-letter entry {dead_id} on {stream}; list them with: quantum-trader dlq list")
         payload = json.loads(found[0][1]["payload"])
         origin, raw = payload["stream"], dict(payload["raw"])
+        coid = client_order_id(str(payload.get("entry_id", "")), raw.get("trace_id", ""), raw.get("correlation_id", ""))
+        if await redis.exists(keys.paper_order(coid), keys.exchange_sent(exchange, coid)):
+            raise LookupError(
+                f"dead-letter entry {dead_id} is an intent whose order {coid} may exist at the exchange; "
+                "replaying it would place a second order. Check the order, then remove the entry with XDEL"
+            )
         # Fields that were not UTF-8 go back as the exact bytes they held.
         for name, data in payload.get("raw_base64", {}).items():
             raw[name] = base64.b64decode(data).decode("utf-8", "surrogateescape")
