@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -29,3 +31,19 @@ def test_the_first_session_runs_as_written(tmp_path: Path) -> None:
     assert "FILLED BUY 0.1 ETHUSDT at 3000" in done.stdout
     assert "Traceback" not in done.stderr
     assert "ALLOWED" in done.stdout  # governor status after `kill off`
+
+
+@pytest.mark.timeout(300)
+def test_the_backtest_examples_run_as_written(tmp_path: Path) -> None:
+    script = shell_block_after("`tests/test_readme.py` runs them")
+    bin_dir = Path(sys.executable).parent
+    script = script.replace(".venv/bin/", f"{bin_dir}/")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run(
+        ["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "report.html").stat().st_size > 0
+    assert (tmp_path / "model.joblib").exists()
+    assert (tmp_path / "model.joblib.json").exists()
+    assert "Traceback" not in done.stderr
