@@ -47,7 +47,9 @@ async def test_alternating_buys_and_sells_fill_in_publish_order_with_two_batches
     stop = asyncio.Event()
 
     async def until_done() -> None:
-        while sum(execution.totals.values()) < len(made):
+        for _ in range(2_000):  # the stage's counters, polled
+            if sum(execution.totals.values()) >= len(made):
+                break
             await asyncio.sleep(0.05)
         stop.set()
 
