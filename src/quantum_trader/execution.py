@@ -89,6 +89,14 @@ def result_for(
     )
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Turn:
+    """A batch's place in its symbols' queue: its orders placed, then its results written."""
+
+    placed: asyncio.Future[None]
+    committed: asyncio.Future[None]
+
+
 def check_amounts(intent: TradeIntent) -> None:
     """The intent's quantity and price are within the router's bounds (the intent stream is writable by others)."""
     try:
@@ -127,7 +135,7 @@ class Execution:
         )
         self.totals: dict[str, int] = {"FILLED": 0, "REJECTED": 0, "EXPIRED": 0, "FAILED": 0}
         # Per symbol, the batch in flight that holds it last (see ``handle``).
-        self._last_for_symbol: dict[str, asyncio.Future[None]] = {}
+        self._last_for_symbol: dict[str, _Turn] = {}
 
     def _decode(self, entries: list[Entry]) -> tuple[list[Job], list[tuple[Entry, DecodeError]]]:
         jobs, bad = [], []
@@ -148,27 +156,31 @@ class Execution:
     async def handle(self, entries: list[Entry]) -> None:
         """Execute one batch (see the module docstring for the steps).
 
-        Decisions for one symbol execute in the order they were published: a batch's orders
-        wait until every earlier batch in flight holding one of its symbols has finished (other
-        symbols overlap freely). Batches start in read order, so the chain is set up before the
-        first await.
+        Decisions for one symbol execute in the order they were published: a batch places its
+        orders once every earlier batch in flight holding one of its symbols has placed its own,
+        and writes its results once those have written theirs (other symbols overlap freely;
+        one batch's placing overlaps the other's commit). Batches start in read order, so the
+        queue is set up before the first await.
         """
         jobs, bad = self._decode(entries)
         symbols = {job.intent.symbol for job in jobs}
         earlier = {self._last_for_symbol[symbol] for symbol in symbols if symbol in self._last_for_symbol}
-        finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        turn = _Turn(loop.create_future(), loop.create_future())
         for symbol in symbols:
-            self._last_for_symbol[symbol] = finished
+            self._last_for_symbol[symbol] = turn
         try:
-            await self._execute(jobs, bad, earlier)
+            await self._execute(jobs, bad, earlier, turn)
         finally:
-            finished.set_result(None)
+            for step in (turn.placed, turn.committed):
+                if not step.done():
+                    step.set_result(None)
             for symbol in symbols:
-                if self._last_for_symbol.get(symbol) is finished:
+                if self._last_for_symbol.get(symbol) is turn:
                     del self._last_for_symbol[symbol]
 
     async def _execute(
-        self, jobs: list[Job], bad: list[tuple[Entry, DecodeError]], earlier: set[asyncio.Future[None]]
+        self, jobs: list[Job], bad: list[tuple[Entry, DecodeError]], earlier: set[_Turn], turn: _Turn
     ) -> None:
         for entry, exc in bad:
             await self.consumer.dead_letter([entry], f"undecodable trade intent: {exc.reason}", exc.field)
@@ -229,8 +241,9 @@ class Execution:
         # order: turned on since the gate, it stops the rest of an approved batch).
         sent = {job.entry.id for job in redelivered if job.coid in existing} if redelivered else set()
         if earlier:
-            await asyncio.wait(earlier)
+            await asyncio.wait([before.placed for before in earlier])
         outcomes = await self.exchange.place_orders(requests, guard=gov.SEND_GUARD)
+        turn.placed.set_result(None)
         for job, outcome in zip(approved, outcomes, strict=True):
             if outcome.sent:
                 sent.add(job.entry.id)
@@ -238,6 +251,8 @@ class Execution:
             else:
                 results[job.entry.id] = result_for(job, outcome.status, outcome.reason)
 
+        if earlier:
+            await asyncio.wait([before.committed for before in earlier])
         await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results], sent)
 
     async def commit(self, done: list[tuple[Job, ExecutionResult]], sent: Collection[str] = ()) -> None:
