@@ -75,6 +75,11 @@ def heartbeat_pattern(service: str) -> str:
     return f"{HEARTBEAT_PREFIX}{service}:*"
 
 
+def paper_version() -> str:
+    """Counter bumped by every paper placement that writes orders (what placements WATCH)."""
+    return f"{PAPER_PREFIX}version"
+
+
 def paper_order(client_order_id: str) -> str:
     """One order on the paper exchange (JSON); it expires once its intent's result is written."""
     return f"{PAPER_PREFIX}order:{client_order_id}"
