@@ -59,28 +59,21 @@ def pipeline(url: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def test_wait_prints_the_fill_and_exits_zero(clean_url: str) -> None:
-    assert cli(clean_url, "kill", "off").returncode == 0
+@pytest.mark.parametrize(
+    ("kill", "code", "printed"),
+    [
+        ("off", 0, "FILLED BUY 0.01 ETHUSDT at 3000 (fee "),
+        ("on", 1, "REJECTED KILL_SWITCH"),  # halted: execution rejects the intent, with its reason
+    ],
+)
+def test_wait_prints_the_outcome_and_exits_by_it(clean_url: str, kill: str, code: int, printed: str) -> None:
+    assert cli(clean_url, "kill", kill).returncode == 0
     runner = pipeline(clean_url)
     try:
         waiting = decide_and_wait(clean_url, "--timeout", "25")
         out, err = waiting.communicate(timeout=40)
-        assert waiting.returncode == 0, out + err
-        assert "FILLED BUY 0.01 ETHUSDT at 3000" in out
-        assert "fee" in out
-    finally:
-        runner.terminate()
-        runner.wait(timeout=30)
-
-
-def test_wait_reports_the_rejection_with_its_reason(clean_url: str) -> None:
-    # The kill switch is absent (halted): execution rejects the intent.
-    runner = pipeline(clean_url)
-    try:
-        waiting = decide_and_wait(clean_url, "--timeout", "25")
-        out, err = waiting.communicate(timeout=40)
-        assert waiting.returncode == 1, out + err
-        assert "REJECTED KILL_SWITCH" in out
+        assert waiting.returncode == code, out + err
+        assert printed in out
     finally:
         runner.terminate()
         runner.wait(timeout=30)
