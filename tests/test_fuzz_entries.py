@@ -342,31 +342,50 @@ def report(cases: list[fz.Case], ids: list[str], problems: dict[str, str]) -> st
 # --- point 2: the router ----------------------------------------------------------------------------
 
 
+async def each_entry_gets_one_outcome(
+    plain: connection.Redis,
+    raw: aioredis.Redis,
+    settings: Settings,
+    stage: tuple[str, Any],
+    stream: str,
+    group: str,
+    cases: list[fz.Case],
+    judge: Callable[[fz.Case, dict[bytes, bytes], list[Outcome]], str | None],
+    limit_s: float,
+) -> None:
+    """Write the cases raw, run the stage in its real loop, and check each entry ended once."""
+    name, handler_stage = stage
+    await handler_stage.consumer.setup()
+    ids, stored = await write(raw, stream, cases)
+
+    async def finished() -> bool:  # outcomes are written with the acknowledgements, atomically
+        return await drained(plain, stream, group, ids[-1])
+
+    watched = Watched(plain, settings, {name: handler_stage})
+    death = await watched.run_until(finished, limit_s)
+    found = await outcomes(raw, settings, stream)
+    problems = {
+        entry_id: problem
+        for case, entry_id in zip(cases, ids, strict=True)
+        if (problem := judge(case, stored[entry_id], found.get(entry_id, [])))
+    }
+    assert not death, f"the {name} {death}\nentries:\n" + report(cases, ids, {i: "" for i in ids})
+    assert not watched.redelivered(), f"delivered again: {watched.redelivered()}\n" + report(cases, ids, problems)
+    assert not problems, "entries without their one outcome:\n" + report(cases, ids, problems)
+    valid = {entry_id for case, entry_id in zip(cases, ids, strict=True) if case.expect == fz.VALID}
+    assert valid <= set(watched.deliveries), "the valid entries went through the stage's handler (the spy saw them)"
+    assert (await plain.xpending(stream, group))["pending"] == 0
+
+
 async def route_batch(url: str, settings: Settings, cases: list[fz.Case], limit_s: float = 6.0) -> None:
     plain, raw = connection.client(url), aioredis.Redis.from_url(url)
     try:
         await plain.flushdb()
         router = Router(plain, settings)
-        await router.consumer.setup()
-        ids, stored = await write(raw, settings.decision_stream, cases)
-
-        async def finished() -> bool:  # outcomes are written with the acknowledgements, atomically
-            return await drained(plain, settings.decision_stream, settings.router_group, ids[-1])
-
-        watched = Watched(plain, settings, {"router": router})
-        death = await watched.run_until(finished, limit_s)
-        found = await outcomes(raw, settings, settings.decision_stream)
-        problems = {
-            entry_id: problem
-            for case, entry_id in zip(cases, ids, strict=True)
-            if (problem := judge_decision(case, stored[entry_id], found.get(entry_id, [])))
-        }
-        assert not death, f"the router {death}\nentries:\n" + report(cases, ids, {i: "" for i in ids})
-        assert not watched.redelivered(), f"delivered again: {watched.redelivered()}\n" + report(cases, ids, problems)
-        assert not problems, "entries without their one outcome:\n" + report(cases, ids, problems)
-        valid = {entry_id for case, entry_id in zip(cases, ids, strict=True) if case.expect == fz.VALID}
-        assert valid <= set(watched.deliveries), "the valid entries went through the stage's handler (the spy saw them)"
-        assert (await plain.xpending(settings.decision_stream, settings.router_group))["pending"] == 0
+        await each_entry_gets_one_outcome(
+            plain, raw, settings, ("router", router), settings.decision_stream, settings.router_group, cases,
+            judge_decision, limit_s,
+        )  # fmt: skip
     finally:
         await plain.aclose()
         await raw.aclose()
@@ -438,26 +457,10 @@ async def execute_batch(url: str, settings: Settings, cases: list[fz.Case], limi
     try:
         paper = await fresh_server(plain, settings)
         execution = Execution(plain, settings, paper)
-        await execution.consumer.setup()
-        ids, stored = await write(raw, settings.intent_stream, cases)
-
-        async def finished() -> bool:  # outcomes are written with the acknowledgements, atomically
-            return await drained(plain, settings.intent_stream, settings.execution_group, ids[-1])
-
-        watched = Watched(plain, settings, {"execution": execution})
-        death = await watched.run_until(finished, limit_s)
-        found = await outcomes(raw, settings, settings.intent_stream)
-        problems = {
-            entry_id: problem
-            for case, entry_id in zip(cases, ids, strict=True)
-            if (problem := judge_intent(case, stored[entry_id], found.get(entry_id, [])))
-        }
-        assert not death, f"execution {death}\nentries:\n" + report(cases, ids, {i: "" for i in ids})
-        assert not watched.redelivered(), f"delivered again: {watched.redelivered()}\n" + report(cases, ids, problems)
-        assert not problems, "entries without their one outcome:\n" + report(cases, ids, problems)
-        valid = {entry_id for case, entry_id in zip(cases, ids, strict=True) if case.expect == fz.VALID}
-        assert valid <= set(watched.deliveries), "the valid entries went through the stage's handler (the spy saw them)"
-        assert (await plain.xpending(settings.intent_stream, settings.execution_group))["pending"] == 0
+        await each_entry_gets_one_outcome(
+            plain, raw, settings, ("execution", execution), settings.intent_stream, settings.execution_group, cases,
+            judge_intent, limit_s,
+        )  # fmt: skip
         results = [payload for _id, _fields, payload in await read(raw, settings.result_stream)]
         await assert_paper_books_add_up(paper, results)
     finally:
