@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from quantum_trader import services
+from quantum_trader import runner
 from quantum_trader.bus.connection import connected
 from quantum_trader.bus.streams import Entry
+from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.logs import configure
 from quantum_trader.settings import load_settings
@@ -54,12 +55,12 @@ async def main(stage: str) -> None:
     assert settings.redis_url
     async with connected(settings.redis_url) as redis:
         stop = asyncio.Event()
-        services.install_signal_handlers(stop)
+        runner.install_signal_handlers(stop)
         if stage == "execution-ack-first":
-            broken = AckFirstExecution(redis, settings, await services.build_exchange(redis, settings))
-            await services.Runner(redis, settings, {"execution": broken}, stop).run()
+            broken = AckFirstExecution(redis, settings, await build_exchange(redis, settings))
+            await runner.Runner(redis, settings, {"execution": broken}, stop).run()
         else:
-            await services.serve(redis, settings, [stage], stop)
+            await runner.serve(redis, settings, [stage], stop)
 
 
 if __name__ == "__main__":

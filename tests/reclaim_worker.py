@@ -12,7 +12,7 @@ import asyncio
 import os
 import sys
 
-from quantum_trader import services
+from quantum_trader import runner
 from quantum_trader.bus.connection import connected
 from quantum_trader.logs import configure
 from quantum_trader.settings import load_settings
@@ -24,10 +24,10 @@ async def main(stage_name: str) -> None:
     assert settings.redis_url
     async with connected(settings.redis_url) as redis:
         stop = asyncio.Event()
-        services.install_signal_handlers(stop)
-        stage = await services.build_stage(stage_name, redis, settings)
+        runner.install_signal_handlers(stop)
+        stage = await runner.build_stage(stage_name, redis, settings)
         stage.consumer.claim_every_s = float(os.environ.get("RECLAIM_EVERY_S", "5"))
-        await services.Runner(redis, settings, {stage_name: stage}, stop).run()
+        await runner.Runner(redis, settings, {stage_name: stage}, stop).run()
 
 
 if __name__ == "__main__":

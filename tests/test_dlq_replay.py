@@ -13,10 +13,11 @@ import pytest
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, client
+from quantum_trader.bus.dead_letters import replay
 from quantum_trader.bus.streams import Entry, dead_letter_fields
 from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope
 from quantum_trader.exchanges.base import client_order_id
-from quantum_trader.ops import replay_dead_letters
+from quantum_trader.execution import replay_refusal
 
 INTENTS = "quantum:stream:trade.intent"
 DEAD_LETTERS = "quantum:stream:dead_letter"
@@ -37,6 +38,11 @@ async def dead_lettered_intent(r: Redis) -> str:
         reason="delivered 6 times; the stage stopped 3 times while handling it alone",
     )
     return str(await r.xadd(DEAD_LETTERS, fields))
+
+
+async def replay_dead_letters(r: Redis, stream: str, ids: list[str]) -> list[tuple[str, str, str]]:
+    """What ``dlq replay`` runs: the replay, guarded by execution's check on the paper exchange."""
+    return await replay(r, stream, ids, replay_refusal(r, "paper"))
 
 
 async def test_a_dead_letter_is_replayed_once_and_removed(r: Redis) -> None:

@@ -44,7 +44,7 @@ from quantum_trader.exchanges.base import OrderRequest
 from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.execution import Execution
 from quantum_trader.router import Router
-from quantum_trader.services import Runner
+from quantum_trader.runner import Runner
 from quantum_trader.settings import Settings
 from tests import fuzz_strategies as fz
 from tests.pipeline import decision

@@ -13,7 +13,7 @@ import pytest
 
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import publish
-from quantum_trader.preflight import (
+from quantum_trader.ops.doctor import (
     check_config_dir,
     check_kill,
     check_secret_file,
@@ -21,7 +21,7 @@ from quantum_trader.preflight import (
     check_version,
     run_checks,
 )
-from quantum_trader.recover import recover
+from quantum_trader.ops.recover import recover
 from quantum_trader.settings import Settings
 
 

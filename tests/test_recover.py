@@ -19,7 +19,7 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import ensure_group, publish
 from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope, now_iso
 from quantum_trader.exchanges.base import client_order_id
-from quantum_trader.recover import recover
+from quantum_trader.ops.recover import recover
 from quantum_trader.settings import Settings
 from tests.pipeline import results
 

@@ -21,7 +21,7 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import ensure_group, publish
 from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope, now_iso
-from quantum_trader.recover import RECOVER_CONSUMER, recover
+from quantum_trader.ops.recover import RECOVER_CONSUMER, recover
 from quantum_trader.settings import Settings
 from tests.pipeline import results
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import ensure_group, publish
-from quantum_trader.services import serve
+from quantum_trader.runner import serve
 from quantum_trader.settings import Settings
 from tests.pipeline import decision
 

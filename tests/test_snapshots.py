@@ -16,9 +16,9 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import publish
 from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.execution import Execution
+from quantum_trader.ops.proof import find, report, take
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
-from quantum_trader.snapshots import find, report, take
 from tests.pipeline import decision, drain
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from quantum_trader.errors import ConfigError
-from quantum_trader.units import Layout, install, render_all, render_unit, rollback
+from quantum_trader.ops.systemd import Layout, install, render_all, render_unit, rollback
 
 VENV = Path(sys.prefix)
 

@@ -141,11 +141,13 @@ class AiEngine:
         self.gap = gap if gap is not None else gap_rule(settings.ai_gap)
         self.clock = clock or (lambda: datetime.now(UTC))
         # Stable across restarts (the consumer name), so a replayed candle repeats the same identity.
-        self.run_id = settings.consumer_name("ai-engine")
+        self.run_id = settings.consumer_name(keys.AI_ENGINE)
         self.history: dict[str, deque[float]] = {}
         self.last_time: dict[str, int] = {}
         self.previous: dict[str, int] = {}
-        self.consumer = GroupConsumer.for_stage(redis, settings, "ai-engine", settings.candle_stream, settings.ai_group)
+        self.consumer = GroupConsumer.for_stage(
+            redis, settings, keys.AI_ENGINE, settings.candle_stream, settings.ai_group
+        )
         self.consumer.depth = 1  # candles feed each symbol's history in order: one batch at a time
         self.totals: dict[str, int] = {"candles": 0, "decisions": 0, "skipped": 0, "signals_ignored": 0}
 
@@ -246,7 +248,7 @@ class AiEngine:
                     payload,
                     trace_id=trace_id(entry_id, strategy.name, candle.symbol),
                     correlation_id=f"{strategy.name}:{candle.symbol}:{self.run_id}",
-                    source="ai-engine",
+                    source=keys.AI_ENGINE,
                     timestamp=stamp,
                 )
             )

@@ -1,22 +1,31 @@
-"""The demo's decision source: a seeded random walk of prices and decisions on it.
+"""``quantum-trader demo``: the whole pipeline on the paper exchange, live, on a private server.
 
-It publishes prices where the paper exchange reads them and decisions on the
-decision stream, with a few retries (the same decision published twice) and a few
-malformed decisions mixed in, so every outcome path shows up.
+Two sources: synthetic candles through the AI engine's strategies, or a seeded random walk
+of prices and decisions on it (``DecisionGenerator``), with a few retries (the same decision
+published twice) and a few malformed decisions mixed in, so every outcome path shows up.
+Nothing here draws: the command line renders each ``DemoProgress``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.bus.streams import publish
+from quantum_trader.bus.inspect import StreamStat, last_ids, outcome_counts, pipeline_status, stream_stat
+from quantum_trader.bus.streams import publish, sleep_or_stop
 from quantum_trader.events import DECISION, Fields, envelope
+from quantum_trader.governor import set_kill
+from quantum_trader.runner import Runner, install_signal_handlers, serve
+from quantum_trader.settings import Settings
 
 START_PRICES = {"BTCUSDT": 60_000.0, "ETHUSDT": 3_000.0, "SOLUSDT": 150.0}
 
@@ -85,3 +94,131 @@ class DecisionGenerator:
         while self.distinct < total and not stop.is_set():
             await self.publish_batch(min(per_tick, total - self.distinct))
             await asyncio.sleep(tick)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoProgress:
+    """The demo so far, four times a second."""
+
+    source: str
+    elapsed: float
+    head: str  # what was fed: candles and decisions, or decisions and distinct ones
+    outcomes: dict[str, int]
+    streams: list[StreamStat]
+
+
+@dataclass(frozen=True, slots=True)
+class DemoReport:
+    """What the demo did."""
+
+    source: str
+    candles: int
+    published: int
+    distinct: int
+    outcomes: dict[str, int]
+    balances: dict[str, str]
+    complete: bool
+    interrupted: bool
+
+
+def _group_done(stat: StreamStat, group: str) -> bool:
+    """True once ``group`` has read and acknowledged everything on the stream."""
+    return any(g.name == group and g.pending == 0 and g.lag == 0 for g in stat.groups)
+
+
+async def run_demo(
+    redis: Redis,
+    settings: Settings,
+    *,
+    source: str,
+    count: int,
+    rate: float,
+    duration: float | None,
+    limit_s: float,
+    seed: int,
+    on_progress: Callable[[DemoProgress], None] | None = None,
+) -> DemoReport:
+    """The pipeline on the paper exchange, until done, ``duration``, or Ctrl-C.
+
+    ``on_progress`` gets the state of the streams and the outcomes so far four times a second
+    (the command line draws it as a live table).
+
+    ``source="candles"``: synthetic market data (``count`` candles per symbol at ``rate`` a
+    second) through the AI engine's strategies, the router, the governor and execution.
+    ``source="decisions"``: ``count`` generated decisions with retries and malformed ones
+    mixed in, so that every outcome path shows up.
+    """
+    # numpy and pandas: imported only when market data is used, not by every command.
+    from quantum_trader.marketdata import FeedTotals, replay, run_feed, synthetic
+
+    streams = settings.streams
+    since = await last_ids(redis, [streams.result, streams.rejected])
+    decisions_before = (await stream_stat(redis, streams.decision)).entries_added
+    await set_kill(redis, on=False)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    interrupted = asyncio.Event()
+    feed_totals = FeedTotals()
+    generator = DecisionGenerator(redis, streams.decision, seed=seed)
+    stages = [keys.ROUTER, keys.EXECUTION]
+    if source == "candles":
+        stages.insert(0, keys.AI_ENGINE)
+        start = datetime.now(UTC) - timedelta(minutes=count)
+        candles = synthetic(START_PRICES, count, seed=seed, start=start)
+        source_batches = replay(candles, rate=rate, sleep=functools.partial(sleep_or_stop, stop))
+        feeder: Coroutine[Any, Any, object] = run_feed(redis, streams.candle, source_batches, stop, feed_totals)
+    else:
+        feeder = generator.run(count, rate, stop)
+    watcher: list[asyncio.Task[None]] = []
+
+    async def watch(runner: Runner) -> None:
+        async def loop() -> None:
+            feeding = asyncio.create_task(feeder)
+            began = asyncio.get_running_loop().time()
+            while True:
+                counts = await outcome_counts(redis, streams, since)
+                done = sum(counts.values())
+                stats = {stat.name: stat for stat in await pipeline_status(redis, streams.pipeline())}
+                decided = stats[streams.decision].entries_added - decisions_before
+                elapsed = asyncio.get_running_loop().time() - began
+                head = (
+                    f"candles {feed_totals.published:,}/{count * len(START_PRICES):,}  decisions {decided:,}"
+                    if source == "candles"
+                    else f"decisions {generator.published:,} (distinct {generator.distinct:,}/{count:,})"
+                )
+                if on_progress is not None:
+                    on_progress(DemoProgress(source, elapsed, head, dict(counts), list(stats.values())))
+                caught_up = done >= decided and (
+                    source != "candles" or _group_done(stats[streams.candle], settings.ai_group)
+                )
+                if stop.is_set():
+                    interrupted.set()
+                    break
+                if feeding.done() and caught_up:
+                    break
+                if elapsed > (duration if duration is not None else limit_s):
+                    interrupted.set()
+                    break
+                await asyncio.sleep(0.25)
+            # The feed stops by itself between batches once ``stop`` is set; it is not cancelled
+            # (a cancellation landing inside a client call could leave it waiting for good).
+            stop.set()
+            await asyncio.gather(feeding, return_exceptions=True)
+
+        watcher.append(asyncio.create_task(loop()))
+
+    await serve(redis, settings, stages, stop, on_start=watch)
+    await asyncio.gather(*watcher)
+    counts = await outcome_counts(redis, streams, since)
+    decided = (await stream_stat(redis, streams.decision)).entries_added - decisions_before
+    balances = await redis.hgetall(keys.paper_balances())
+    return DemoReport(
+        source=source,
+        candles=feed_totals.published,
+        published=decided,
+        distinct=generator.distinct,
+        outcomes=dict(counts),
+        balances=dict(sorted(balances.items())),
+        complete=sum(counts.values()) >= decided,
+        interrupted=interrupted.is_set(),
+    )

@@ -26,6 +26,7 @@ from decimal import Decimal
 from quantum_trader import governor as gov
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.dead_letters import Refusal
 from quantum_trader.bus.streams import Entry, GroupConsumer
 from quantum_trader.errors import DecodeError
 from quantum_trader.events import (
@@ -131,7 +132,7 @@ class Execution:
         self.limits = self.governor.limits
         self._commit = register(redis, "commit")
         self.consumer = GroupConsumer.for_stage(
-            redis, settings, "execution", self.streams.intent, self.streams.execution_group
+            redis, settings, keys.EXECUTION, self.streams.intent, self.streams.execution_group
         )
         self.totals: dict[str, int] = {"FILLED": 0, "REJECTED": 0, "EXPIRED": 0, "FAILED": 0}
         # Per symbol, the batch in flight that holds it last (see ``handle``).
@@ -276,7 +277,7 @@ class Execution:
             self.streams.execution_group,
             EXECUTION_RESULT,
             now_iso(now),
-            "execution",
+            keys.EXECUTION,
             pack(items),
             str(math.ceil(self.settings.trim_keep_s)),
         ]
@@ -288,7 +289,7 @@ class Execution:
         for _job, result in done:
             self.totals[result.status] += 1
         if outcomes_enabled():
-            emit_outcomes("execution", [_outcome_record(job, result) for job, result in done])
+            emit_outcomes(keys.EXECUTION, [_outcome_record(job, result) for job, result in done])
 
 
 def _outcome_record(job: Job, result: ExecutionResult) -> dict[str, object]:
@@ -305,3 +306,37 @@ def _outcome_record(job: Job, result: ExecutionResult) -> dict[str, object]:
         "trace_id": job.env.trace_id,
         "correlation_id": job.env.correlation_id,
     }
+
+
+async def orders_may_exist(redis: Redis, exchange: str, client_order_ids: list[str]) -> list[bool]:
+    """Per client order id: whether its order may exist (the paper exchange holds it, or a send to
+    ``exchange`` was recorded). Such an intent is finished only by execution, which looks it up first."""
+    if not client_order_ids:
+        return []
+    # Both kinds of record are strings (a record of the intent's order exists until it has a result).
+    found = await redis.mget(
+        [keys.paper_order(coid) for coid in client_order_ids]
+        + [keys.exchange_sent(exchange, coid) for coid in client_order_ids]
+    )
+    count = len(client_order_ids)
+    return [paper is not None or sent is not None for paper, sent in zip(found[:count], found[count:], strict=True)]
+
+
+def replay_refusal(redis: Redis, exchange: str) -> Refusal:
+    """The check ``dlq replay`` runs: an intent whose order may exist must not go back.
+
+    Back on the stream it would get a new id, hence a new client order id, and a second order.
+    """
+
+    async def refuse(dead_id: str, payload: dict[str, object]) -> str | None:
+        raw = payload.get("raw")
+        raw = raw if isinstance(raw, dict) else {}
+        coid = client_order_id(str(payload.get("entry_id", "")), raw.get("trace_id", ""), raw.get("correlation_id", ""))
+        if (await orders_may_exist(redis, exchange, [coid]))[0]:
+            return (
+                f"dead-letter entry {dead_id} is an intent whose order {coid} may exist at the exchange; "
+                "replaying it would place a second order. Check the order, then remove the entry with XDEL"
+            )
+        return None
+
+    return refuse

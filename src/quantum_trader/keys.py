@@ -1,13 +1,20 @@
-"""Every stream, group and key name in one place.
+"""Every stream, group, key and stage name in one place.
 
 The seed deployment's names are the defaults, so an operator can move over without
-renaming anything. Nothing else in the package builds a key string inline.
+renaming anything. Nothing else in the package builds a key string inline, and
+``StreamNames`` holds the only defaults of the stream and group names (settings read them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+
+# The stages, as ``run --stages``, their systemd units and their heartbeat keys name them.
+AI_ENGINE = "ai-engine"
+ROUTER = "router"
+EXECUTION = "execution"
+STAGES = (AI_ENGINE, ROUTER, EXECUTION)  # pipeline order
 
 KILL_SWITCH = "quantum:kill"
 DAILY_TRADES_PREFIX = "quantum:governor:daily_trades:"
@@ -36,6 +43,7 @@ class StreamNames:
     dead_letter: str = "quantum:stream:dead_letter"
     router_group: str = "quantum:group:router:ai.decision"
     execution_group: str = "quantum:group:execution:trade.intent"
+    ai_group: str = "quantum:group:ai-engine:market.candle"
 
     def pipeline(self) -> list[str]:
         """Streams shown by ``status``, in pipeline order."""

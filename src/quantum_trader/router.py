@@ -206,7 +206,7 @@ def to_rejection(raw: Fields, entry_id: str, reason: str, detail: str, field: st
         payload,
         trace_id=printable(raw.get("trace_id", ""), MAX_FIELD_CHARS),
         correlation_id=printable(raw.get("correlation_id", ""), MAX_FIELD_CHARS),
-        source="router",
+        source=keys.ROUTER,
         timestamp=now_iso(now),
     )
     fields["reason"] = reason
@@ -284,7 +284,7 @@ class Router:
         self.streams = settings.streams
         self._route = register(redis, "route")
         self.consumer = GroupConsumer.for_stage(
-            redis, settings, "router", self.streams.decision, self.streams.router_group
+            redis, settings, keys.ROUTER, self.streams.decision, self.streams.router_group
         )
         self.totals = {"intents": 0, "duplicates": 0, "invalid": 0, "skipped": 0}
         self._last_batch: asyncio.Future[None] | None = None
@@ -351,4 +351,4 @@ class Router:
                         "correlation_id": raw.get("correlation_id", ""),
                     }
                 )
-        emit_outcomes("router", records)
+        emit_outcomes(keys.ROUTER, records)

@@ -16,9 +16,9 @@ from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.streams import publish
 from quantum_trader.exchanges.base import Exchange
 from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
+from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.router import Router
-from quantum_trader.services import build_exchange
 from quantum_trader.settings import Settings
 from tests.exchanges.conftest import LogTrap, write_secrets
 from tests.exchanges.fake_binance import FakeBinance

@@ -24,9 +24,9 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.base import OrderRequest
 from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
+from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.router import Router
-from quantum_trader.services import build_exchange
 from quantum_trader.settings import LIVE_CONFIRMATION, Settings
 from tests.exchanges.conftest import LogTrap, write_secrets
 from tests.exchanges.fake_binance import API_KEY, API_SECRET, FakeBinance

@@ -11,8 +11,8 @@ import pytest
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, client
 from quantum_trader.exchanges.base import OrderRequest, SendGuard, client_order_id, split_symbol
+from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.exchanges.paper import PaperExchange, fill
-from quantum_trader.services import build_exchange
 from quantum_trader.settings import Settings
 
 QUOTES = ["USDT", "BTC"]

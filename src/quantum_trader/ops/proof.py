@@ -18,11 +18,11 @@ from typing import Any
 
 from quantum_trader import __version__, keys
 from quantum_trader.bus.connection import Redis, server_version
+from quantum_trader.bus.inspect import pipeline_status
 from quantum_trader.errors import ConfigError
 from quantum_trader.governor import governor_state
+from quantum_trader.ops.systemd import SERVICES, TARGET, unit_name
 from quantum_trader.settings import Settings
-from quantum_trader.status import pipeline_status
-from quantum_trader.units import SERVICES, TARGET, unit_name
 
 
 def _id_time(entry_id: str) -> str:

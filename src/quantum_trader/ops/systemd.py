@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from quantum_trader import keys
 from quantum_trader.errors import ConfigError
 
 SERVICES = {
-    "router": "validates and dedups AI decisions into trade intents",
-    "execution": "gates intents with the governor and places orders",
-    "ai-engine": "turns market data into trade decisions",
+    keys.ROUTER: "validates and dedups AI decisions into trade intents",
+    keys.EXECUTION: "gates intents with the governor and places orders",
+    keys.AI_ENGINE: "turns market data into trade decisions",
 }
 TARGET = "quantum-trader.target"
 SERVER_UNIT = "quantum-trader-server.service"

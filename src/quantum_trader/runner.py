@@ -23,59 +23,33 @@ from quantum_trader.bus.connection import Redis, server_version
 from quantum_trader.bus.streams import sleep_or_stop
 from quantum_trader.bus.trim import Retention, has_native_acked_trim, trim_consumed, trim_retained
 from quantum_trader.errors import ConfigError
-from quantum_trader.exchanges.base import Exchange
-from quantum_trader.exchanges.paper import PaperExchange
+from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.governor import kill_state
 from quantum_trader.logs import get_logger
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
 
-log = get_logger("services")
+log = get_logger("runner")
 if TYPE_CHECKING:
     from quantum_trader.ai_engine import AiEngine
 
     Stage = AiEngine | Router | Execution
 else:
     Stage = object
-STAGES = ("ai-engine", "router", "execution")
-
-
-async def build_exchange(redis: Redis, settings: Settings) -> Exchange:
-    """The adapter the settings select (paper by default)."""
-    if settings.exchange == "paper":
-        paper = PaperExchange(
-            redis,
-            fee_rate=settings.paper_fee_rate,
-            slippage_bps=settings.paper_slippage_bps,
-            quote_assets=settings.quote_assets,
-            starting_balances=settings.paper_balances,
-        )
-        await paper.fund()
-        return paper
-    # Imported here: ccxt takes a second to import and the paper exchange does not need it.
-    from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
-
-    exchange = CcxtExchange.from_settings(redis, settings)
-    try:
-        await exchange.start()
-    except BaseException:
-        await exchange.close()
-        raise
-    return exchange
 
 
 async def build_stage(name: str, redis: Redis, settings: Settings) -> Stage:
     """One stage, ready to run."""
-    if name == "ai-engine":
+    if name == keys.AI_ENGINE:
         from quantum_trader.ai_engine import AiEngine  # numpy, pandas, scikit-learn: only when needed
 
         return AiEngine(redis, settings)
-    if name == "router":
+    if name == keys.ROUTER:
         return Router(redis, settings)
-    if name == "execution":
+    if name == keys.EXECUTION:
         return Execution(redis, settings, await build_exchange(redis, settings))
-    raise ConfigError(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
+    raise ConfigError(f"unknown stage {name!r}; choose from {', '.join(keys.STAGES)}")
 
 
 @dataclass
@@ -161,9 +135,9 @@ def retained_streams(settings: Settings, stage_names: list[str]) -> dict[str, Re
     """
     outcome = Retention(settings.result_keep_s, settings.result_maxlen)
     out = {settings.dead_letter_stream: Retention(settings.dead_letter_keep_s, settings.dead_letter_maxlen)}
-    if "router" in stage_names:
+    if keys.ROUTER in stage_names:
         out[settings.rejected_stream] = outcome
-    if "execution" in stage_names:
+    if keys.EXECUTION in stage_names:
         out[settings.result_stream] = outcome
         if settings.result_stream_legacy:
             out[settings.result_stream_legacy] = outcome

@@ -9,16 +9,17 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from quantum_trader import preflight, recover, snapshots, units
 from quantum_trader.bus.connection import connected, server_url
-from quantum_trader.cli_support import JSON_OPT, console, settings, state, with_redis
+from quantum_trader.cli.common import JSON_OPT, configured, console, state, with_redis
+from quantum_trader.cli.views import doctor_table
 from quantum_trader.errors import BusError, ConfigError
 from quantum_trader.logs import configure
+from quantum_trader.ops import doctor as doctor_checks
+from quantum_trader.ops import proof, recover, systemd
 from quantum_trader.settings import load_settings
 
-systemd_app = typer.Typer(help="Render, install and roll back hardened systemd units.", no_args_is_help=True)
+systemd_app = typer.Typer(help="Render, install and roll back hardened systemd systemd.", no_args_is_help=True)
 proof_app = typer.Typer(help="BEFORE/AFTER proof of a change, generated from the live state.", no_args_is_help=True)
 
 
@@ -29,7 +30,7 @@ def doctor(
     secrets_file: Path | None = typer.Option(None, "--secrets-file", help="Check this secrets file."),
     # No QT_ variable: every QT_ name in the environment must be a setting.
     group: str = typer.Option(
-        preflight.SERVICE_GROUP, "--service-group", help="The units' group (systemd --user); the fixes name it."
+        doctor_checks.SERVICE_GROUP, "--service-group", help="The units' group (systemd --user); the fixes name it."
     ),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -41,19 +42,19 @@ def doctor(
         # A broken settings file is one FAIL row of the table, not an exit before it. OSError: the
         # loader reads a directory or a file that vanished without turning that into a ConfigError.
         reason = str(exc) if isinstance(exc, ConfigError) else f"cannot read the settings: {exc}"
-        checks = preflight.unloadable(reason, env_file=env_path, secrets_file=secrets_file, service_group=group)
+        checks = doctor_checks.unloadable(reason, env_file=env_path, secrets_file=secrets_file, service_group=group)
     else:
         configure(cfg.log_level, cfg.log_format)
 
-        async def main() -> list[preflight.Check]:
+        async def main() -> list[doctor_checks.Check]:
             with server_url(cfg) as url:
                 try:
                     async with connected(url) as redis:
-                        return await preflight.run_checks(
+                        return await doctor_checks.run_checks(
                             redis, cfg, env_file=env_path, secrets_file=secrets_file, service_group=group
                         )
                 except BusError:
-                    return await preflight.run_checks(
+                    return await doctor_checks.run_checks(
                         None, cfg, env_file=env_path, secrets_file=secrets_file, service_group=group
                     )
 
@@ -61,14 +62,8 @@ def doctor(
     if as_json:
         print(json.dumps([check.as_dict() for check in checks], indent=2))
     else:
-        table = Table(title="quantum-trader doctor", title_justify="left")
-        for column in ("check", "result", "detail", "fix"):
-            table.add_column(column)
-        colours = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
-        for check in checks:
-            table.add_row(check.name, f"[{colours[check.verdict]}]{check.verdict}[/]", check.detail, check.fix)
-        console.print(table)
-    raise typer.Exit(1 if preflight.failed(checks) else 0)
+        console.print(doctor_table(checks))
+    raise typer.Exit(1 if doctor_checks.failed(checks) else 0)
 
 
 def recover_command(
@@ -78,7 +73,7 @@ def recover_command(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Create missing groups, expire stale intents, drop idle empty consumers (systemd ExecStartPre)."""
-    cfg = settings()
+    cfg = configured()
     report = with_redis(cfg, lambda r: recover.recover(r, cfg, idle_ms=idle_ms))
     if as_json:
         print(json.dumps(report.as_dict()))
@@ -91,10 +86,10 @@ def recover_command(
     )
 
 
-def _layout(venv: Path, data_dir: Path, user: str) -> units.Layout:
+def _layout(venv: Path, data_dir: Path, user: str) -> systemd.Layout:
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
         raise ConfigError(f"--user {user!r} is not a valid user name (lower-case letters, digits, _ and -)")
-    return units.Layout(venv=venv, data_dir=data_dir, user=user, group=user)
+    return systemd.Layout(venv=venv, data_dir=data_dir, user=user, group=user)
 
 
 VENV_OPT = typer.Option(Path(sys.prefix), "--venv", help="The virtualenv holding quantum-trader.")
@@ -105,7 +100,7 @@ USER_OPT = typer.Option("quantum", "--user", help="Service user and group.")
 @systemd_app.command("render")
 def systemd_render(venv: Path = VENV_OPT, data_dir: Path = DATA_OPT, user: str = USER_OPT) -> None:
     """Print every unit."""
-    for name, text in units.render_all(_layout(venv, data_dir, user)).items():
+    for name, text in systemd.render_all(_layout(venv, data_dir, user)).items():
         print(f"# --- {name} ---\n{text}")
 
 
@@ -118,7 +113,7 @@ def systemd_install(
     do_apply: bool = typer.Option(False, "--apply", help="Also run the systemctl commands."),
 ) -> None:
     """Write the units and env templates (root:<group>, secrets 0640, config dir 0750), backing up what they replace."""
-    done = units.install(root, _layout(venv, data_dir, user))
+    done = systemd.install(root, _layout(venv, data_dir, user))
     for path in done.written:
         console.print(f"wrote {path}")
     if done.backup:
@@ -134,7 +129,7 @@ def systemd_rollback(
     do_apply: bool = typer.Option(False, "--apply", help="Also run the systemctl commands."),
 ) -> None:
     """Restore the files the last install replaced."""
-    done = units.rollback(root)
+    done = systemd.rollback(root)
     for path in done.written:
         console.print(f"restored {path}")
     _next(done.commands, do_apply)
@@ -142,7 +137,7 @@ def systemd_rollback(
 
 def _next(commands: list[str], do_apply: bool) -> None:
     if do_apply:
-        units.apply(commands)
+        systemd.apply(commands)
         console.print("ran: " + " && ".join(commands))
     else:
         console.print("next: " + " && ".join(commands))
@@ -153,9 +148,9 @@ def proof_snapshot(
     label: str = typer.Option(..., "--label", help="A name for this moment, e.g. before or after."),
     out: Path | None = typer.Option(None, "--out", help="Also write the snapshot to this JSON file."),
 ) -> None:
-    """Record the state of every stream, group, the governor and the units."""
-    cfg = settings()
-    snap = with_redis(cfg, lambda r: snapshots.take(r, cfg, label))
+    """Record the state of every stream, group, the governor and the systemd."""
+    cfg = configured()
+    snap = with_redis(cfg, lambda r: proof.take(r, cfg, label))
     if out is not None:
         out.write_text(json.dumps(snap, indent=2) + "\n")
     console.print(f"snapshot {label!r} taken at {snap['taken_at']}" + (f" -> {out}" if out else ""))
@@ -168,16 +163,16 @@ def proof_report(
     out: Path | None = typer.Option(None, "--out", help="Write the Markdown here instead of printing it."),
 ) -> None:
     """Render BEFORE and AFTER side by side with deltas, as Markdown."""
-    cfg = settings()
+    cfg = configured()
     refs = [before, after]
-    files = {ref: snapshots.load_file(Path(ref)) for ref in refs if ref.endswith(".json")}
+    files = {ref: proof.load_file(Path(ref)) for ref in refs if ref.endswith(".json")}
     labels = [ref for ref in refs if ref not in files]
 
     async def lookup(redis: object) -> dict[str, dict[str, object]]:
-        return {label: await snapshots.find(redis, label) for label in labels}
+        return {label: await proof.find(redis, label) for label in labels}
 
     found = with_redis(cfg, lookup) if labels else {}
-    text = snapshots.report({**files, **found}[before], {**files, **found}[after])
+    text = proof.report({**files, **found}[before], {**files, **found}[after])
     if out is not None:
         out.write_text(text)
         console.print(f"report written to {out}")

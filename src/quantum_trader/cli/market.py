@@ -1,4 +1,4 @@
-"""Market-data and AI commands: ``ai-engine``, ``feed``, ``train``."""
+"""Market-data and research commands: ``feed``, ``train``, ``backtest``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import sleep_or_stop
-from quantum_trader.cli_support import console, err, settings, with_redis
+from quantum_trader.cli.common import configured, console, err, with_redis
 from quantum_trader.errors import ConfigError, ExchangeError
 from quantum_trader.logs import configure
 
@@ -21,15 +21,6 @@ if TYPE_CHECKING:
     from quantum_trader.strategies import Strategy
 
 SYMBOLS = {"BTCUSDT": 60_000.0, "ETHUSDT": 3_000.0, "SOLUSDT": 150.0}
-
-
-def ai_engine(
-    duration: float | None = typer.Option(None, envvar="QT_DURATION", help="Stop after this many seconds."),
-) -> None:
-    """Run the AI engine alone (one systemd unit): candles in, decisions out."""
-    from quantum_trader.cli import run_stages
-
-    run_stages(["ai-engine"], duration)
 
 
 def feed(
@@ -48,7 +39,7 @@ def feed(
     """Publish candles to the candle stream (and latest prices for the paper exchange)."""
     from quantum_trader import marketdata
 
-    cfg = settings()
+    cfg = configured()
     if source not in ("synthetic", "file", "live"):
         raise ConfigError(f"--source {source!r}: choose synthetic, file or live")
     if source == "file" and data is None:
@@ -188,7 +179,7 @@ def backtest(
     }
     if notional is not None:
         update["ai_sizing"] = "fixed"  # a quote amount per entry is fixed sizing
-    cfg = settings().model_copy(update=update)
+    cfg = configured().model_copy(update=update)
     if cfg.log_level == "info":
         # One outcome line per simulated trade would bury the progress bar and the report.
         configure("warning", cfg.log_format)
@@ -250,8 +241,7 @@ def _iso(ms: int) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the AI commands to the main CLI."""
-    app.command("ai-engine")(ai_engine)
+    """Add the market-data and research commands to the main CLI."""
     app.command("feed")(feed)
     app.command("train")(train)
     app.command("backtest")(backtest)

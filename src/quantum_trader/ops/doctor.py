@@ -20,9 +20,9 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 
 from quantum_trader.bus.connection import Redis, server_version
+from quantum_trader.bus.inspect import pipeline_status
 from quantum_trader.redaction import redact_urls
 from quantum_trader.settings import Settings, secrets_file_problem
-from quantum_trader.status import pipeline_status
 
 Verdict = Literal["PASS", "WARN", "FAIL"]
 MIN_VERSION = {"redis": (7, 0), "valkey": (7, 2)}

@@ -1,11 +1,17 @@
-"""Rich tables for the command line (the seed's BEFORE/AFTER table, live)."""
+"""Everything the command line draws with rich: tables, the demo's live screen, outcome lines."""
 
 from __future__ import annotations
 
-from rich.table import Table
+from typing import Any
 
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from quantum_trader.bus.inspect import StreamStat
+from quantum_trader.demo import DemoProgress
 from quantum_trader.governor import GovernorState
-from quantum_trader.status import StreamStat
+from quantum_trader.ops.doctor import Check
 
 
 def _num(value: int | None) -> str:
@@ -62,4 +68,38 @@ def governor_table(state: GovernorState) -> Table:
     table.add_row("max notional", f"{state.max_notional}")
     table.add_row("symbol allow-list", ", ".join(state.symbol_allowlist) or "(all symbols)")
     table.add_row("max intent age", f"{state.max_intent_age_s:g}s")
+    return table
+
+
+def describe_outcome(outcome: dict[str, Any]) -> str:
+    """One line: ``FILLED 0.1 ETHUSDT at 3000 (fee 0.3 USDT)`` or ``REJECTED KILL_SWITCH: detail``."""
+    if outcome.get("status") == "FILLED":
+        return (
+            f"FILLED {outcome.get('side')} {outcome.get('filled_qty')} {outcome.get('symbol')} at "
+            f"{outcome.get('avg_price')} (fee {outcome.get('fee')} {outcome.get('fee_asset')})"
+        )
+    status = outcome.get("status") or outcome.get("reason")  # a rejection has only a reason
+    reason = outcome.get("reason", "") if outcome.get("status") else ""
+    detail = outcome.get("detail", "")
+    return " ".join(part for part in (str(status), str(reason)) if part) + (f": {detail}" if detail else "")
+
+
+def demo_screen(progress: DemoProgress) -> Group:
+    """The demo's live screen: every stream and group, then a line of what was fed and what came out."""
+    done = sum(progress.outcomes.values())
+    line = Text(
+        f"{progress.elapsed:5.1f}s  {progress.head}  outcomes {done:,}  "
+        + "  ".join(f"{k} {v:,}" for k, v in sorted(progress.outcomes.items()))
+    )
+    return Group(status_table(progress.streams, f"Demo ({progress.source}): paper exchange"), line)
+
+
+def doctor_table(checks: list[Check]) -> Table:
+    """One row per check: its verdict in colour, what was found, the fix."""
+    table = Table(title="quantum-trader doctor", title_justify="left")
+    for column in ("check", "result", "detail", "fix"):
+        table.add_column(column)
+    colours = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
+    for check in checks:
+        table.add_row(check.name, f"[{colours[check.verdict]}]{check.verdict}[/]", check.detail, check.fix)
     return table

@@ -1,4 +1,4 @@
-"""What every command module shares: settings loading, the server connection, output consoles."""
+"""What every command module shares: settings loading, the server connection, running stages, consoles."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import TypeVar
 import typer
 from rich.console import Console
 
+from quantum_trader import runner
 from quantum_trader.bus.connection import Redis, connected, server_url
+from quantum_trader.errors import ConfigError
 from quantum_trader.logs import configure
 from quantum_trader.settings import Settings, load_settings
 
@@ -24,7 +26,7 @@ err = Console(stderr=True, soft_wrap=True)
 JSON_OPT = typer.Option(False, "--json", envvar="QT_JSON", help="Machine-readable output.")
 
 
-def settings() -> Settings:
+def configured() -> Settings:
     """The settings (from ``--env-file`` / ``QT_ENV_FILE`` and the environment), logging configured."""
     loaded = load_settings(state["env_file"])
     configure(loaded.log_level, loaded.log_format)
@@ -40,3 +42,21 @@ def with_redis(cfg: Settings, action: Callable[[Redis], Awaitable[T]]) -> T:
 
     with server_url(cfg) as url:
         return asyncio.run(main(url))
+
+
+def run_stages(stage_names: list[str], duration: float | None) -> None:
+    """Run the named stages in this process until stopped (or ``duration`` seconds)."""
+    cfg = configured()
+    if duration is not None and duration <= 0:
+        raise ConfigError(
+            f"--duration {duration:g}: give a number of seconds above 0 (or leave it out to run until stopped)"
+        )
+
+    async def main(url: str) -> None:
+        async with connected(url) as redis:
+            stop = asyncio.Event()
+            runner.install_signal_handlers(stop)
+            await runner.serve(redis, cfg, stage_names, stop, duration=duration)
+
+    with server_url(cfg) as url:
+        asyncio.run(main(url))

@@ -23,11 +23,10 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, ensure_group, next_id
 from quantum_trader.errors import ExchangeError
 from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard
-from quantum_trader.execution import Execution, result_for
+from quantum_trader.execution import Execution, orders_may_exist, result_for
 from quantum_trader.settings import Settings
 
 RECOVER_CONSUMER = "recover"
-EXECUTION_SERVICE = "execution"  # the stage name its heartbeat keys carry (services.STAGES)
 
 
 class _NoOrders:
@@ -217,7 +216,7 @@ async def _live_consumers(redis: Redis, consumers: set[str]) -> set[str]:
         return set()
     async with redis.pipeline(transaction=False) as pipe:
         for name in names:
-            pipe.exists(keys.heartbeat(EXECUTION_SERVICE, name))
+            pipe.exists(keys.heartbeat(keys.EXECUTION, name))
         found = await pipe.execute()
     return {name for name, exists in zip(names, found, strict=True) if exists}
 
@@ -229,14 +228,8 @@ async def _maybe_ordered(redis: Redis, settings: Settings, execution: Execution,
     the order up at the exchange first, may give them a result (FILLED if the order is there).
     """
     jobs, _bad = execution._decode(entries)
-    if not jobs:
-        return set()
-    # Both kinds of record are strings (a record of the intent's order exists until it has a result).
-    paper = [keys.paper_order(job.coid) for job in jobs]
-    sent = [keys.exchange_sent(settings.exchange, job.coid) for job in jobs]
-    found = await redis.mget(paper + sent)
-    at_paper, was_sent = found[: len(jobs)], found[len(jobs) :]
-    return {job.entry.id for job, p, s in zip(jobs, at_paper, was_sent, strict=True) if p is not None or s is not None}
+    found = await orders_may_exist(redis, settings.exchange, [job.coid for job in jobs])
+    return {job.entry.id for job, maybe in zip(jobs, found, strict=True) if maybe}
 
 
 async def _stale_only(execution: Execution, entries: list[Entry], now: datetime) -> list[Entry]:

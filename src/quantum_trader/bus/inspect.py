@@ -1,13 +1,18 @@
-"""The state of every pipeline stream and group: the seed's BEFORE/AFTER table, live."""
+"""Reading the streams without consuming them: the state of every stream and group (the seed's
+BEFORE/AFTER table, live), and the outcomes written since a moment."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis.exceptions import ResponseError
 
 from quantum_trader.bus.connection import Redis
+from quantum_trader.keys import StreamNames
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +112,54 @@ async def stream_stat(redis: Redis, stream: str, *, with_consumers: bool = False
 async def pipeline_status(redis: Redis, streams: list[str], *, with_consumers: bool = False) -> list[StreamStat]:
     """Figures for every stream of the pipeline, in order."""
     return [await stream_stat(redis, name, with_consumers=with_consumers) for name in streams]
+
+
+async def last_ids(redis: Redis, streams: list[str]) -> dict[str, str]:
+    """The newest entry id of each stream (``0-0`` when empty)."""
+    out = {}
+    for stream in streams:
+        last = await redis.xrevrange(stream, count=1)
+        out[stream] = last[0][0] if last else "0-0"
+    return out
+
+
+async def outcome_counts(redis: Redis, streams: StreamNames, since: dict[str, str]) -> Counter[str]:
+    """Terminal outcomes written after the ids in ``since``: results by status and reason, rejections by reason."""
+    counts: Counter[str] = Counter()
+    for stream in (streams.result, streams.rejected):
+        start = since.get(stream, "0-0")
+        while True:
+            chunk = await redis.xrange(stream, min=f"({start}", max="+", count=5000)
+            if not chunk:
+                break
+            for _entry_id, fields in chunk:
+                if stream == streams.rejected:
+                    counts[fields.get("reason", "?")] += 1
+                else:
+                    result = json.loads(fields["payload"])
+                    counts[" ".join(filter(None, (result["status"], result.get("reason"))))] += 1
+            start = chunk[-1][0]
+    return counts
+
+
+async def wait_for_outcome(
+    redis: Redis, streams: StreamNames, decision_id: str, since: dict[str, str], timeout_s: float
+) -> dict[str, Any] | None:
+    """The terminal outcome of one decision: its rejection, or its intent's result; None after ``timeout_s``.
+
+    ``since`` holds the result and rejection streams' last ids from before the decision was published.
+    """
+    positions = {streams.result: since.get(streams.result, "0-0"), streams.rejected: since.get(streams.rejected, "0-0")}
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        reply = await redis.xread(positions, count=1000, block=max(1, int(min(left, 1.0) * 1000)))
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                positions[stream] = entry_id
+                try:
+                    payload = json.loads(fields.get("payload", "{}"))
+                except ValueError:
+                    continue
+                if decision_id in (payload.get("decision_id"), payload.get("original_id")):
+                    return {"stream": stream, "id": entry_id, **payload}
+    return None

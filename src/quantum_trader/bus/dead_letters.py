@@ -1,0 +1,78 @@
+"""The dead-letter stream: what was set aside, and putting it back once the cause is fixed.
+
+Entries are written by ``GroupConsumer.dead_letter`` (``scripts/dead_letter.lua``); this
+module reads them for ``dlq list`` and replays them for ``dlq replay``. A replay that could
+trade twice is refused by the ``refuse`` check its caller passes (execution's: an intent
+whose order may already exist).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from quantum_trader.bus.connection import Redis
+
+# Why a dead letter must not go back (a message naming the fix), or None when it may.
+Refusal = Callable[[str, dict[str, Any]], Awaitable[str | None]]
+
+_ENTRY_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?\Z")
+
+
+async def newest(redis: Redis, stream: str, count: int) -> list[dict[str, Any]]:
+    """The newest ``count`` dead-letter entries, decoded."""
+    out = []
+    for entry_id, fields in await redis.xrevrange(stream, count=count):
+        payload = json.loads(fields.get("payload", "{}"))
+        out.append({"id": entry_id, **payload})
+    return out
+
+
+async def replay(
+    redis: Redis, stream: str, ids: list[str], refuse: Refusal | None = None
+) -> list[tuple[str, str, str]]:
+    """Put dead-letter entries back on their origin stream (and remove them from the dead letters).
+
+    ``refuse(dead_id, payload)`` is asked first for each entry; a message stops the replay.
+    Returns (dead-letter id, origin stream, new entry id) for each replayed entry. Raises
+    LookupError, naming the id and what to do, for an id that is malformed, missing or refused.
+    """
+    replayed = []
+    malformed = [dead_id for dead_id in ids if not _ENTRY_ID.match(dead_id)]
+    if malformed:
+        raise LookupError(
+            f"{malformed[0]!r} is not a stream entry id (like 1700000000000-0); see: quantum-trader dlq list"
+        )
+    for dead_id in ids:
+        found = await redis.xrange(stream, min=dead_id, max=dead_id)
+        if not found:
+            raise LookupError(f"no dead-letter entry {dead_id} on {stream}; list them with: quantum-trader dlq list")
+        payload = json.loads(found[0][1]["payload"])
+        origin, raw = payload["stream"], dict(payload["raw"])
+        if refuse is not None and (reason := await refuse(dead_id, payload)) is not None:
+            raise LookupError(reason)
+        # Fields that were not UTF-8 go back as the exact bytes they held.
+        for name, data in payload.get("raw_base64", {}).items():
+            raw[name] = base64.b64decode(data).decode("utf-8", "surrogateescape")
+        new_id = await redis.register_script(_REPLAY)(
+            keys=[stream, origin], args=[dead_id, *[item for pair in raw.items() for item in pair]]
+        )
+        if new_id is None:
+            raise LookupError(
+                f"dead-letter entry {dead_id} was replayed or removed meanwhile; see: quantum-trader dlq list"
+            )
+        replayed.append((dead_id, origin, str(new_id)))
+    return replayed
+
+
+# The dead letter goes back only if this call is the one that removes it, in one step: two
+# replays of one id (two operators, a command retried) put it back once. A replayed intent
+# gets a new id, hence a new client order id: back twice, it would place two orders.
+# KEYS[1] dead-letter stream, KEYS[2] origin stream; ARGV dead-letter id, then field, value, ...
+_REPLAY = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+"""

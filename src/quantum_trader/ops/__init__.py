@@ -1,0 +1,1 @@
+"""Operator tools, one module per command: doctor, recover, systemd, proof."""
