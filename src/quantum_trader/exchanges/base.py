@@ -40,6 +40,7 @@ class OrderOutcome:
     client_order_id: str
     status: OrderStatus
     reason: str = ""
+    detail: str = ""  # what happened, in words; ``reason`` holds only the code
     filled_qty: Decimal = Decimal(0)
     avg_price: Decimal | None = None
     fee: Decimal = Decimal(0)
