@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from quantum_trader.bus.connection import Redis
-from tests.test_cli import cli
+from tests.cli.test_commands import cli
 
 DECISIONS = "quantum:stream:ai.decision"
 
