@@ -7,9 +7,14 @@ Every error the product raises on purpose derives from one root::
     ├── BusError               the stream server is unreachable or answered unexpectedly
     │   └── ServerStartError   the embedded Valkey server could not be started
     ├── DecodeError            a stream entry does not decode; carries the raw fields for the dead-letter stream
+    ├── TransientError         worth retrying whole: the server, the network, an exchange's transient error
+    │   └── TransientExchangeError  (also an ExchangeError, below)
     └── ExchangeError          the exchange refused or failed an order
         ├── TransientExchangeError  network, rate limit, 5xx: retry with backoff after looking the order up
         └── FatalExchangeError      authentication or permission: fail the order and trip the kill switch
+
+A stage's batch that fails with a ``TransientError`` (or the server's and the network's own
+errors) stays pending and is retried whole; the bus knows no more about where it came from.
 
 Commands turn these into one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -47,11 +52,15 @@ class DecodeError(QuantumTraderError):
         self.raw = raw or {}
 
 
+class TransientError(QuantumTraderError):
+    """A failure worth retrying whole: the server, the network, an exchange's transient error."""
+
+
 class ExchangeError(QuantumTraderError):
     """The exchange refused or failed an order."""
 
 
-class TransientExchangeError(ExchangeError):
+class TransientExchangeError(ExchangeError, TransientError):
     """A failure worth retrying: network, timeout, rate limit, server error."""
 
 

@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.errors import TransientExchangeError
+from quantum_trader.errors import TransientError
 from quantum_trader.events import DEAD_LETTER, MAX_FIELD_CHARS, Fields, envelope, printable, record_fields
 from quantum_trader.logs import get_logger
 from quantum_trader.scripts import pack, register
@@ -38,7 +38,7 @@ from quantum_trader.settings import Settings
 log = get_logger("bus")
 
 # Failures that are not the entry's: the batch stays pending and is retried whole.
-TRANSIENT_ERRORS = (RedisError, OSError, TransientExchangeError)
+TRANSIENT_ERRORS = (RedisError, OSError, TransientError)
 # Times a stage may die while handling one suspect entry alone before it is set aside.
 SUSPECT_TRIES = 2
 
