@@ -17,13 +17,15 @@ from pathlib import Path
 import psutil
 import redis
 
-from quantum_trader.bus.embedded import attached_or_started, read_url_file
+from quantum_trader.bus.access import read_url_file
+from quantum_trader.bus.embedded import attached_or_started
 from quantum_trader.errors import QuantumTraderError
 
 # A user in another process: attach (or start), print the URL, hold on until stdin closes.
 USER = """
 import sys
-from quantum_trader.bus.embedded import attached_or_started, read_url_file
+from quantum_trader.bus.access import read_url_file
+from quantum_trader.bus.embedded import attached_or_started
 from quantum_trader.errors import QuantumTraderError
 from quantum_trader.logs import configure
 configure("debug", "json")

@@ -240,7 +240,7 @@ def test_a_server_url_another_user_wrote_is_never_followed(open_dir: Path, as_in
 
 @pytest.mark.parametrize("planted", ["directory", "symlink"])
 def test_a_socket_directory_another_user_made_first_is_refused(open_dir: Path, as_intruder: Run, planted: str) -> None:
-    from quantum_trader.bus.embedded import socket_dir_for  # here: new with the private socket directories
+    from quantum_trader.bus.access import socket_dir_for  # here: new with the private socket directories
 
     data = open_dir / ("d" * 60) / ("e" * 60)
     squat = socket_dir_for(data)

@@ -20,8 +20,9 @@ import typer
 from quantum_trader import execution as execution_stage
 from quantum_trader import governor, keys, runner
 from quantum_trader.bus import dead_letters
+from quantum_trader.bus.access import write_url_file
 from quantum_trader.bus.connection import Redis
-from quantum_trader.bus.embedded import EmbeddedValkey, write_url_file
+from quantum_trader.bus.embedded import EmbeddedValkey
 from quantum_trader.bus.inspect import last_ids, pipeline_status, wait_for_outcome
 from quantum_trader.bus.streams import publish
 from quantum_trader.cli.common import JSON_OPT, configured, console, err, run_stages, with_redis
