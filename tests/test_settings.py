@@ -8,9 +8,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from quantum_trader.errors import ConfigError
-from quantum_trader.settings import LIVE_CONFIRMATION, load_settings
+from quantum_trader.keys import StreamNames
+from quantum_trader.settings import LIVE_CONFIRMATION, Settings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -194,3 +196,40 @@ def test_the_cli_never_prints_a_password_from_a_mistyped_url() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("error: invalid configuration: QT_REDIS_URL='http://:***@127.0.0.1:1/0'")
     assert "pw-on-stderr" not in done.stdout + done.stderr
+
+
+def test_command_variables_in_an_env_file_are_not_taken_for_settings(tmp_path: Path) -> None:
+    env = tmp_path / "qt.env"
+    env.write_text("QT_STAGES=router\nQT_DURATION=5\nQT_BATCH_SIZE=10\n")
+    assert load_settings(env).batch_size == 10
+
+
+def test_the_environment_wins_over_the_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = tmp_path / "qt.env"
+    env.write_text("QT_BATCH_SIZE=10\nQT_RESULT_STREAM=from:file\nQT_BLOCK_MS=250\n")
+    monkeypatch.setenv("QT_BATCH_SIZE", "20")
+    monkeypatch.setenv("EXECUTION_RESULT_STREAM", "from:environment")
+    settings = load_settings(env)
+    assert (settings.batch_size, settings.result_stream, settings.block_ms) == (20, "from:environment", 250)
+
+
+def test_an_unknown_field_is_refused_in_python_too() -> None:
+    with pytest.raises(ValidationError, match="bogus"):
+        Settings(bogus=1)  # type: ignore[call-arg]
+
+
+def test_a_changed_copy_is_validated_like_the_original() -> None:
+    settings = load_settings()
+    with pytest.raises(ConfigError, match="QT_BATCH_SIZE=0"):
+        settings.with_changes(batch_size=0)
+    with pytest.raises(ConfigError, match="bogus"):
+        settings.with_changes(bogus=1)
+    # A derived default is derived again: the dedup window follows a longer intent age.
+    longer = settings.with_changes(max_intent_age_s=1000)
+    assert longer.dedup_window_s >= 1000 + longer.clock_skew_s
+    assert settings.dedup_window_s == 300  # the original is untouched
+
+
+def test_every_stream_name_has_one_default() -> None:
+    defaults = StreamNames()
+    assert load_settings().streams == defaults

@@ -25,8 +25,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from quantum_trader.envfile import read_env_file
 from quantum_trader.errors import ConfigError
 from quantum_trader.keys import StreamNames
 from quantum_trader.redaction import SecretURL, redact_urls
@@ -39,6 +41,7 @@ DEFAULT_DAILY_LIMIT: dict[str, int] = {"paper": 1_000_000, "testnet": 1_000_000,
 DEFAULT_QUOTE_ASSETS = ("USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "USD")
 # Settings holding a URL that may carry a password: shown redacted in the settings' repr.
 _URL_FIELDS = frozenset({"redis_url", "exchange_api_url"})
+_STREAMS = StreamNames()  # the one place the stream and group names have their defaults
 _SEED_NAMES = {
     "result_stream": "EXECUTION_RESULT_STREAM",
     "result_stream_legacy": "EXECUTION_RESULT_STREAM_LEGACY",
@@ -63,7 +66,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="QT_",
         frozen=True,
-        extra="ignore",
+        # An unknown field in Python is a mistake too (the loader refuses unknown QT_ variables).
+        extra="forbid",
         populate_by_name=True,
         env_file_encoding="utf-8",
         # A raw ValidationError lists every input (a URL with its password among them);
@@ -81,20 +85,20 @@ class Settings(BaseSettings):
     live_confirm: str = Field(default="", description=f"must equal {LIVE_CONFIRMATION} for mode=live")
     exchange: str = "paper"
 
-    decision_stream: str = "quantum:stream:ai.decision"
-    intent_stream: str = "quantum:stream:trade.intent"
+    decision_stream: str = _STREAMS.decision
+    intent_stream: str = _STREAMS.intent
     result_stream: str = Field(
-        default="quantum:stream:execution.result",
+        default=_STREAMS.result,
         validation_alias=AliasChoices("EXECUTION_RESULT_STREAM", "QT_RESULT_STREAM"),
     )
     result_stream_legacy: str = Field(
-        default="",
+        default=_STREAMS.result_legacy,
         validation_alias=AliasChoices("EXECUTION_RESULT_STREAM_LEGACY", "QT_RESULT_STREAM_LEGACY"),
     )
-    rejected_stream: str = "quantum:stream:decision.rejected"
-    dead_letter_stream: str = "quantum:stream:dead_letter"
-    router_group: str = "quantum:group:router:ai.decision"
-    execution_group: str = "quantum:group:execution:trade.intent"
+    rejected_stream: str = _STREAMS.rejected
+    dead_letter_stream: str = _STREAMS.dead_letter
+    router_group: str = _STREAMS.router_group
+    execution_group: str = _STREAMS.execution_group
 
     dedup_fields: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["correlation_id", "trace_id"])
     dedup_window_s: int = Field(
@@ -131,8 +135,8 @@ class Settings(BaseSettings):
     quote_assets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_QUOTE_ASSETS))
 
     # --- market data and AI engine: add fields below this line ---
-    candle_stream: str = "quantum:stream:market.candle"
-    ai_group: str = "quantum:group:ai-engine:market.candle"
+    candle_stream: str = _STREAMS.candle
+    ai_group: str = _STREAMS.ai_group
     ai_strategies: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["ema-cross", "rsi"])
     ai_model_path: Path | None = Field(default=None, description="a model saved by `quantum-trader train`")
     ai_sizing: Literal["fixed", "fraction"] = "fixed"
@@ -262,9 +266,37 @@ class Settings(BaseSettings):
         return self
 
     def __repr_args__(self) -> Any:
-        # Also when a copy was made with ``model_copy(update=...)``, which skips the validators.
+        # Whatever built the object (a copy made with ``model_copy`` skips the validators).
         for name, value in super().__repr_args__():
             yield name, SecretURL(value) if name in _URL_FIELDS and isinstance(value, str) else value
+
+    def with_changes(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied, validated like the original (``model_copy`` is not).
+
+        Only what was set explicitly is carried over, so derived defaults (the dedup window)
+        are derived again. Raises ``ConfigError`` naming the setting for a bad or unknown value.
+        """
+        data = {name: getattr(self, name) for name in self.model_fields_set}
+        data.update(changes)
+        try:
+            # ``model_validate`` runs every validator but reads no environment and no file.
+            return type(self).model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment wins over the env file; the file is read by ``envfile``, as systemd reads it."""
+        env_file = getattr(dotenv_settings, "env_file", None)
+        path = Path(env_file) if isinstance(env_file, str | Path) and str(env_file) else None
+        return init_settings, env_settings, _EnvFileSource(settings_cls, path), file_secret_settings
 
     @property
     def effective_daily_limit(self) -> int:
@@ -284,11 +316,41 @@ class Settings(BaseSettings):
             dead_letter=self.dead_letter_stream,
             router_group=self.router_group,
             execution_group=self.execution_group,
+            ai_group=self.ai_group,
         )
 
     def consumer_name(self, service: str) -> str:
         """This process's consumer name: stable across restarts so it finds its own pending entries."""
         return self.consumer or f"{service}-{os.uname().nodename}"
+
+
+class _EnvFileSource(PydanticBaseSettingsSource):
+    """The settings an env file holds, by field name (other names are the loader's to judge)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: ``__call__`` reads the whole file at once."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        values = read_env_file(self.path)
+        out: dict[str, Any] = {}
+        for field, info in self.settings_cls.model_fields.items():
+            # Keyed as the environment's source keys it (a seed name under its first alias), so
+            # that the environment's value replaces the file's instead of standing beside it.
+            alias = info.validation_alias
+            key = str(alias.choices[0]) if isinstance(alias, AliasChoices) else field
+            # The seed's name first, then the QT_ one (``EXECUTION_RESULT_STREAM``, ``QT_RESULT_STREAM``).
+            for name in dict.fromkeys((env_name(field), f"QT_{field.upper()}")):
+                if name in values:
+                    out[key] = values[name]
+                    break
+        return out
 
 
 def minimum_dedup_window(max_intent_age_s: float, clock_skew_s: float) -> int:
@@ -306,38 +368,16 @@ def env_name(field: str) -> str:
     return _SEED_NAMES.get(field, f"QT_{field.upper()}")
 
 
-def _unknown_variables(environ: dict[str, str], env_file: Path | None) -> list[str]:
-    names = set(environ)
-    if env_file is not None:
-        names |= set(_read_env_file_names(env_file))
+def _unknown_variables(names: list[str]) -> list[str]:
     known = {env_name(name) for name in Settings.model_fields} | COMMAND_VARIABLES
     known |= {f"QT_{name.upper()}" for name in _SEED_NAMES}
     problems = []
-    for name in sorted(names):
+    for name in sorted(set(names)):
         if name.startswith("QT_") and not name.startswith("QT_TEST_") and name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"unknown setting {name}{hint}; remove it or fix its name")
     return problems
-
-
-def _read_env_file_names(path: Path) -> list[str]:
-    names = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            names.append(line.split("=", 1)[0].removeprefix("export ").strip())
-    return names
-
-
-def _check_env_file_syntax(path: Path) -> None:
-    """Refuse the systemd forms the dotenv reader would misread, rather than guess."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        text = line.strip()
-        if text.startswith(";"):
-            raise ConfigError(f"env file {path}, line {number}: start comments with '#', not ';'")
-        if text.endswith("\\") and not text.startswith("#"):
-            raise ConfigError(f"env file {path}, line {number}: a value continued with a backslash; put it on one line")
 
 
 def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Settings:
@@ -357,8 +397,9 @@ def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Setti
                 f"env file {path} is not readable by this user (uid {os.getuid()}); "
                 f"run: chgrp <service-group> {path} && chmod 0640 {path}"
             )
-        _check_env_file_syntax(path)
-    problems = _unknown_variables(dict(os.environ), path)
+    # Read here first: a form the reader refuses, or an unknown name, stops before any value is used.
+    in_file = read_env_file(path) if path is not None else {}
+    problems = _unknown_variables([*os.environ, *in_file])
     if problems:
         raise ConfigError("; ".join(problems))
     try:

@@ -51,7 +51,7 @@ def demo(
     private = Path(tempfile.mkdtemp(prefix="quantum-trader-demo-"))  # 0700
     if server is None and settings.redis_url:
         console.print("the demo runs on a private server: QT_REDIS_URL is left alone")
-    settings = settings.model_copy(update={"redis_url": server, "data_dir": private / "server"})
+    settings = settings.with_changes(redis_url=server, data_dir=private / "server")
     log_path = private / "demo.log"
     log_file = log_path.open("a", encoding="utf-8")
     configure(settings.log_level, "json", log_file)  # keep the live table readable; outcomes go to the file

@@ -179,7 +179,7 @@ def backtest(
     }
     if notional is not None:
         update["ai_sizing"] = "fixed"  # a quote amount per entry is fixed sizing
-    cfg = configured().model_copy(update=update)
+    cfg = configured().with_changes(**update)
     if cfg.log_level == "info":
         # One outcome line per simulated trade would bury the progress bar and the report.
         configure("warning", cfg.log_format)
