@@ -5,6 +5,9 @@ deployment, ``EXECUTION_RESULT_STREAM`` and ``EXECUTION_RESULT_STREAM_LEGACY``.
 The env file (``QT_ENV_FILE`` or ``--env-file``) uses systemd ``EnvironmentFile``
 syntax, so the same file serves the unit and the command line. A wrong value stops
 start-up with one line naming the variable, the value and what is allowed.
+
+One piece: every knob of the product is declared in the one ``Settings`` class, next to
+the loader that refuses an unknown one, so an operator (and ``doctor``) reads them in one place.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ that fails because the server or the exchange is unreachable is retried whole an
 set aside. Entries delivered more than ``max_deliveries`` times (their consumers kept
 dying, or outages kept interrupting them) are tried together once more, then each alone;
 one the stage dies on alone twice is set aside.
+
+One piece: reading, reclaiming, isolating a bad entry and setting it aside are one state
+machine over the same pending list; split across files, each half would have to trust the
+other's invariants without seeing them.
 """
 
 from __future__ import annotations
