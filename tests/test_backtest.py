@@ -20,7 +20,8 @@ from backtesting import Backtest
 from backtesting import Strategy as Reference
 
 from quantum_trader.backtest import Report, Trade, html, run
-from quantum_trader.marketdata import Candle, read_file
+from quantum_trader.events import Candle
+from quantum_trader.marketdata import read_file
 from quantum_trader.settings import Settings
 from quantum_trader.strategies import EmaCross, RsiReversion
 from quantum_trader.strategies.base import Closes, Signal

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import pytest
 
+from quantum_trader.bus.streams import Entry, dead_letter_fields
 from quantum_trader.errors import DecodeError
 from quantum_trader.events import (
+    DEAD_LETTER,
     DECISION,
     TRADE_INTENT,
+    DeadLetter,
     Decision,
     TradeIntent,
     decode_event,
+    encode_payload,
     envelope,
     parse_iso,
 )
@@ -63,3 +68,22 @@ def test_payload_that_is_not_json_is_refused() -> None:
     with pytest.raises(DecodeError, match="not valid JSON") as caught:
         decode_event(fields, Decision, DECISION)
     assert caught.value.field == "payload"
+
+
+def test_a_dead_letter_payload_is_the_dead_letter_struct() -> None:
+    entry = Entry("5-0", {"trace_id": "t", "payload": "\udcff{"}, deliveries=3)
+    fields = dead_letter_fields(stream="s", group="g", entry=entry, reason="undecodable", field_name="payload")
+
+    _env, letter = decode_event(fields, DeadLetter, DEAD_LETTER)
+
+    assert letter == DeadLetter(
+        stream="s",
+        group="g",
+        entry_id="5-0",
+        deliveries=3,
+        reason="undecodable",
+        field="payload",
+        raw={"trace_id": "t", "payload": "\\xff{"},
+        raw_base64={"payload": "/3s="},
+    )
+    assert json.loads(encode_payload(letter)) == json.loads(fields["payload"])  # same wire, field for field

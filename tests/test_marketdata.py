@@ -17,11 +17,9 @@ import pytest
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError
-from quantum_trader.events import decode_event
+from quantum_trader.events import MARKET_CANDLE, Candle, decode_event
 from quantum_trader.marketdata import (
     ALREADY_PUBLISHED,
-    MARKET_CANDLE,
-    Candle,
     GapRule,
     between,
     clean,

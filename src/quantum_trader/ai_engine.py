@@ -31,10 +31,20 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer
 from quantum_trader.errors import ConfigError, DecodeError
-from quantum_trader.events import DECISION, EXECUTION_RESULT, ExecutionResult, Fields, decode_event, envelope, now_iso
+from quantum_trader.events import (
+    DECISION,
+    EXECUTION_RESULT,
+    MARKET_CANDLE,
+    Candle,
+    ExecutionResult,
+    Fields,
+    decode_event,
+    envelope,
+    now_iso,
+)
 from quantum_trader.exchanges.base import split_symbol
 from quantum_trader.logs import get_logger
-from quantum_trader.marketdata import MARKET_CANDLE, Candle, GapRule, clean, gap_rule
+from quantum_trader.marketdata import GapRule, clean, gap_rule
 from quantum_trader.settings import Settings
 from quantum_trader.strategies import BUILT_IN, Signal, Strategy
 

@@ -33,10 +33,11 @@ from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.embedded import EmbeddedValkey, free_port
 from quantum_trader.bus.streams import GroupConsumer
 from quantum_trader.errors import ConfigError
+from quantum_trader.events import Candle
 from quantum_trader.exchanges.base import split_symbol
 from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
-from quantum_trader.marketdata import Candle, clean, gap_rule, publish
+from quantum_trader.marketdata import clean, gap_rule, publish
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings, load_settings
 from quantum_trader.strategies import Strategy

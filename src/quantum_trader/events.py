@@ -26,6 +26,7 @@ TRADE_INTENT = "trade.intent"
 EXECUTION_RESULT = "execution.result"
 DECISION_REJECTED = "decision.rejected"
 DEAD_LETTER = "dead_letter"
+MARKET_CANDLE = "market.candle"
 
 Side = Literal["BUY", "SELL"]
 OrderType = Literal["MARKET", "LIMIT"]
@@ -98,6 +99,36 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     original_id: str = ""
     original: dict[str, str] = msgspec.field(default_factory=dict)
     original_base64: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """An entry set aside (payload of ``dead_letter``): where it came from, why, and its raw fields.
+
+    ``raw`` holds the entry as printable text (see ``record_fields``); ``raw_base64`` the exact
+    bytes of any field that was not valid UTF-8, so a replay puts back what was there.
+    """
+
+    stream: str
+    group: str
+    entry_id: str
+    deliveries: int
+    reason: str
+    field: str = ""
+    raw: dict[str, str] = msgspec.field(default_factory=dict)
+    raw_base64: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Candle(msgspec.Struct, frozen=True, kw_only=True):
+    """One OHLCV bar (payload of ``market.candle``); ``open_time`` in epoch milliseconds (UTC)."""
+
+    symbol: str
+    interval: str
+    open_time: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):

@@ -25,18 +25,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Protocol
 
-import msgspec
 import numpy as np
 import pandas as pd
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError, QuantumTraderError, TransientExchangeError
-from quantum_trader.events import Fields, envelope
+from quantum_trader.events import MARKET_CANDLE, Fields, envelope
+
+# Re-exported while cli/market.py still imports Candle from here (its home is events).
+from quantum_trader.events import Candle as Candle
 from quantum_trader.logs import get_logger
 
 log = get_logger("marketdata")
-MARKET_CANDLE = "market.candle"
 TIME_COLUMNS = ("timestamp", "time", "date", "datetime")
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
@@ -121,19 +122,6 @@ def gap_rule(setting: str, candles: Sequence[Candle] | None = None) -> GapRule:
 def gap(previous_ms: int, candle: Candle, rule: GapRule = GapRule()) -> bool:
     """True when the hole since the previous candle restarts warm-up under ``rule`` (pure)."""
     return rule(previous_ms, candle)
-
-
-class Candle(msgspec.Struct, frozen=True, kw_only=True):
-    """One OHLCV bar; ``open_time`` in epoch milliseconds (UTC)."""
-
-    symbol: str
-    interval: str
-    open_time: int
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
 
 
 @dataclass(frozen=True, slots=True)
