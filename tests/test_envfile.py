@@ -83,10 +83,14 @@ def test_utf8_values_are_kept() -> None:
     assert parse_env("A=café\n".encode(), "f") == {"A": "café"}
 
 
-def test_read_env_file_names_the_file_and_lets_open_errors_through(tmp_path: Path) -> None:
+def test_read_env_file_strips_quotes_comments_and_export(tmp_path: Path) -> None:
     path = tmp_path / "s.env"
     path.write_text("# c\nexport A='x y'\nB=\"z\"\n\nC=plain=with=equals\n", encoding="utf-8")
     assert read_env_file(path) == {"A": "x y", "B": "z", "C": "plain=with=equals"}
+
+
+def test_read_env_file_names_the_file_and_lets_open_errors_through(tmp_path: Path) -> None:
+    path = tmp_path / "s.env"
     path.write_bytes(b"\xff=1\n")
     with pytest.raises(ConfigError, match=rf"^secrets file {path}, line 1: byte 0xff at column 1"):
         read_env_file(path, "secrets file")

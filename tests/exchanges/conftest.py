@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from quantum_trader.bus.connection import Redis
-from quantum_trader.exchanges.ccxt_exchange import CcxtExchange, Credentials
+from quantum_trader.exchanges.ccxt import CcxtExchange, Credentials
 from quantum_trader.settings import Settings
 from tests.conftest import LogTrap as LogTrap  # the exchange tests read their logs through it
 from tests.exchanges.fake_binance import API_KEY, API_SECRET, FakeBinance

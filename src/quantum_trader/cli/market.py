@@ -59,7 +59,7 @@ def feed(
         sleep = functools.partial(sleep_or_stop, stop)
 
         if source == "live":
-            from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
+            from quantum_trader.exchanges.ccxt import CcxtExchange
 
             exchange = CcxtExchange.public(redis, cfg, cfg.feed_exchange)
             wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()]

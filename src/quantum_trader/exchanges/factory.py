@@ -21,7 +21,7 @@ async def build_exchange(redis: Redis, settings: Settings) -> Exchange:
         await paper.fund()
         return paper
     # Imported here: ccxt takes a second to import and the paper exchange does not need it.
-    from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
+    from quantum_trader.exchanges.ccxt import CcxtExchange
 
     exchange = CcxtExchange.from_settings(redis, settings)
     try:

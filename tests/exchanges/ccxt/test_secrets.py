@@ -23,7 +23,7 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.base import OrderRequest
-from quantum_trader.exchanges.ccxt_exchange import CcxtExchange
+from quantum_trader.exchanges.ccxt import CcxtExchange
 from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.router import Router

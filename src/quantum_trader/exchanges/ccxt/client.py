@@ -1,0 +1,405 @@
+"""The ccxt adapter: a real exchange (Binance spot testnet first), never placing an order twice.
+
+Placing one order::
+
+    rules of the market (loaded once, refreshed every QT_EXCHANGE_MARKETS_REFRESH_S)
+      └─ round amount/price to the market's steps, check LOT_SIZE / PRICE_FILTER /
+         MIN_NOTIONAL locally ─► REJECTED naming the rule, nothing sent
+    sent before (a write-ahead record in Redis)? ─► look it up by client order id first
+    write-ahead record, then send with the deterministic client order id
+      ├─ kill switch (read right before the request goes on the wire, after ccxt's rate
+      │     limiter) not "0" ─► REJECTED KILL_SWITCH, nothing sent
+      ├─ answered ─► track until final (bounded), fees from the response or the trades
+      ├─ timeout / network / 5xx ─► look the order up; only an order the exchange
+      │     provably does not have (not found twice, a grace period apart) is sent again
+      ├─ 429 / 418 ─► not accepted: back off with jitter, send again
+      └─ authentication / permission ─► FAILED, kill switch on, one log line with the fix
+
+When the exchange cannot tell us whether an order exists (lookups keep failing),
+``OrderStateUnknown`` is raised instead of guessing: the batch stays pending and is
+looked up again when it is redelivered.
+
+At most QT_EXCHANGE_CONCURRENCY orders of one adapter (one execution process) are in flight
+at once, so after the kill switch is turned on at most that many requests, each checked
+just before, can still reach the exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+import ccxt  # type: ignore[import-untyped]
+from pydantic import SecretStr
+from redis.exceptions import RedisError
+
+from quantum_trader import keys
+from quantum_trader.bus.connection import Redis
+from quantum_trader.errors import ConfigError, ExchangeError, FatalExchangeError, TransientExchangeError
+from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard
+from quantum_trader.exchanges.ccxt.config import check_settings
+from quantum_trader.exchanges.ccxt.connection import CcxtConnection
+from quantum_trader.exchanges.ccxt.credentials import Credentials, credential_names, load_credentials
+from quantum_trader.exchanges.ccxt.errors import ErrorKind, OrderStateUnknown, classify
+from quantum_trader.exchanges.ccxt.markets import prepare, to_decimal
+from quantum_trader.exchanges.ccxt.orders import fees_of, outcome_from_order
+from quantum_trader.governor import set_kill
+from quantum_trader.logs import get_logger
+from quantum_trader.settings import Settings, redacted
+
+log = get_logger("exchange")
+
+# How long a write-ahead record is kept: longer than any redelivery of the intent that sent it.
+SENT_TTL_S = 7 * 86_400
+
+
+class _NotSent(Exception):
+    """The send guard stopped an order right before its request left."""
+
+    def __init__(self, guard: SendGuard) -> None:
+        super().__init__(guard.key)
+        self.guard = guard
+
+
+class CcxtExchange:
+    """An exchange reached through ccxt's async client."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        credentials: Credentials,
+        *,
+        rand: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        public_only: bool = False,
+    ) -> None:
+        self.conn = CcxtConnection(settings, credentials, rand=rand, sleep=sleep, public_only=public_only)
+        self.name = self.conn.name
+        self.client: Any = self.conn.client
+        self.redis = redis
+        self.settings = settings
+        # Orders in flight per adapter, across the batches one process works on at once.
+        self._sending = asyncio.Semaphore(settings.exchange_concurrency)
+
+    def __repr__(self) -> str:
+        return f"CcxtExchange({self.name}, mode={self.settings.mode}, api_key={redacted(self.conn.secrets[0])})"
+
+    @classmethod
+    def from_settings(cls, redis: Redis, settings: Settings) -> CcxtExchange:
+        """The adapter the settings describe, credentials from ``QT_SECRETS_FILE``."""
+        check_settings(settings)
+        return cls(redis, settings, load_credentials(settings.secrets_file, settings.exchange, settings.mode))
+
+    @classmethod
+    def public(cls, redis: Redis, settings: Settings, exchange: str) -> CcxtExchange:
+        """Market data only: no credentials, so it can read public endpoints and place nothing.
+
+        ``QT_MODE=testnet`` reads the exchange's sandbox; otherwise its production data.
+        """
+        blank = Credentials(api_key=SecretStr(""), secret=SecretStr(""))
+        return cls(redis, settings.model_copy(update={"exchange": exchange}), blank, public_only=True)
+
+    async def start(self) -> None:
+        """Load the markets (fails start-up with a clear error when the exchange cannot be reached)."""
+        await self.conn.ensure_markets()
+        log.info(
+            "exchange_ready",
+            exchange=self.name,
+            mode=self.settings.mode,
+            sandbox=self.settings.mode == "testnet",
+            markets=len(self.conn.rules),
+            api_key=redacted(self.conn.secrets[0]),
+        )
+
+    async def close(self) -> None:
+        """Close ccxt's HTTP session."""
+        await self.conn.close()
+
+    # ---- the write-ahead record ---------------------------------------------------------
+
+    async def _remember(self, client_order_id: str, symbol: str) -> None:
+        """Write-ahead record: from now on, this id is looked up before it is ever sent again."""
+        record = json.dumps({"symbol": symbol, "at": time.time()})
+        await self.redis.set(keys.exchange_sent(self.name, client_order_id), record, ex=SENT_TTL_S)
+
+    async def _remembered(self, client_order_ids: list[str]) -> dict[str, str]:
+        """Symbol of every id this adapter has started sending."""
+        if not client_order_ids:
+            return {}
+        raw = await self.redis.mget([keys.exchange_sent(self.name, coid) for coid in client_order_ids])
+        return {
+            coid: str(json.loads(value)["symbol"])
+            for coid, value in zip(client_order_ids, raw, strict=True)
+            if value is not None
+        }
+
+    # ---- the Exchange interface -----------------------------------------------------------
+
+    async def last_prices(self, symbols: list[str]) -> dict[str, Decimal]:
+        """Latest traded price per symbol, keyed as asked; empty when the exchange cannot answer."""
+        try:
+            await self.conn.ensure_markets()
+        except TransientExchangeError as exc:
+            log.warning("prices_unavailable", exchange=self.name, error=str(exc))
+            return {}
+        wanted = {s: u for s in set(symbols) if (u := self.conn.unified(s)) is not None}
+        if not wanted:
+            return {}
+        unified = sorted(set(wanted.values()))
+        try:
+            if self.client.has.get("fetchLastPrices"):
+                raw = await self.conn.call("fetch_last_prices", lambda: self.client.fetch_last_prices(unified))
+                found = {sym: to_decimal(entry.get("price")) for sym, entry in raw.items()}
+            else:
+                raw = await self.conn.call("fetch_tickers", lambda: self.client.fetch_tickers(unified))
+                found = {sym: to_decimal(entry.get("last")) for sym, entry in raw.items()}
+        except (TransientExchangeError, FatalExchangeError, ccxt.BaseError) as exc:
+            log.warning("prices_unavailable", exchange=self.name, error=self.conn.clean(exc))
+            return {}
+        return {asked: price for asked, u in wanted.items() if (price := found.get(u)) is not None}
+
+    async def candles(self, symbol: str, timeframe: str = "1m", limit: int = 100) -> list[list[Decimal]]:
+        """OHLCV candles ``[open_ms, open, high, low, close, volume]`` from the public endpoints."""
+        rules = await self.conn.market(symbol)
+        if rules is None:
+            raise ValueError(f"{symbol} is not a market on {self.name}")
+        try:
+            rows = await self.conn.call(
+                "fetch_ohlcv", lambda: self.client.fetch_ohlcv(rules.symbol, timeframe, None, limit)
+            )
+        except ccxt.BaseError as exc:  # e.g. a timeframe the exchange does not offer: one clear error
+            raise ExchangeError(f"{self.name} candles for {symbol} ({timeframe}): {self.conn.clean(exc)}") from None
+        return [[to_decimal(v) or Decimal(0) for v in row] for row in rows]
+
+    async def balances(self) -> dict[str, Decimal]:
+        """Total balance per asset (non-zero only); authenticates, so it checks the credentials."""
+        raw = await self.conn.call("fetch_balance", lambda: self.client.fetch_balance())
+        totals = raw.get("total") or {}
+        return {asset: amount for asset, value in totals.items() if (amount := to_decimal(value))}
+
+    async def fetch_orders(self, client_order_ids: list[str]) -> dict[str, OrderOutcome]:
+        """Orders the exchange has for ids this adapter sent before (looked up by client order id).
+
+        Ids never sent (no write-ahead record) are absent without asking the exchange. An
+        order still open is tracked like a fresh one. Raises OrderStateUnknown when the
+        exchange cannot answer, so nothing is placed while the state is unknown.
+        """
+        remembered = await self._remembered(client_order_ids)
+        found: dict[str, OrderOutcome] = {}
+        for coid, symbol in remembered.items():
+            try:
+                order = await self.conn.find_order(coid, symbol, grace=False)
+                if order is not None:
+                    requested = to_decimal(order.get("amount")) or Decimal(0)
+                    found[coid] = await self._finish(coid, symbol, order, requested)
+            except FatalExchangeError as exc:
+                # The order may exist and we cannot ask: halt trading, report nothing as done.
+                await self._auth_failed(coid, str(exc))
+                raise OrderStateUnknown(f"cannot look order {coid} up on {self.name}: {exc}") from None
+        return found
+
+    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
+        """Place each order once (see the module docstring); outcomes in the same order.
+
+        With ``guard``, each order request is sent only if the switch allows it when the request
+        is about to go on the wire (after ccxt's rate limiter); otherwise ``guard.stopped``.
+        """
+        if not orders:
+            return []
+        if self.conn.public_only:
+            raise ConfigError(f"the {self.name} market-data client has no credentials and places no orders")
+        halted = asyncio.Event()
+
+        async def one(order: OrderRequest) -> OrderOutcome:
+            async with self._sending:
+                if halted.is_set():
+                    return OrderOutcome(
+                        order.client_order_id,
+                        "REJECTED",
+                        reason="KILL_SWITCH: not sent; the exchange refused the credentials earlier in this batch",
+                        sent=False,
+                    )
+                try:
+                    return await self._place_one(order, guard)
+                except FatalExchangeError as exc:
+                    first = not halted.is_set()
+                    halted.set()
+                    return await self._auth_failed(order.client_order_id, str(exc), announce=first)
+
+        # Every order runs to its end before an error is raised, so none is left in flight.
+        done = await asyncio.gather(*(one(order) for order in orders), return_exceptions=True)
+        for item in done:
+            if isinstance(item, BaseException):
+                raise item
+        return [item for item in done if isinstance(item, OrderOutcome)]
+
+    # ---- placing one order ----------------------------------------------------------------
+
+    async def _send_order(self, guard: SendGuard | None, send: Callable[[], Awaitable[Any]]) -> Any:
+        """``send()``, its request stopped with _NotSent if ``guard`` halts right before it leaves."""
+        if guard is None:
+            return await send()
+
+        async def check() -> None:
+            (value,) = await self.redis.mget([guard.key])  # MGET: nil for a key of another type
+            if guard.stops(value):
+                raise _NotSent(guard)
+
+        return await self.conn.checked(check, send)
+
+    async def _place_one(self, order: OrderRequest, guard: SendGuard | None = None) -> OrderOutcome:
+        coid = order.client_order_id
+        rules = await self.conn.market(order.symbol)
+        if rules is None:
+            return OrderOutcome(
+                coid, "REJECTED", reason=f"UNKNOWN_SYMBOL: {order.symbol} is not a market on {self.name}", sent=False
+            )
+        hint = order.reference_price
+        if hint is None and order.order_type == "MARKET":
+            hint = (await self.last_prices([rules.symbol])).get(rules.symbol)
+        prepared = prepare(order, rules, hint)
+        if isinstance(prepared, str):
+            log.info("order_rejected_before_sending", exchange=self.name, client_order_id=coid, reason=prepared)
+            return OrderOutcome(coid, "REJECTED", reason=prepared, sent=False)
+        # Sent before (crash, redelivery)? Ask the exchange before anything else.
+        if coid in await self._remembered([coid]):
+            existing = await self.conn.find_order(coid, rules.symbol, grace=True)
+            if existing is not None:
+                log.info("order_found_not_resent", exchange=self.name, client_order_id=coid)
+                return await self._finish(coid, rules.symbol, existing, prepared.amount)
+        await self._remember(coid, rules.symbol)
+        attempt = 0
+        while True:
+            try:
+                placed = await self._send_order(
+                    guard,
+                    lambda: self.client.create_order(
+                        rules.symbol,
+                        order.order_type.lower(),
+                        order.side.lower(),
+                        f"{prepared.amount:f}",
+                        None if prepared.price is None else f"{prepared.price:f}",
+                        {self.conn.place_coid_param: coid},
+                    ),
+                )
+                return await self._finish(coid, rules.symbol, placed, prepared.amount)
+            except _NotSent as stop:
+                # Stopped before it left (a retry included: an earlier attempt that may have
+                # arrived was looked up and not found, so the exchange does not have it).
+                log.info(
+                    "order_stopped_before_sending", exchange=self.name, client_order_id=coid, switch=stop.guard.key
+                )
+                return stop.guard.stopped(coid)
+            except (FatalExchangeError, OrderStateUnknown):
+                raise
+            except Exception as exc:
+                kind = classify(exc)
+                if kind is ErrorKind.AUTH:
+                    raise FatalExchangeError(self.conn.clean(exc)) from None
+                if kind in (ErrorKind.UNKNOWN, ErrorKind.DUPLICATE):
+                    # The request may have reached the exchange: find out before sending again.
+                    existing = await self.conn.find_order(coid, rules.symbol, grace=True)
+                    if existing is not None:
+                        log.info(
+                            "order_found_after_error",
+                            exchange=self.name,
+                            client_order_id=coid,
+                            error=self.conn.clean(exc),
+                        )
+                        return await self._finish(coid, rules.symbol, existing, prepared.amount)
+                elif kind is ErrorKind.REJECTED:
+                    return OrderOutcome(coid, "REJECTED", reason=f"EXCHANGE_REJECTED: {self.conn.clean(exc)}")
+                elif kind is not ErrorKind.NOT_SENT:
+                    return OrderOutcome(coid, "FAILED", reason=f"EXCHANGE_ERROR: {self.conn.clean(exc)}")
+                attempt += 1
+                if attempt > self.settings.exchange_retries:
+                    return OrderOutcome(
+                        coid,
+                        "FAILED",
+                        reason=f"EXCHANGE_UNAVAILABLE: not placed after {attempt} attempts: {self.conn.clean(exc)}",
+                    )
+                await self.conn.backoff("create_order", attempt, exc)
+
+    async def _finish(self, coid: str, symbol: str, order: Any, requested: Decimal) -> OrderOutcome:
+        """Track an open order until final (bounded), read its fees, and make the outcome."""
+        order = await self._settle(symbol, order)
+        fee = fees_of(order)
+        filled = to_decimal(order.get("filled")) or Decimal(0)
+        if fee is None and filled > 0 and self.client.has.get("fetchOrderTrades"):
+            try:
+                trades = await self.conn.call(
+                    "fetch_order_trades", lambda: self.client.fetch_order_trades(order["id"], symbol)
+                )
+                fee = fees_of(order, trades)
+            except (TransientExchangeError, ccxt.BaseError) as exc:
+                log.warning("fee_unknown", exchange=self.name, client_order_id=coid, error=self.conn.clean(exc))
+        outcome = outcome_from_order(coid, order, requested, fee)
+        log.info(
+            "order_done",
+            exchange=self.name,
+            client_order_id=coid,
+            status=outcome.status,
+            reason=outcome.reason,
+            filled_qty=str(outcome.filled_qty),
+            avg_price=str(outcome.avg_price),
+            exchange_order_id=outcome.exchange_order_id,
+        )
+        return outcome
+
+    async def _settle(self, symbol: str, order: Any) -> Any:
+        """Poll an open order until final or QT_EXCHANGE_ORDER_WAIT_S, then cancel what is left."""
+        deadline = time.monotonic() + self.settings.exchange_order_wait_s
+        while order.get("status") == "open" and time.monotonic() < deadline:
+            await self.conn.sleep(min(self.settings.exchange_poll_s, max(0.0, deadline - time.monotonic())))
+            order = await self.conn.refresh_order(symbol, order)
+        if order.get("status") != "open":
+            return order
+        log.info(
+            "order_cancel_rest",
+            exchange=self.name,
+            order_id=order.get("id"),
+            waited_s=self.settings.exchange_order_wait_s,
+        )
+        try:
+            cancelled = await self.conn.call("cancel_order", lambda: self.client.cancel_order(order["id"], symbol))
+            if cancelled.get("status") in ("canceled", "closed", "expired", "rejected"):
+                return cancelled
+        except TransientExchangeError as exc:
+            raise OrderStateUnknown(
+                f"order {order.get('id')} still open on {self.name}; cancel failed: {exc}"
+            ) from None
+        except ccxt.BaseError as exc:
+            # Typically "unknown order": it filled or ended meanwhile; read its final state below.
+            log.info("order_cancel_refused", exchange=self.name, order_id=order.get("id"), error=self.conn.clean(exc))
+        return await self.conn.refresh_order(symbol, order)
+
+    async def _auth_failed(self, coid: str, error: str, *, announce: bool = True) -> OrderOutcome:
+        """FAILED, kill switch on (fail-closed), one log line saying how to fix it."""
+        error = self.conn.clean(error)
+        try:
+            await set_kill(self.redis, on=True)
+            switched = True
+        except RedisError:
+            switched = False  # the gate treats an unreachable server as halted anyway
+        if announce:
+            key_name, secret_name, _ = credential_names(self.name)
+            site = "https://testnet.binance.vision" if self.settings.mode == "testnet" else "the exchange's API page"
+            log.error(
+                "exchange_auth_failed",
+                exchange=self.name,
+                mode=self.settings.mode,
+                error=error,
+                kill_switch="on" if switched else "unknown (server unreachable)",
+                fix=(
+                    f"check {key_name} and {secret_name} in {self.settings.secrets_file} "
+                    f"({self.settings.mode} keys from {site}, trading permission enabled, this IP allowed), "
+                    "restart the service, then run: quantum-trader kill off"
+                ),
+            )
+        return OrderOutcome(coid, "FAILED", reason=f"AUTH_FAILED: {error}")
