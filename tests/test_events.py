@@ -12,9 +12,12 @@ from quantum_trader.errors import DecodeError
 from quantum_trader.events import (
     DEAD_LETTER,
     DECISION,
+    EXECUTION_RESULT,
     TRADE_INTENT,
     DeadLetter,
     Decision,
+    ExecutionResult,
+    Reason,
     TradeIntent,
     decode_event,
     encode_payload,
@@ -68,6 +71,24 @@ def test_payload_that_is_not_json_is_refused() -> None:
     with pytest.raises(DecodeError, match="not valid JSON") as caught:
         decode_event(fields, Decision, DECISION)
     assert caught.value.field == "payload"
+
+
+def test_a_reason_code_travels_as_its_own_name_and_its_detail_apart() -> None:
+    assert all(code.value == code.name for code in Reason)
+    result = ExecutionResult(
+        status="REJECTED",
+        reason=Reason.INSUFFICIENT_BALANCE,
+        detail="need 5 USDT, have 0",
+        symbol="ETHUSDT",
+        side="BUY",
+        qty=Decimal(1),
+        intent_id="1-0",
+        client_order_id="qt-x",
+    )
+    payload = json.loads(encode_payload(result))
+    assert (payload["reason"], payload["detail"]) == ("INSUFFICIENT_BALANCE", "need 5 USDT, have 0")
+    fields = envelope(EXECUTION_RESULT, result, trace_id="t", correlation_id="c", source="execution")
+    assert decode_event(fields, ExecutionResult, EXECUTION_RESULT)[1].reason == Reason.INSUFFICIENT_BALANCE
 
 
 def test_a_dead_letter_payload_is_the_dead_letter_struct() -> None:

@@ -148,7 +148,9 @@ class BrokenExchange:
         return {}
 
     async def place_orders(self, orders: list[OrderRequest], guard: object = None) -> list[OrderOutcome]:
-        return [OrderOutcome(o.client_order_id, "FAILED", reason="EXCHANGE_ERROR: venue closed") for o in orders]
+        return [
+            OrderOutcome(o.client_order_id, "FAILED", reason="EXCHANGE_ERROR", detail="venue closed") for o in orders
+        ]
 
     async def close(self) -> None:
         return None

@@ -14,7 +14,7 @@ import pytest
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import ensure_group, publish
-from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope, now_iso
+from quantum_trader.events import TRADE_INTENT, Reason, TradeIntent, envelope, now_iso
 from quantum_trader.governor import (
     Governor,
     Limits,
@@ -46,9 +46,18 @@ def test_counter_expires_at_next_utc_midnight_plus_one_hour() -> None:
 
 def test_notional_allowlist_and_price_rules() -> None:
     assert check_intent(intent("0.1"), Decimal(3000), LIMITS) is None
-    assert str(check_intent(intent("1"), Decimal(3000), LIMITS)).startswith("MAX_NOTIONAL")
-    assert str(check_intent(intent(symbol="BTCUSDT"), Decimal(1), LIMITS)).startswith("SYMBOL_NOT_ALLOWED")
-    assert str(check_intent(intent(), None, LIMITS)).startswith("NO_PRICE")
+    assert check_intent(intent("1"), Decimal(3000), LIMITS) == (
+        Reason.MAX_NOTIONAL,
+        "notional 3000 exceeds QT_MAX_NOTIONAL=1000",
+    )
+    assert check_intent(intent(symbol="BTCUSDT"), Decimal(1), LIMITS) == (
+        Reason.SYMBOL_NOT_ALLOWED,
+        "BTCUSDT is not in QT_SYMBOL_ALLOWLIST",
+    )
+    assert check_intent(intent(), None, LIMITS) == (
+        Reason.NO_PRICE,
+        "no market or reference price for ETHUSDT; notional cannot be checked",
+    )
 
 
 def test_age_counts_from_the_decision_timestamp() -> None:

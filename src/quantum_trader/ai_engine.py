@@ -38,6 +38,7 @@ from quantum_trader.events import (
     Candle,
     ExecutionResult,
     Fields,
+    Reason,
     decode_event,
     envelope,
     now_iso,
@@ -117,7 +118,7 @@ def after_outcome(held: Decimal, result: ExecutionResult, base: str) -> Decimal:
     if result.side == "BUY":
         fee = result.fee if result.status == "FILLED" and result.fee_asset == base else _ZERO
         return max(_ZERO, held - missing - fee)
-    if result.status != "FILLED" and "INSUFFICIENT" in result.reason.upper():
+    if result.status != "FILLED" and result.reason == Reason.INSUFFICIENT_BALANCE:
         return held
     return held + max(_ZERO, missing)
 

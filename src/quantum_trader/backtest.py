@@ -195,11 +195,6 @@ async def _drain(consumer: GroupConsumer, handle: Callable[[list[Any]], Any]) ->
             return  # nothing else writes to the private server: a short batch was the rest
 
 
-def reason_code(reason: str) -> str:
-    """``INSUFFICIENT_BALANCE: need 5 ETH, have 0`` -> ``INSUFFICIENT_BALANCE`` (pure)."""
-    return reason.split(":", 1)[0].strip() or "UNKNOWN"
-
-
 def quote_of(symbol: str, settings: Settings) -> str:
     """The symbol's quote asset under QT_QUOTE_ASSETS, or a ConfigError saying how to fix it."""
     try:
@@ -294,7 +289,7 @@ async def _outcomes(redis: Redis, settings: Settings) -> tuple[list[Trade], dict
     for _id, fields in await redis.xrange(settings.result_stream):
         result = json.loads(fields["payload"])
         if result["status"] != "FILLED":
-            code = reason_code(result.get("reason", "") or result["status"])
+            code = result.get("reason") or result["status"]
             rejections[code] = rejections.get(code, 0) + 1
             continue
         intent = intents[result["intent_id"]]
@@ -311,7 +306,7 @@ async def _outcomes(redis: Redis, settings: Settings) -> tuple[list[Trade], dict
             )
         )
     for _id, fields in await redis.xrange(settings.rejected_stream):
-        code = reason_code(json.loads(fields["payload"]).get("reason", ""))
+        code = json.loads(fields["payload"]).get("reason") or "UNKNOWN"
         rejections[code] = rejections.get(code, 0) + 1
     return trades, rejections
 

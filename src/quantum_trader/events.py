@@ -1,9 +1,10 @@
-"""Typed, immutable events and the stream envelope they travel in.
+"""The contract: typed, immutable events, the reason codes, and the stream envelope they travel in.
 
 Every stream entry carries the seed's envelope fields: ``event_type``, ``payload``
 (JSON), ``trace_id``, ``correlation_id``, ``timestamp`` (ISO-8601 UTC) and ``source``.
 Payloads are msgspec structs: frozen, fast to (de)serialise on the hot path, and
-decimal quantities stay decimals (encoded as JSON strings).
+decimal quantities stay decimals (encoded as JSON strings). A refusal carries a code
+(``Reason``) and a detail in words, each in its own field.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -33,6 +35,40 @@ OrderType = Literal["MARKET", "LIMIT"]
 Status = Literal["FILLED", "REJECTED", "EXPIRED", "FAILED"]
 
 Fields = dict[str, str]
+
+
+class Reason(StrEnum):
+    """Every code an outcome or a rejection carries on the streams (the value is the wire text)."""
+
+    # The governor (execution writes them)
+    KILL_SWITCH = "KILL_SWITCH"  # the switch is not exactly "0", checked at the gate or right before sending
+    DAILY_LIMIT = "DAILY_LIMIT"
+    MAX_NOTIONAL = "MAX_NOTIONAL"
+    SYMBOL_NOT_ALLOWED = "SYMBOL_NOT_ALLOWED"
+    NO_PRICE = "NO_PRICE"  # also the exchanges': no price to value or fill the order
+    EXPIRED = "EXPIRED"
+    # The router
+    INVALID = "INVALID"  # also the exchanges': a LIMIT order without price
+    DUPLICATE_SKIP = "DUPLICATE_SKIP"
+    # The exchanges
+    UNKNOWN_SYMBOL = "UNKNOWN_SYMBOL"
+    LIMIT_NOT_MARKETABLE = "LIMIT_NOT_MARKETABLE"
+    INSUFFICIENT_BALANCE = "INSUFFICIENT_BALANCE"
+    LOT_SIZE = "LOT_SIZE"  # the market's rules, checked before sending
+    PRICE_FILTER = "PRICE_FILTER"
+    MIN_NOTIONAL = "MIN_NOTIONAL"
+    PARTIAL_FILL = "PARTIAL_FILL"  # FILLED, but less than asked
+    ORDER_OPEN = "ORDER_OPEN"  # nothing filled; ORDER_<the order's status at the exchange>
+    ORDER_CLOSED = "ORDER_CLOSED"
+    ORDER_CANCELED = "ORDER_CANCELED"
+    ORDER_EXPIRED = "ORDER_EXPIRED"
+    ORDER_REJECTED = "ORDER_REJECTED"
+    ORDER_UNKNOWN = "ORDER_UNKNOWN"
+    EXCHANGE_REJECTED = "EXCHANGE_REJECTED"
+    EXCHANGE_ERROR = "EXCHANGE_ERROR"
+    EXCHANGE_UNAVAILABLE = "EXCHANGE_UNAVAILABLE"
+    AUTH_FAILED = "AUTH_FAILED"
+
 
 # What one stream entry may hold (README, "Limits of an entry"). An entry beyond them is
 # refused naming the field, before anything parses it: a 1 MiB field or a payload nested
@@ -67,7 +103,11 @@ class TradeIntent(Decision, frozen=True, kw_only=True):
 
 
 class ExecutionResult(msgspec.Struct, frozen=True, kw_only=True):
-    """The one terminal outcome of an intent (payload of ``execution.result``)."""
+    """The one terminal outcome of an intent (payload of ``execution.result``).
+
+    ``reason`` is a ``Reason`` code ("" for a fill), typed ``str`` so that a reader of the
+    stream never fails on a code it does not know yet.
+    """
 
     status: Status
     symbol: str
@@ -93,7 +133,7 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     the exact bytes of any field that was not valid UTF-8.
     """
 
-    reason: Literal["INVALID", "DUPLICATE_SKIP"]
+    reason: Reason  # INVALID or DUPLICATE_SKIP
     detail: str
     field: str = ""
     original_id: str = ""

@@ -34,6 +34,7 @@ from quantum_trader.events import (
     TRADE_INTENT,
     Envelope,
     ExecutionResult,
+    Reason,
     Status,
     TradeIntent,
     check_amount,
@@ -66,14 +67,14 @@ def result_for(
     job: Job,
     status: Status,
     reason: str = "",
+    detail: str = "",
     outcome: OrderOutcome | None = None,
     exchange: str = "",
 ) -> ExecutionResult:
-    """The result payload of one intent. ``reason`` may be ``CODE: detail``."""
-    code, _, detail = reason.partition(": ")
+    """The result payload of one intent: ``reason`` a ``Reason`` code, ``detail`` in words."""
     return ExecutionResult(
         status=status,
-        reason=code,
+        reason=reason,
         detail=detail,
         symbol=job.intent.symbol,
         side=job.intent.side,
@@ -108,9 +109,23 @@ def check_amounts(intent: TradeIntent) -> None:
         raise DecodeError(f"payload: {exc.reason}", field=exc.field) from None
 
 
+def _code_and_detail(outcome: OrderOutcome) -> tuple[str, str]:
+    # COMPATIBILITY, to remove once the ccxt adapter passes OrderOutcome(reason=CODE, detail=text):
+    # until then it writes "CODE: detail" into reason, split here so the stream keeps them apart.
+    if outcome.detail or ": " not in outcome.reason:
+        return outcome.reason, outcome.detail
+    code, _, detail = outcome.reason.partition(": ")
+    return code, detail
+
+
 def result_from_outcome(job: Job, outcome: OrderOutcome, exchange: str) -> ExecutionResult:
     """The result an exchange outcome makes."""
-    return result_for(job, outcome.status, outcome.reason, outcome, exchange)
+    return result_for(job, outcome.status, *_code_and_detail(outcome), outcome, exchange)
+
+
+def result_not_sent(job: Job, outcome: OrderOutcome) -> ExecutionResult:
+    """The result of an order that never left (``outcome.sent`` False): no fill, no exchange."""
+    return result_for(job, outcome.status, *_code_and_detail(outcome))
 
 
 class Execution:
@@ -201,9 +216,7 @@ class Execution:
                 continue
             if gov.is_expired(job.intent, job.env.timestamp, now, self.limits.max_age):
                 results[job.entry.id] = result_for(
-                    job,
-                    "EXPIRED",
-                    f"{gov.EXPIRED}: decision older than {self.limits.max_age.total_seconds():g}s",
+                    job, "EXPIRED", Reason.EXPIRED, gov.expiry_detail(self.limits.max_age)
                 )
             else:
                 todo.append(job)
@@ -211,19 +224,19 @@ class Execution:
         prices = await self.exchange.last_prices([job.intent.symbol for job in todo]) if todo else {}
         gated: list[Job] = []
         for job in todo:
-            reason = gov.check_intent(job.intent, prices.get(job.intent.symbol, job.intent.price), self.limits)
-            if reason is not None:
-                results[job.entry.id] = result_for(job, "REJECTED", reason)
+            broken = gov.check_intent(job.intent, prices.get(job.intent.symbol, job.intent.price), self.limits)
+            if broken is not None:
+                results[job.entry.id] = result_for(job, "REJECTED", *broken)
             else:
                 gated.append(job)
 
         verdicts = await self.governor.gate([job.entry.id for job in gated], self.clock(), self.consumer.consumer)
         approved = []
-        for job, verdict in zip(gated, verdicts, strict=True):
-            if verdict == gov.APPROVED:
+        for job, answer in zip(gated, verdicts, strict=True):
+            if answer == gov.Gate.APPROVED:
                 approved.append(job)
-            elif verdict != gov.GONE:
-                results[job.entry.id] = result_for(job, "REJECTED", verdict)
+            elif answer != gov.Gate.GONE:
+                results[job.entry.id] = result_for(job, "REJECTED", Reason(answer))
 
         requests = [
             OrderRequest(
@@ -250,7 +263,7 @@ class Execution:
                 sent.add(job.entry.id)
                 results[job.entry.id] = result_from_outcome(job, outcome, self.exchange.name)
             else:
-                results[job.entry.id] = result_for(job, outcome.status, outcome.reason)
+                results[job.entry.id] = result_not_sent(job, outcome)
 
         if earlier:
             await asyncio.wait([before.committed for before in earlier])

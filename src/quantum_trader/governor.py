@@ -17,26 +17,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import parse_id
-from quantum_trader.events import TradeIntent, parse_iso
+from quantum_trader.events import Reason, TradeIntent, parse_iso
 from quantum_trader.exchanges.base import SendGuard
 from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
 
-KILL_SWITCH = "KILL_SWITCH"
-DAILY_LIMIT = "DAILY_LIMIT"
-MAX_NOTIONAL = "MAX_NOTIONAL"
-SYMBOL_NOT_ALLOWED = "SYMBOL_NOT_ALLOWED"
-NO_PRICE = "NO_PRICE"
-EXPIRED = "EXPIRED"
-APPROVED = "APPROVED"
-GONE = "GONE"
-
 # What the exchange adapters check right before each order leaves: the kill switch again.
-SEND_GUARD = SendGuard(keys.KILL_SWITCH, allowed="0", reason=KILL_SWITCH)
+SEND_GUARD = SendGuard(keys.KILL_SWITCH, allowed="0", reason=Reason.KILL_SWITCH)
+
+
+class Gate(StrEnum):
+    """The gate script's answer for one intent."""
+
+    APPROVED = "APPROVED"
+    KILL_SWITCH = Reason.KILL_SWITCH.value
+    DAILY_LIMIT = Reason.DAILY_LIMIT.value
+    GONE = "GONE"  # no longer pending on the consumer (finished, or taken over): no result from us
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +69,22 @@ def is_expired(intent: TradeIntent, intent_timestamp: str, now: datetime, max_ag
     return now - born > max_age
 
 
-def check_intent(intent: TradeIntent, price: Decimal | None, limits: Limits) -> str | None:
-    """The first pure rule the intent breaks, as ``REASON: detail``; None when it passes."""
+def expiry_detail(max_age: timedelta) -> str:
+    """The detail of an EXPIRED result."""
+    return f"decision older than {max_age.total_seconds():g}s"
+
+
+def check_intent(intent: TradeIntent, price: Decimal | None, limits: Limits) -> tuple[Reason, str] | None:
+    """The first rule of allow-list and notional the intent breaks, (code, detail); None when it passes."""
     if limits.symbol_allowlist and intent.symbol not in limits.symbol_allowlist:
-        return f"{SYMBOL_NOT_ALLOWED}: {intent.symbol} is not in QT_SYMBOL_ALLOWLIST"
+        return Reason.SYMBOL_NOT_ALLOWED, f"{intent.symbol} is not in QT_SYMBOL_ALLOWLIST"
     if intent.order_type == "LIMIT" and intent.price is not None:
         price = intent.price
     if price is None:
-        return f"{NO_PRICE}: no market or reference price for {intent.symbol}; notional cannot be checked"
+        return Reason.NO_PRICE, f"no market or reference price for {intent.symbol}; notional cannot be checked"
     notional = intent.qty * price
     if notional > limits.max_notional:
-        return f"{MAX_NOTIONAL}: notional {notional:f} exceeds QT_MAX_NOTIONAL={limits.max_notional}"
+        return Reason.MAX_NOTIONAL, f"notional {notional:f} exceeds QT_MAX_NOTIONAL={limits.max_notional}"
     return None
 
 
@@ -98,7 +104,7 @@ class Governor:
         self.group = settings.execution_group
         self._gate = register(redis, "gate")
 
-    async def gate(self, intent_ids: list[str], now: datetime, consumer: str) -> list[str]:
+    async def gate(self, intent_ids: list[str], now: datetime, consumer: str) -> list[Gate]:
         """One verdict per intent (APPROVED, KILL_SWITCH, DAILY_LIMIT or GONE), one script call.
 
         GONE: the intent is no longer pending on ``consumer`` (finished or taken over).
@@ -121,7 +127,7 @@ class Governor:
                 pack(intent_ids),
             ],
         )
-        return [str(v) for v in verdicts]
+        return [Gate(str(v)) for v in verdicts]
 
 
 @dataclass(frozen=True, slots=True)

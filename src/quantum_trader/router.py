@@ -36,6 +36,7 @@ from quantum_trader.events import (
     Decision,
     Envelope,
     Fields,
+    Reason,
     Rejection,
     TradeIntent,
     check_amount,
@@ -190,11 +191,11 @@ def intent_payload(env: Envelope, decision: Decision, entry_id: str) -> str:
     return encode_payload(intent)
 
 
-def to_rejection(raw: Fields, entry_id: str, reason: str, detail: str, field: str, now: datetime) -> Fields:
+def to_rejection(raw: Fields, entry_id: str, reason: Reason, detail: str, field: str, now: datetime) -> Fields:
     """A rejection entry: the reason, the detail, and the original fields as they were read."""
     original, exact = record_fields(raw)
     payload = Rejection(
-        reason=reason,  # type: ignore[arg-type]
+        reason=reason,
         detail=printable(detail),
         field=printable(field, MAX_FIELD_CHARS),
         original_id=entry_id,
@@ -209,7 +210,7 @@ def to_rejection(raw: Fields, entry_id: str, reason: str, detail: str, field: st
         source=keys.ROUTER,
         timestamp=now_iso(now),
     )
-    fields["reason"] = reason
+    fields["reason"] = reason.value
     fields["original_id"] = entry_id
     return fields
 
@@ -257,11 +258,13 @@ def plan_batch(entries: list[Entry], settings: Settings, now: datetime) -> Route
             )
         except DecodeError as exc:
             detail = f"{exc.field}: {exc.reason}" if exc.field else exc.reason
-            invalid.append((entry.id, to_rejection(entry.fields, entry.id, "INVALID", detail, exc.field, now), detail))
+            invalid.append(
+                (entry.id, to_rejection(entry.fields, entry.id, Reason.INVALID, detail, exc.field, now), detail)
+            )
             continue
         except Exception as exc:  # one entry must never stop the batch
             detail = f"the decision could not be checked ({type(exc).__name__}: {printable(str(exc), 200)})"
-            invalid.append((entry.id, to_rejection(entry.fields, entry.id, "INVALID", detail, "", now), detail))
+            invalid.append((entry.id, to_rejection(entry.fields, entry.id, Reason.INVALID, detail, "", now), detail))
             continue
         valid.append(routed)
     return RoutePlan(valid, invalid)
@@ -331,7 +334,7 @@ class Router:
             records.append(
                 {
                     "event": "decision_rejected",
-                    "outcome": "INVALID",
+                    "outcome": Reason.INVALID.value,
                     "entry_id": entry_id,
                     "detail": detail,
                     "trace_id": rej["trace_id"],
@@ -345,7 +348,7 @@ class Router:
                 records.append(
                     {
                         "event": "decision_rejected",
-                        "outcome": "DUPLICATE_SKIP",
+                        "outcome": Reason.DUPLICATE_SKIP.value,
                         "entry_id": str(entry_id),
                         "trace_id": raw.get("trace_id", ""),
                         "correlation_id": raw.get("correlation_id", ""),

@@ -59,7 +59,8 @@ def test_limit_fills_at_its_price_only_when_marketable() -> None:
 
 def test_insufficient_balance_changes_nothing() -> None:
     outcome, changes = run_fill(order("BUY", "100"), "3000")
-    assert outcome.reason.startswith("INSUFFICIENT_BALANCE: need 300300.000 USDT")
+    assert outcome.reason == "INSUFFICIENT_BALANCE"
+    assert outcome.detail.startswith("need 300300.000 USDT")
     assert changes == {}
 
 

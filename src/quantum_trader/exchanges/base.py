@@ -17,7 +17,7 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Literal, Protocol
 
-OrderStatus = Literal["FILLED", "REJECTED", "FAILED"]
+from quantum_trader.events import Reason, Status
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +35,16 @@ class OrderRequest:
 
 @dataclass(frozen=True, slots=True)
 class OrderOutcome:
-    """What the exchange did with one order."""
+    """What the exchange did with one order: FILLED, REJECTED or FAILED.
+
+    ``reason`` is a ``Reason`` code ("" for a full fill), ``detail`` what happened in words.
+    (Typed ``str``: a record stored by the paper exchange is read back whatever code it holds.)
+    """
 
     client_order_id: str
-    status: OrderStatus
+    status: Status
     reason: str = ""
-    detail: str = ""  # what happened, in words; ``reason`` holds only the code
+    detail: str = ""
     filled_qty: Decimal = Decimal(0)
     avg_price: Decimal | None = None
     fee: Decimal = Decimal(0)
@@ -61,7 +65,7 @@ class SendGuard:
 
     key: str
     allowed: str = "0"
-    reason: str = "KILL_SWITCH"
+    reason: Reason = Reason.KILL_SWITCH
 
     def stops(self, value: str | None) -> bool:
         """True when orders must not leave while the switch holds ``value``."""
@@ -72,7 +76,8 @@ class SendGuard:
         return OrderOutcome(
             client_order_id,
             "REJECTED",
-            reason=f"{self.reason}: not sent; {self.key} is no longer {self.allowed!r}",
+            reason=self.reason,
+            detail=f"not sent; {self.key} is no longer {self.allowed!r}",
             sent=False,
         )
 

@@ -25,6 +25,7 @@ from redis.exceptions import WatchError
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
+from quantum_trader.events import Reason
 from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard, split_symbol
 
 _BPS = Decimal(10_000)
@@ -55,17 +56,20 @@ def fill(
     try:
         base, quote = split_symbol(order.symbol, quote_assets)
     except ValueError as exc:
-        return OrderOutcome(order.client_order_id, "REJECTED", reason=f"UNKNOWN_SYMBOL: {exc}"), {}
+        return OrderOutcome(order.client_order_id, "REJECTED", reason=Reason.UNKNOWN_SYMBOL, detail=str(exc)), {}
     if order.order_type == "LIMIT":
         if order.price is None:
-            return OrderOutcome(order.client_order_id, "REJECTED", reason="INVALID: LIMIT order without price"), {}
+            return OrderOutcome(
+                order.client_order_id, "REJECTED", reason=Reason.INVALID, detail="LIMIT order without price"
+            ), {}
         if market_price is not None:
             marketable = market_price <= order.price if order.side == "BUY" else market_price >= order.price
             if not marketable:
                 return OrderOutcome(
                     order.client_order_id,
                     "REJECTED",
-                    reason=f"LIMIT_NOT_MARKETABLE: market {market_price}, limit {order.price}",
+                    reason=Reason.LIMIT_NOT_MARKETABLE,
+                    detail=f"market {market_price}, limit {order.price}",
                 ), {}
         price = order.price
     else:
@@ -74,7 +78,8 @@ def fill(
             return OrderOutcome(
                 order.client_order_id,
                 "REJECTED",
-                reason=f"NO_PRICE: no price known for {order.symbol}",
+                reason=Reason.NO_PRICE,
+                detail=f"no price known for {order.symbol}",
             ), {}
         slip = reference * slippage_bps / _BPS
         price = reference + slip if order.side == "BUY" else reference - slip
@@ -86,7 +91,8 @@ def fill(
             return OrderOutcome(
                 order.client_order_id,
                 "REJECTED",
-                reason=f"INSUFFICIENT_BALANCE: need {need} {quote}, have {have}",
+                reason=Reason.INSUFFICIENT_BALANCE,
+                detail=f"need {need} {quote}, have {have}",
             ), {}
         changes = {quote: -need, base: order.qty}
     else:
@@ -95,7 +101,8 @@ def fill(
             return OrderOutcome(
                 order.client_order_id,
                 "REJECTED",
-                reason=f"INSUFFICIENT_BALANCE: need {order.qty} {base}, have {have}",
+                reason=Reason.INSUFFICIENT_BALANCE,
+                detail=f"need {order.qty} {base}, have {have}",
             ), {}
         changes = {base: -order.qty, quote: notional - fee}
     outcome = OrderOutcome(

@@ -22,6 +22,7 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, ensure_group, next_id
 from quantum_trader.errors import ExchangeError
+from quantum_trader.events import Reason
 from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard
 from quantum_trader.execution import Execution, orders_may_exist, result_for
 from quantum_trader.settings import Settings
@@ -73,8 +74,8 @@ async def _expire(execution: Execution, entries: list[Entry], now: datetime, rep
         await execution.consumer.dead_letter([entry for entry, _ in bad], "undecodable trade intent (found by recover)")
     limits = execution.limits
     expired = [job for job in jobs if gov.is_expired(job.intent, job.env.timestamp, now, limits.max_age)]
-    reason = f"{gov.EXPIRED}: decision older than {limits.max_age.total_seconds():g}s (found by recover)"
-    await execution.commit([(job, result_for(job, "EXPIRED", reason)) for job in expired])
+    detail = f"{gov.expiry_detail(limits.max_age)} (found by recover)"
+    await execution.commit([(job, result_for(job, "EXPIRED", Reason.EXPIRED, detail)) for job in expired])
     report.expired += len(expired)
     done = {job.entry.id for job in expired}
     return [job.entry for job in jobs if job.entry.id not in done]
