@@ -25,7 +25,7 @@ from quantum_trader.bus.trim import Retention, has_native_acked_trim, trim_consu
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
-from quantum_trader.governor import kill_state
+from quantum_trader.governor import kill_state, set_kill
 from quantum_trader.logs import get_logger
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
@@ -39,6 +39,15 @@ else:
     Stage = object
 
 
+def halt_trading(redis: Redis) -> Callable[[str], Awaitable[None]]:
+    """What a real exchange does when it refuses the credentials: turn the kill switch on (fail-closed)."""
+
+    async def halt(_error: str) -> None:  # the adapter logs the error and the fix itself
+        await set_kill(redis, on=True)
+
+    return halt
+
+
 async def build_stage(name: str, redis: Redis, settings: Settings) -> Stage:
     """One stage, ready to run."""
     if name == keys.AI_ENGINE:
@@ -48,7 +57,8 @@ async def build_stage(name: str, redis: Redis, settings: Settings) -> Stage:
     if name == keys.ROUTER:
         return Router(redis, settings)
     if name == keys.EXECUTION:
-        return Execution(redis, settings, await build_exchange(redis, settings))
+        exchange = await build_exchange(redis, settings, on_auth_failure=halt_trading(redis))
+        return Execution(redis, settings, exchange)
     raise ConfigError(f"unknown stage {name!r}; choose from {', '.join(keys.STAGES)}")
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from quantum_trader.bus.connection import Redis
 from quantum_trader.exchanges.ccxt import CcxtExchange, Credentials
+from quantum_trader.runner import halt_trading
 from quantum_trader.settings import Settings
 from tests.conftest import LogTrap as LogTrap  # the exchange tests read their logs through it
 from tests.exchanges.fake_binance import API_KEY, API_SECRET, FakeBinance
@@ -73,15 +74,18 @@ def exchange_settings(
 
 @pytest.fixture
 async def make_exchange(r: Redis, exchange_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
-    """Build started adapters (closed at the end); ``credentials=`` overrides the secrets file."""
+    """Build started adapters (closed at the end); ``credentials=`` overrides the secrets file.
+
+    Wired as the runner wires execution's: an authentication failure turns the kill switch on.
+    """
     built: list[CcxtExchange] = []
 
     async def make(credentials: Credentials | None = None, **overrides: Any) -> CcxtExchange:
         settings = exchange_settings(**overrides)
         exchange = (
-            CcxtExchange(r, settings, credentials)
+            CcxtExchange(r, settings, credentials, on_auth_failure=halt_trading(r))
             if credentials is not None
-            else CcxtExchange.from_settings(r, settings)
+            else CcxtExchange.from_settings(r, settings, on_auth_failure=halt_trading(r))
         )
         built.append(exchange)
         await exchange.start()

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from quantum_trader.bus.connection import Redis
 from quantum_trader.exchanges.base import Exchange
 from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.settings import Settings
 
+if TYPE_CHECKING:
+    from quantum_trader.exchanges.ccxt.client import OnAuthFailure
 
-async def build_exchange(redis: Redis, settings: Settings) -> Exchange:
-    """The adapter the settings select (paper by default)."""
+
+async def build_exchange(redis: Redis, settings: Settings, *, on_auth_failure: OnAuthFailure | None = None) -> Exchange:
+    """The adapter the settings select (paper by default), started.
+
+    A real exchange needs ``on_auth_failure``: what halts trading when the exchange refuses the
+    credentials (the runner turns the kill switch on). The paper exchange has no credentials.
+    """
     if settings.exchange == "paper":
         paper = PaperExchange(
             redis,
@@ -20,10 +29,13 @@ async def build_exchange(redis: Redis, settings: Settings) -> Exchange:
         )
         await paper.fund()
         return paper
+    if on_auth_failure is None:
+        # Fail-closed: a real exchange is never built without a way to halt trading.
+        raise TypeError(f"build_exchange: QT_EXCHANGE={settings.exchange} needs on_auth_failure (halts trading)")
     # Imported here: ccxt takes a second to import and the paper exchange does not need it.
     from quantum_trader.exchanges.ccxt import CcxtExchange
 
-    exchange = CcxtExchange.from_settings(redis, settings)
+    exchange = CcxtExchange.from_settings(redis, settings, on_auth_failure=on_auth_failure)
     try:
         await exchange.start()
     except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +17,7 @@ from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.base import OrderRequest
 from quantum_trader.exchanges.ccxt import CcxtExchange, Credentials, OrderStateUnknown
 from quantum_trader.exchanges.factory import build_exchange
+from quantum_trader.runner import halt_trading
 from quantum_trader.settings import Settings
 from tests.exchanges.conftest import LogTrap
 from tests.exchanges.fake_binance import API_KEY, API_SECRET, FakeBinance
@@ -273,7 +275,7 @@ async def test_markets_load_once_and_refresh_periodically(make_exchange: MakeExc
 async def test_build_exchange_selects_ccxt_in_sandbox_mode(
     r: Redis, exchange_settings: Callable[..., Settings], fake: FakeBinance
 ) -> None:
-    exchange = await build_exchange(r, exchange_settings())
+    exchange = await build_exchange(r, exchange_settings(), on_auth_failure=halt_trading(r))
     try:
         assert isinstance(exchange, CcxtExchange)
         assert exchange.client.isSandboxModeEnabled
@@ -295,7 +297,7 @@ async def test_misconfiguration_stops_start_up_with_the_fix(
     r: Redis, exchange_settings: Callable[..., Settings], overrides: dict[str, Any], message: str, tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError, match=message):
-        await build_exchange(r, exchange_settings(**overrides))
+        await build_exchange(r, exchange_settings(**overrides), on_auth_failure=halt_trading(r))
 
 
 async def test_ccxt_debug_logging_never_shows_the_key(make_exchange: MakeExchange, log_trap: LogTrap) -> None:
@@ -306,3 +308,36 @@ async def test_ccxt_debug_logging_never_shows_the_key(make_exchange: MakeExchang
     assert any("X-MBX-APIKEY" in line for line in ccxt_lines)  # ...with its headers...
     assert API_KEY not in log_trap.text()  # ...but not the key
     assert "signature=" not in log_trap.text()
+
+
+async def test_a_real_exchange_is_never_built_without_a_way_to_halt_trading(
+    r: Redis, exchange_settings: Callable[..., Settings], fake: FakeBinance
+) -> None:
+    with pytest.raises(TypeError, match="needs on_auth_failure"):
+        await build_exchange(r, exchange_settings())
+    assert fake.calls("GET", "/api/v3/exchangeInfo") == 0
+
+
+async def test_an_auth_failure_calls_the_injected_hook_with_the_scrubbed_error(
+    r: Redis, exchange_settings: Callable[..., Settings], log_trap: LogTrap
+) -> None:
+    await r.set(keys.KILL_SWITCH, "0")
+    seen: list[str] = []
+
+    async def hook(error: str) -> None:
+        seen.append(error)
+
+    creds = Credentials(api_key=SecretStr("not-the-key-0000000000000000"), secret=SecretStr(API_SECRET))
+    exchange = CcxtExchange(r, exchange_settings(), creds, on_auth_failure=hook)
+    try:
+        await exchange.start()
+        [out] = await exchange.place_orders([buy()])
+    finally:
+        await exchange.close()
+    assert out.status == "FAILED"
+    [error] = seen
+    assert "-2015" in error
+    assert "not-the-key-0000000000000000" not in error
+    assert await r.get(keys.KILL_SWITCH) == "0"  # the adapter itself never touches the switch
+    [line] = log_trap.lines("exchange_auth_failed")
+    assert json.loads(line)["kill_switch"] == "on"  # the hook returned: trading is halted

@@ -16,9 +16,9 @@ from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.streams import publish
 from quantum_trader.exchanges.base import Exchange
 from quantum_trader.exchanges.ccxt import CcxtExchange
-from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.router import Router
+from quantum_trader.runner import build_stage
 from quantum_trader.settings import Settings
 from tests.exchanges.conftest import LogTrap, write_secrets
 from tests.exchanges.fake_binance import FakeBinance
@@ -31,7 +31,7 @@ GROUP = "quantum:group:execution:trade.intent"
 
 @dataclass
 class Pipeline:
-    """Router and execution wired as ``services.build_stage`` wires them."""
+    """Router and execution built by ``runner.build_stage``, as ``quantum-trader run`` builds them."""
 
     r: Redis
     settings: Settings
@@ -51,9 +51,11 @@ async def make_pipeline(r: Redis, exchange_settings: Callable[..., Settings]) ->
 
     async def make(**overrides: Any) -> Pipeline:
         settings = exchange_settings(**overrides)
-        exchange = await build_exchange(r, settings)
-        exchanges.append(exchange)
-        return Pipeline(r, settings, Router(r, settings), Execution(r, settings, exchange))
+        router, execution = await build_stage(keys.ROUTER, r, settings), await build_stage(keys.EXECUTION, r, settings)
+        assert isinstance(router, Router)
+        assert isinstance(execution, Execution)
+        exchanges.append(execution.exchange)
+        return Pipeline(r, settings, router, execution)
 
     yield make
     for exchange in exchanges:

@@ -27,6 +27,7 @@ from quantum_trader.exchanges.ccxt import CcxtExchange
 from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.router import Router
+from quantum_trader.runner import halt_trading
 from quantum_trader.settings import LIVE_CONFIRMATION, Settings
 from tests.exchanges.conftest import LogTrap, write_secrets
 from tests.exchanges.fake_binance import API_KEY, API_SECRET, FakeBinance
@@ -51,7 +52,8 @@ def test_a_secrets_file_others_can_open_stops_a_real_exchange_with_the_fix(
     confirm = {"live_confirm": LIVE_CONFIRMATION} if mode == "live" else {}
     settings = exchange_settings(secrets_file=path, mode=mode, **confirm)
     with pytest.raises(ConfigError) as caught:
-        CcxtExchange.from_settings(r, settings)  # what execution's start-up builds (services.build_exchange)
+        # What execution's start-up builds (runner.build_stage, through build_exchange).
+        CcxtExchange.from_settings(r, settings, on_auth_failure=halt_trading(r))
     message = str(caught.value)
     assert f"chmod 0640 {path}" in message
     assert "chown root:" in message
@@ -90,7 +92,7 @@ async def test_a_signed_request_the_exchange_echoes_reaches_neither_the_result_n
 ) -> None:
     await r.set(keys.KILL_SWITCH, "0")
     settings = exchange_settings()
-    exchange = await build_exchange(r, settings)
+    exchange = await build_exchange(r, settings, on_auth_failure=halt_trading(r))
     try:
         fake.script("order", "echo_request")
         await r.xadd(settings.decision_stream, decision(qty="0.1"))

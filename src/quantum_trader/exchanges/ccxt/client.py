@@ -13,7 +13,8 @@ Placing one order::
       ├─ timeout / network / 5xx ─► look the order up; only an order the exchange
       │     provably does not have (not found twice, a grace period apart) is sent again
       ├─ 429 / 418 ─► not accepted: back off with jitter, send again
-      └─ authentication / permission ─► FAILED, kill switch on, one log line with the fix
+      └─ authentication / permission ─► FAILED, the rest of the batch not sent,
+            ``on_auth_failure`` (the kill switch), one log line with the fix
 
 When the exchange cannot tell us whether an order exists (lookups keep failing),
 ``OrderStateUnknown`` is raised instead of guessing: the batch stays pending and is
@@ -48,7 +49,6 @@ from quantum_trader.exchanges.ccxt.credentials import Credentials, credential_na
 from quantum_trader.exchanges.ccxt.errors import ErrorKind, OrderStateUnknown, classify
 from quantum_trader.exchanges.ccxt.markets import prepare, to_decimal
 from quantum_trader.exchanges.ccxt.orders import fees_of, outcome_from_order
-from quantum_trader.governor import set_kill
 from quantum_trader.logs import get_logger
 from quantum_trader.settings import Settings, redacted
 
@@ -56,6 +56,15 @@ log = get_logger("exchange")
 
 # How long a write-ahead record is kept: longer than any redelivery of the intent that sent it.
 SENT_TTL_S = 7 * 86_400
+
+# What the adapter calls when the exchange refuses the credentials, with the error (secrets
+# scrubbed): halt trading. The composition root passes one that turns the kill switch on; a
+# RedisError from it means the switch could not be set (the gate treats that server as halted).
+OnAuthFailure = Callable[[str], Awaitable[None]]
+
+
+async def _nothing_to_halt(_error: str) -> None:
+    """The market-data client places no orders, so it has no trading to halt."""
 
 
 class _NotSent(Exception):
@@ -75,6 +84,7 @@ class CcxtExchange:
         settings: Settings,
         credentials: Credentials,
         *,
+        on_auth_failure: OnAuthFailure,
         rand: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         public_only: bool = False,
@@ -84,6 +94,7 @@ class CcxtExchange:
         self.client: Any = self.conn.client
         self.redis = redis
         self.settings = settings
+        self._on_auth_failure = on_auth_failure
         # Orders in flight per adapter, across the batches one process works on at once.
         self._sending = asyncio.Semaphore(settings.exchange_concurrency)
 
@@ -91,10 +102,11 @@ class CcxtExchange:
         return f"CcxtExchange({self.name}, mode={self.settings.mode}, api_key={redacted(self.conn.secrets[0])})"
 
     @classmethod
-    def from_settings(cls, redis: Redis, settings: Settings) -> CcxtExchange:
+    def from_settings(cls, redis: Redis, settings: Settings, *, on_auth_failure: OnAuthFailure) -> CcxtExchange:
         """The adapter the settings describe, credentials from ``QT_SECRETS_FILE``."""
         check_settings(settings)
-        return cls(redis, settings, load_credentials(settings.secrets_file, settings.exchange, settings.mode))
+        credentials = load_credentials(settings.secrets_file, settings.exchange, settings.mode)
+        return cls(redis, settings, credentials, on_auth_failure=on_auth_failure)
 
     @classmethod
     def public(cls, redis: Redis, settings: Settings, exchange: str) -> CcxtExchange:
@@ -103,7 +115,13 @@ class CcxtExchange:
         ``QT_MODE=testnet`` reads the exchange's sandbox; otherwise its production data.
         """
         blank = Credentials(api_key=SecretStr(""), secret=SecretStr(""))
-        return cls(redis, settings.model_copy(update={"exchange": exchange}), blank, public_only=True)
+        return cls(
+            redis,
+            settings.model_copy(update={"exchange": exchange}),
+            blank,
+            on_auth_failure=_nothing_to_halt,
+            public_only=True,
+        )
 
     async def start(self) -> None:
         """Load the markets (fails start-up with a clear error when the exchange cannot be reached)."""
@@ -380,10 +398,10 @@ class CcxtExchange:
         return await self.conn.refresh_order(symbol, order)
 
     async def _auth_failed(self, coid: str, error: str, *, announce: bool = True) -> OrderOutcome:
-        """FAILED, kill switch on (fail-closed), one log line saying how to fix it."""
+        """FAILED, trading halted through ``on_auth_failure`` (fail-closed), one log line saying how to fix it."""
         error = self.conn.clean(error)
         try:
-            await set_kill(self.redis, on=True)
+            await self._on_auth_failure(error)
             switched = True
         except RedisError:
             switched = False  # the gate treats an unreachable server as halted anyway
