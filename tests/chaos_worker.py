@@ -14,7 +14,7 @@ from quantum_trader import runner
 from quantum_trader.bus.connection import connected
 from quantum_trader.bus.streams import Entry
 from quantum_trader.exchanges.factory import build_exchange
-from quantum_trader.execution import Execution
+from quantum_trader.execution import Execution, decode
 from quantum_trader.logs import configure
 from quantum_trader.settings import load_settings
 
@@ -25,7 +25,7 @@ class AckFirstExecution(Execution):
     async def handle(self, entries: list[Entry]) -> None:
         await self.redis.xack(self.streams.intent, self.streams.execution_group, *[e.id for e in entries])
         await asyncio.sleep(0.02)  # the exchange round trip
-        jobs, _bad = self._decode(entries)
+        jobs, _bad = decode(entries)
         await self.redis.sadd("chaos:ack_first:handled", *[e.id for e in entries])
         await self.commit_unchecked(jobs)
 

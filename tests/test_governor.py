@@ -16,13 +16,17 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import ensure_group, publish
 from quantum_trader.events import TRADE_INTENT, Reason, TradeIntent, envelope, now_iso
 from quantum_trader.governor import (
+    TO_GATE,
     Governor,
     Limits,
+    Verdict,
     check_intent,
     counter_ttl,
     governor_state,
     is_expired,
     kill_state,
+    review,
+    symbols_to_price,
 )
 from quantum_trader.settings import Settings
 from tests.pipeline import results
@@ -35,8 +39,17 @@ INTENTS = "quantum:stream:trade.intent"
 GROUP = "quantum:group:execution:trade.intent"
 
 
-def intent(qty: str = "0.1", symbol: str = "ETHUSDT", decision_ts: str = "") -> TradeIntent:
-    return TradeIntent(symbol=symbol, side="BUY", qty=Decimal(qty), decision_ts=decision_ts)
+def intent(
+    qty: str = "0.1", symbol: str = "ETHUSDT", decision_ts: str = "", price: str | None = None, limit: bool = False
+) -> TradeIntent:
+    return TradeIntent(
+        symbol=symbol,
+        side="BUY",
+        qty=Decimal(qty),
+        decision_ts=decision_ts,
+        price=None if price is None else Decimal(price),
+        order_type="LIMIT" if limit else "MARKET",
+    )
 
 
 def test_counter_expires_at_next_utc_midnight_plus_one_hour() -> None:
@@ -66,6 +79,72 @@ def test_age_counts_from_the_decision_timestamp() -> None:
     assert not is_expired(fresh, now_iso(NOW), NOW, LIMITS.max_age)
     assert is_expired(stale, now_iso(NOW), NOW, LIMITS.max_age)
     assert is_expired(intent(decision_ts="garbage"), now_iso(NOW), NOW, LIMITS.max_age)  # unknown age: stale
+
+
+def ago(seconds: float) -> str:
+    return now_iso(NOW - timedelta(seconds=seconds))
+
+
+def test_review_judges_a_batch_in_order_age_first_then_allow_list_then_notional() -> None:
+    batch = [
+        (intent("0.1", decision_ts=ago(1)), ""),  # fresh, 300 at the market price: on to the gate
+        (intent("0.1", decision_ts=ago(61)), ""),  # too old: expired, whatever else it breaks
+        (intent("1", symbol="BTCUSDT", decision_ts=ago(61)), ""),
+        (intent("1", decision_ts=ago(1)), ""),  # 3000 > 1000
+        (intent("0.1", symbol="BTCUSDT", decision_ts=ago(1)), ""),
+        (intent("0.1", decision_ts=""), ago(5)),  # no decision time: the entry's timestamp counts
+        (intent("0.1", decision_ts=""), ago(120)),
+        (intent("0.1", decision_ts="garbage"), ago(1)),  # unknown age: expired
+    ]
+
+    verdicts = review(batch, {"ETHUSDT": Decimal(3000)}, NOW, LIMITS)
+
+    expired = Verdict("EXPIRED", Reason.EXPIRED, "decision older than 60s")
+    assert verdicts == [
+        TO_GATE,
+        expired,
+        expired,
+        Verdict("REJECTED", Reason.MAX_NOTIONAL, "notional 3000 exceeds QT_MAX_NOTIONAL=1000"),
+        Verdict("REJECTED", Reason.SYMBOL_NOT_ALLOWED, "BTCUSDT is not in QT_SYMBOL_ALLOWLIST"),
+        TO_GATE,
+        expired,
+        expired,
+    ]
+
+
+def test_review_values_an_intent_at_the_market_else_its_own_price_and_a_limit_at_its_limit() -> None:
+    no_market: dict[str, Decimal] = {}
+    market = {"ETHUSDT": Decimal(20_000)}  # 0.1 ETH = 2000 at the market: over the limit
+    fresh = ago(1)
+    market_with_hint = (intent("0.1", decision_ts=fresh, price="3000"), "")
+    limit_order = (intent("0.1", decision_ts=fresh, price="3000", limit=True), "")
+    no_price = (intent("0.1", decision_ts=fresh), "")
+
+    assert review([market_with_hint, limit_order, no_price], no_market, NOW, LIMITS) == [
+        TO_GATE,
+        TO_GATE,
+        Verdict("REJECTED", Reason.NO_PRICE, "no market or reference price for ETHUSDT; notional cannot be checked"),
+    ]
+    over = Verdict("REJECTED", Reason.MAX_NOTIONAL, "notional 2000.0 exceeds QT_MAX_NOTIONAL=1000")
+    assert review([market_with_hint, limit_order, no_price], market, NOW, LIMITS) == [over, TO_GATE, over]
+
+
+def test_review_of_nothing_is_nothing_and_an_open_allow_list_allows_any_symbol() -> None:
+    assert review([], {}, NOW, LIMITS) == []
+    anything = Limits(daily_limit=1, max_notional=Decimal(10), symbol_allowlist=frozenset(), max_age=timedelta(1))
+    batch = [(intent("1", symbol="SOLUSDT", decision_ts=ago(1)), "")]
+    assert review(batch, {"SOLUSDT": Decimal(5)}, NOW, anything) == [TO_GATE]
+
+
+def test_only_intents_that_are_not_expired_need_a_price() -> None:
+    batch = [
+        (intent(symbol="SOLUSDT", decision_ts=ago(61)), ""),
+        (intent(symbol="ETHUSDT", decision_ts=ago(1)), ""),
+        (intent(symbol="BTCUSDT", decision_ts=""), ago(2)),
+        (intent(symbol="ETHUSDT", decision_ts=ago(3)), ""),
+    ]
+    assert symbols_to_price(batch, NOW, LIMITS) == ["ETHUSDT", "BTCUSDT", "ETHUSDT"]
+    assert symbols_to_price(batch[:1], NOW, LIMITS) == []  # a batch of stale intents asks the exchange nothing
 
 
 async def pending_intents(r: Redis, n: int) -> list[str]:

@@ -4,9 +4,10 @@ Per batch, in order:
 1. decode; an intent that does not decode goes to the dead-letter stream with its raw fields;
 2. for intents delivered before (a crash, a dead consumer), look the order up at the
    exchange by its deterministic client order id: if it exists, report it, never place again;
-3. EXPIRED for intents older than the max age (never executed);
-4. the governor's pure rules (allow-list, notional), then its gate script (kill switch,
-   daily limit) in one call, right before the orders leave;
+3. the governor's pure review of the batch in one call: EXPIRED for intents older than the
+   max age (never executed), REJECTED for those breaking the allow-list or the notional;
+4. the governor's gate script for the rest (kill switch, daily limit) in one call, right
+   before the orders leave;
 5. place the approved orders (idempotent per client order id); the exchange reads the kill
    switch again right before each order leaves, and an order it stops is REJECTED KILL_SWITCH;
 6. one ``commit.lua`` call acknowledges every intent and writes its result (and the legacy
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -46,6 +47,7 @@ from quantum_trader.events import (
 )
 from quantum_trader.exchanges.base import Exchange, OrderOutcome, OrderRequest, client_order_id
 from quantum_trader.exchanges.paper import PaperExchange
+from quantum_trader.keys import StreamNames
 from quantum_trader.logs import emit_outcomes, get_logger, outcomes_enabled
 from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
@@ -61,6 +63,38 @@ class Job:
     env: Envelope
     intent: TradeIntent
     coid: str
+
+
+def check_amounts(intent: TradeIntent) -> None:
+    """The intent's quantity and price are within the router's bounds (the intent stream is writable by others)."""
+    try:
+        check_amount(intent.qty, "qty")
+        if intent.price is not None:
+            check_amount(intent.price, "price")
+    except DecodeError as exc:
+        raise DecodeError(f"payload: {exc.reason}", field=exc.field) from None
+
+
+def decode(entries: Sequence[Entry]) -> tuple[list[Job], list[tuple[Entry, DecodeError]]]:
+    """The intents of a batch as jobs, and each entry that does not decode with the reason (pure).
+
+    Whatever an entry holds, it ends in one of the two lists: an error nobody foresaw is that
+    entry's DecodeError, never the batch's failure.
+    """
+    jobs, bad = [], []
+    for entry in entries:
+        try:
+            env, intent = decode_event(entry.fields, TradeIntent, TRADE_INTENT)
+            check_amount_texts(env.payload)
+            check_amounts(intent)
+        except DecodeError as exc:
+            bad.append((entry, exc))
+            continue
+        except Exception as exc:  # whatever the entry holds, it is set aside alone
+            bad.append((entry, DecodeError(f"{type(exc).__name__}: {printable(str(exc), 200)}", raw=entry.fields)))
+            continue
+        jobs.append(Job(entry, env, intent, client_order_id(entry.id, env.trace_id, env.correlation_id)))
+    return jobs, bad
 
 
 def result_for(
@@ -91,24 +125,6 @@ def result_for(
     )
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class _Turn:
-    """A batch's place in its symbols' queue: its orders placed, then its results written."""
-
-    placed: asyncio.Future[None]
-    committed: asyncio.Future[None]
-
-
-def check_amounts(intent: TradeIntent) -> None:
-    """The intent's quantity and price are within the router's bounds (the intent stream is writable by others)."""
-    try:
-        check_amount(intent.qty, "qty")
-        if intent.price is not None:
-            check_amount(intent.price, "price")
-    except DecodeError as exc:
-        raise DecodeError(f"payload: {exc.reason}", field=exc.field) from None
-
-
 def _code_and_detail(outcome: OrderOutcome) -> tuple[str, str]:
     # COMPATIBILITY, to remove once the ccxt adapter passes OrderOutcome(reason=CODE, detail=text):
     # until then it writes "CODE: detail" into reason, split here so the stream keeps them apart.
@@ -128,8 +144,64 @@ def result_not_sent(job: Job, outcome: OrderOutcome) -> ExecutionResult:
     return result_for(job, outcome.status, *_code_and_detail(outcome))
 
 
+class Committer:
+    """Acknowledges intents and writes their results, one atomic ``commit.lua`` call per batch.
+
+    It needs no exchange: execution commits every batch with it, ``recover`` the intents it expires.
+    ``paper_records``: the paper exchange keeps a record of each order, given an expiry of ``keep_s``
+    seconds (QT_TRIM_KEEP_S) when its intent is committed.
+    """
+
+    def __init__(self, redis: Redis, streams: StreamNames, *, keep_s: float, paper_records: bool) -> None:
+        self.redis = redis
+        self.streams = streams
+        self.keep_s = keep_s
+        self.paper_records = paper_records
+        self._script = register(redis, "commit")
+
+    async def commit(self, done: Sequence[tuple[Job, ExecutionResult]], sent: Collection[str], now: datetime) -> int:
+        """Acknowledge the intents and write their results in one atomic script call; the number written.
+
+        An intent someone else already finished gets no second result. ``sent``: the intents whose
+        order reached the exchange; every other intent the gate counted is uncounted in the same
+        call, so the daily counter always equals the orders sent. The paper exchange's record of
+        each order gets its expiry here: the intent is finished, no delivery can ask for it again.
+        """
+        if not done:
+            return 0
+        items: list[str] = []
+        for job, result in done:
+            placed = "1" if job.entry.id in sent else "0"
+            record = keys.paper_order(job.coid) if self.paper_records else ""
+            items += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result), placed, record)
+        args: list[str | bytes] = [
+            self.streams.execution_group,
+            EXECUTION_RESULT,
+            now_iso(now),
+            keys.EXECUTION,
+            pack(items),
+            str(math.ceil(self.keep_s)),
+        ]
+        day = now.astimezone(UTC).date()
+        script_keys = [self.streams.intent, self.streams.result, keys.counted(day), keys.daily_trades(day)]
+        if self.streams.result_legacy:
+            script_keys.append(self.streams.result_legacy)
+        written = int(await self._script(keys=script_keys, args=args))
+        if outcomes_enabled():
+            emit_outcomes(keys.EXECUTION, [_outcome_record(job, result) for job, result in done])
+        return written
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Turn:
+    """A batch's place in its symbols' queue: its orders placed, then its results written."""
+
+    placed: asyncio.Future[None]
+    committed: asyncio.Future[None]
+
+
 class Execution:
-    """The execution service: governor gate, exchange adapter, atomic results."""
+    """The execution service: governor review and gate, exchange adapter, atomic results."""
 
     def __init__(
         self,
@@ -145,29 +217,15 @@ class Execution:
         self.streams = settings.streams
         self.governor = gov.Governor(redis, settings)
         self.limits = self.governor.limits
-        self._commit = register(redis, "commit")
+        self.committer = Committer(
+            redis, self.streams, keep_s=settings.trim_keep_s, paper_records=isinstance(exchange, PaperExchange)
+        )
         self.consumer = GroupConsumer.for_stage(
             redis, settings, keys.EXECUTION, self.streams.intent, self.streams.execution_group
         )
         self.totals: dict[str, int] = {"FILLED": 0, "REJECTED": 0, "EXPIRED": 0, "FAILED": 0}
         # Per symbol, the batch in flight that holds it last (see ``handle``).
         self._last_for_symbol: dict[str, _Turn] = {}
-
-    def _decode(self, entries: list[Entry]) -> tuple[list[Job], list[tuple[Entry, DecodeError]]]:
-        jobs, bad = [], []
-        for entry in entries:
-            try:
-                env, intent = decode_event(entry.fields, TradeIntent, TRADE_INTENT)
-                check_amount_texts(env.payload)
-                check_amounts(intent)
-            except DecodeError as exc:
-                bad.append((entry, exc))
-                continue
-            except Exception as exc:  # whatever the entry holds, it is set aside alone
-                bad.append((entry, DecodeError(f"{type(exc).__name__}: {printable(str(exc), 200)}", raw=entry.fields)))
-                continue
-            jobs.append(Job(entry, env, intent, client_order_id(entry.id, env.trace_id, env.correlation_id)))
-        return jobs, bad
 
     async def handle(self, entries: list[Entry]) -> None:
         """Execute one batch (see the module docstring for the steps).
@@ -178,7 +236,7 @@ class Execution:
         one batch's placing overlaps the other's commit). Batches start in read order, so the
         queue is set up before the first await.
         """
-        jobs, bad = self._decode(entries)
+        jobs, bad = decode(entries)
         symbols = {job.intent.symbol for job in jobs}
         earlier = {self._last_for_symbol[symbol] for symbol in symbols if symbol in self._last_for_symbol}
         loop = asyncio.get_running_loop()
@@ -210,25 +268,16 @@ class Execution:
                     results[job.entry.id] = result_from_outcome(job, existing[job.coid], self.exchange.name)
 
         now = self.clock()
-        todo: list[Job] = []
-        for job in jobs:
-            if job.entry.id in results:
-                continue
-            if gov.is_expired(job.intent, job.env.timestamp, now, self.limits.max_age):
-                results[job.entry.id] = result_for(
-                    job, "EXPIRED", Reason.EXPIRED, gov.expiry_detail(self.limits.max_age)
-                )
-            else:
-                todo.append(job)
-
-        prices = await self.exchange.last_prices([job.intent.symbol for job in todo]) if todo else {}
+        todo = [job for job in jobs if job.entry.id not in results]
+        batch = [(job.intent, job.env.timestamp) for job in todo]
+        symbols = gov.symbols_to_price(batch, now, self.limits)
+        prices = await self.exchange.last_prices(symbols) if symbols else {}
         gated: list[Job] = []
-        for job in todo:
-            broken = gov.check_intent(job.intent, prices.get(job.intent.symbol, job.intent.price), self.limits)
-            if broken is not None:
-                results[job.entry.id] = result_for(job, "REJECTED", *broken)
-            else:
+        for job, verdict in zip(todo, gov.review(batch, prices, now, self.limits), strict=True):
+            if verdict.status is None:
                 gated.append(job)
+            else:
+                results[job.entry.id] = result_for(job, verdict.status, verdict.reason or "", verdict.detail)
 
         verdicts = await self.governor.gate([job.entry.id for job in gated], self.clock(), self.consumer.consumer)
         approved = []
@@ -270,39 +319,12 @@ class Execution:
         await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results], sent)
 
     async def commit(self, done: list[tuple[Job, ExecutionResult]], sent: Collection[str] = ()) -> None:
-        """Acknowledge the intents and write their results in one atomic script call.
-
-        ``sent``: the intents whose order reached the exchange. Every other intent the gate
-        counted is uncounted in the same call, so the daily counter always equals the orders
-        sent. The paper exchange's record of each order gets its expiry here (QT_TRIM_KEEP_S):
-        the intent is finished, no delivery can ask for it again.
-        """
+        """Commit a batch's results (``Committer.commit``, at this stage's clock) and count them."""
         if not done:
             return
-        now = self.clock()
-        paper = isinstance(self.exchange, PaperExchange)
-        items: list[str] = []
-        for job, result in done:
-            placed = "1" if job.entry.id in sent else "0"
-            record = keys.paper_order(job.coid) if paper else ""
-            items += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result), placed, record)
-        args: list[str | bytes] = [
-            self.streams.execution_group,
-            EXECUTION_RESULT,
-            now_iso(now),
-            keys.EXECUTION,
-            pack(items),
-            str(math.ceil(self.settings.trim_keep_s)),
-        ]
-        day = now.astimezone(UTC).date()
-        script_keys = [self.streams.intent, self.streams.result, keys.counted(day), keys.daily_trades(day)]
-        if self.streams.result_legacy:
-            script_keys.append(self.streams.result_legacy)
-        await self._commit(keys=script_keys, args=args)
+        await self.committer.commit(done, sent, self.clock())
         for _job, result in done:
             self.totals[result.status] += 1
-        if outcomes_enabled():
-            emit_outcomes(keys.EXECUTION, [_outcome_record(job, result) for job, result in done])
 
 
 def _outcome_record(job: Job, result: ExecutionResult) -> dict[str, object]:

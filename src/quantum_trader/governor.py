@@ -1,7 +1,8 @@
 """The risk governor: every rule an intent must pass right before its order leaves.
 
-Pure rules (``check_intent``) need no server: max age, symbol allow-list, max
-notional. The stateful rules run in one Lua script per batch (``gate.lua``):
+The pure rules need no server: ``review`` judges a whole batch in one call (max age, then
+symbol allow-list and max notional), each intent EXPIRED, REJECTED with a code and a detail,
+or passed on to the gate. The stateful rules run in one Lua script per batch (``gate.lua``):
 the kill switch (trading only while ``quantum:kill`` is exactly ``0``; absent,
 any other value, a key of another type or an unreachable server never approves)
 and the daily trade limit, checked and incremented in the same atomic step and
@@ -14,10 +15,12 @@ batch already approved: they end REJECTED KILL_SWITCH, not sent, their count giv
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from typing import Literal
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
@@ -60,6 +63,18 @@ class Limits:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The pure rules' answer for one intent: ``status`` None passes it on to the gate."""
+
+    status: Literal["EXPIRED", "REJECTED"] | None = None
+    reason: Reason | None = None
+    detail: str = ""
+
+
+TO_GATE = Verdict()
+
+
 def is_expired(intent: TradeIntent, intent_timestamp: str, now: datetime, max_age: timedelta) -> bool:
     """An intent is stale once its decision is older than ``max_age`` (unknown age = stale)."""
     try:
@@ -86,6 +101,34 @@ def check_intent(intent: TradeIntent, price: Decimal | None, limits: Limits) -> 
     if notional > limits.max_notional:
         return Reason.MAX_NOTIONAL, f"notional {notional:f} exceeds QT_MAX_NOTIONAL={limits.max_notional}"
     return None
+
+
+def symbols_to_price(batch: Sequence[tuple[TradeIntent, str]], now: datetime, limits: Limits) -> list[str]:
+    """The symbols whose market price ``review`` needs: those of the intents not expired.
+
+    An expired intent needs no price, so a batch of stale intents is finished without asking
+    the exchange (a stale backlog drains even while the exchange is slow or unreachable).
+    """
+    return [intent.symbol for intent, stamp in batch if not is_expired(intent, stamp, now, limits.max_age)]
+
+
+def review(
+    batch: Sequence[tuple[TradeIntent, str]], prices: Mapping[str, Decimal], now: datetime, limits: Limits
+) -> list[Verdict]:
+    """One verdict per (intent, its entry's timestamp), in order: EXPIRED, REJECTED, or on to the gate.
+
+    Age first (an expired intent is never judged on anything else), then the allow-list and the
+    notional, valued at ``prices`` (the market's, by symbol), else the intent's own price.
+    """
+    verdicts = []
+    for intent, stamp in batch:
+        if is_expired(intent, stamp, now, limits.max_age):
+            verdicts.append(Verdict("EXPIRED", Reason.EXPIRED, expiry_detail(limits.max_age)))
+        elif (broken := check_intent(intent, prices.get(intent.symbol, intent.price), limits)) is not None:
+            verdicts.append(Verdict("REJECTED", *broken))
+        else:
+            verdicts.append(TO_GATE)
+    return verdicts
 
 
 def counter_ttl(now: datetime) -> int:

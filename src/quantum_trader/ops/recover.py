@@ -14,38 +14,27 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from quantum_trader import governor as gov
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.bus.streams import Entry, ensure_group, next_id
-from quantum_trader.errors import ExchangeError
+from quantum_trader.bus.streams import Entry, GroupConsumer, ensure_group, next_id
 from quantum_trader.events import Reason
-from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard
-from quantum_trader.execution import Execution, orders_may_exist, result_for
+from quantum_trader.execution import Committer, decode, orders_may_exist, result_for
 from quantum_trader.settings import Settings
 
 RECOVER_CONSUMER = "recover"
 
 
-class _NoOrders:
-    """The exchange recovery hands to execution's commit path: it refuses to trade."""
+@dataclass(frozen=True, slots=True)
+class _Tools:
+    """What recovery finishes intents with: execution's commit and the dead-letter stream, no exchange."""
 
-    name = "none"
-
-    async def last_prices(self, symbols: list[str]) -> dict[str, Decimal]:
-        return {}
-
-    async def fetch_orders(self, client_order_ids: list[str]) -> dict[str, OrderOutcome]:
-        return {}
-
-    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
-        raise ExchangeError("recover never places orders")
-
-    async def close(self) -> None:
-        return None
+    limits: gov.Limits
+    committer: Committer
+    consumer: GroupConsumer  # dead-letters undecodable intents
+    now: datetime
 
 
 @dataclass
@@ -66,16 +55,18 @@ class RecoveryReport:
         return asdict(self)
 
 
-async def _expire(execution: Execution, entries: list[Entry], now: datetime, report: RecoveryReport) -> list[Entry]:
+async def _expire(tools: _Tools, entries: list[Entry], report: RecoveryReport) -> list[Entry]:
     """Commit EXPIRED results for the stale intents among ``entries``; return the fresh ones."""
-    jobs, bad = execution._decode(entries)
+    jobs, bad = decode(entries)
     report.undecodable += len(bad)
     if bad:
-        await execution.consumer.dead_letter([entry for entry, _ in bad], "undecodable trade intent (found by recover)")
-    limits = execution.limits
-    expired = [job for job in jobs if gov.is_expired(job.intent, job.env.timestamp, now, limits.max_age)]
-    detail = f"{gov.expiry_detail(limits.max_age)} (found by recover)"
-    await execution.commit([(job, result_for(job, "EXPIRED", Reason.EXPIRED, detail)) for job in expired])
+        await tools.consumer.dead_letter([entry for entry, _ in bad], "undecodable trade intent (found by recover)")
+    max_age = tools.limits.max_age
+    expired = [job for job in jobs if gov.is_expired(job.intent, job.env.timestamp, tools.now, max_age)]
+    detail = f"{gov.expiry_detail(max_age)} (found by recover)"
+    await tools.committer.commit(
+        [(job, result_for(job, "EXPIRED", Reason.EXPIRED, detail)) for job in expired], (), tools.now
+    )
     report.expired += len(expired)
     done = {job.entry.id for job in expired}
     return [job.entry for job in jobs if job.entry.id not in done]
@@ -90,8 +81,15 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
         if await ensure_group(redis, stream, group):
             report.groups_created.append(f"{stream} / {group}")
 
-    execution = Execution(redis, settings, _NoOrders(), clock=lambda: moment)
-    execution.consumer.consumer = RECOVER_CONSUMER
+    tools = _Tools(
+        limits=gov.Limits.from_settings(settings),
+        # No paper records to expire: recover finishes only intents whose order does not exist.
+        committer=Committer(redis, streams, keep_s=settings.trim_keep_s, paper_records=False),
+        consumer=GroupConsumer(
+            redis, streams.intent, streams.execution_group, RECOVER_CONSUMER, settings.dead_letter_stream
+        ),
+        now=moment,
+    )
 
     # 1. Intents held by consumers that are idle past the threshold AND have no live heartbeat.
     # Idle time alone is not death: a live order batch on an exchange (order wait plus retries)
@@ -115,8 +113,8 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
                 pipe.xrange(streams.intent, min=entry_id, max=entry_id)
             found = [rows[0] for rows in await pipe.execute() if rows]
         entries = [Entry(entry_id, fields, 2) for entry_id, fields in found]
-        stale = await _stale_only(execution, entries, moment)
-        ordered = await _maybe_ordered(redis, settings, execution, stale)
+        stale = _stale_only(tools, entries)
+        ordered = await _maybe_ordered(redis, settings, stale)
         report.left_with_order += len(ordered)
         stale = [entry for entry in stale if entry.id not in ordered]
         if stale:
@@ -131,7 +129,7 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
             ]
             taken = set(await redis.register_script(_CLAIM_FROM_DEAD)(keys=[streams.intent], args=args))
             claimed_entries = [entry for entry in stale if entry.id in taken]
-            fresh = await _expire(execution, claimed_entries, moment, report)
+            fresh = await _expire(tools, claimed_entries, report)
             report.left_for_execution += len(fresh)
         report.left_for_execution += len(entries) - len(stale)
 
@@ -140,7 +138,7 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
         info = next(g for g in await redis.xinfo_groups(streams.intent) if g["name"] == streams.execution_group)
         head = await redis.xrange(streams.intent, min=f"({info['last-delivered-id']}", max="+", count=1000)
         entries = [Entry(entry_id, fields) for entry_id, fields in head]
-        stale = await _stale_only(execution, entries, moment)
+        stale = _stale_only(tools, entries)
         prefix = 0
         for entry in entries:
             if prefix < len(stale) and stale[prefix].id == entry.id:
@@ -151,7 +149,7 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
             break
         reply = await redis.xreadgroup(streams.execution_group, RECOVER_CONSUMER, {streams.intent: ">"}, count=prefix)
         delivered = [Entry(entry_id, fields) for entry_id, fields in (reply[0][1] if reply else [])]
-        fresh = await _expire(execution, delivered, moment, report)
+        fresh = await _expire(tools, delivered, report)
         # A fresh intent delivered here (execution read the same head meanwhile) stays pending on
         # "recover" and is reclaimed by execution after QT_CLAIM_IDLE_MS: late, never lost.
         report.left_for_execution += len(fresh)
@@ -222,20 +220,21 @@ async def _live_consumers(redis: Redis, consumers: set[str]) -> set[str]:
     return {name for name, exists in zip(names, found, strict=True) if exists}
 
 
-async def _maybe_ordered(redis: Redis, settings: Settings, execution: Execution, entries: list[Entry]) -> set[str]:
+async def _maybe_ordered(redis: Redis, settings: Settings, entries: list[Entry]) -> set[str]:
     """Ids of the entries whose order may exist: the paper exchange holds it, or a send was recorded.
 
     Their dead consumer may have placed the order before dying; only execution, which looks
     the order up at the exchange first, may give them a result (FILLED if the order is there).
     """
-    jobs, _bad = execution._decode(entries)
+    jobs, _bad = decode(entries)
     found = await orders_may_exist(redis, settings.exchange, [job.coid for job in jobs])
     return {job.entry.id for job, maybe in zip(jobs, found, strict=True) if maybe}
 
 
-async def _stale_only(execution: Execution, entries: list[Entry], now: datetime) -> list[Entry]:
+def _stale_only(tools: _Tools, entries: list[Entry]) -> list[Entry]:
     """The entries whose intent is too old (undecodable ones count as stale: they need setting aside)."""
-    jobs, bad = execution._decode(entries)
-    old = {job.entry.id for job in jobs if gov.is_expired(job.intent, job.env.timestamp, now, execution.limits.max_age)}
+    jobs, bad = decode(entries)
+    max_age = tools.limits.max_age
+    old = {job.entry.id for job in jobs if gov.is_expired(job.intent, job.env.timestamp, tools.now, max_age)}
     old |= {entry.id for entry, _ in bad}
     return [entry for entry in entries if entry.id in old]
