@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from quantum_trader.bus.connection import Redis
-from quantum_trader.exchanges.ccxt import CcxtExchange, Credentials
+from quantum_trader.exchanges.ccxt import CcxtConfig, CcxtExchange, Credentials
 from quantum_trader.runner import halt_trading
 from quantum_trader.settings import Settings
 from tests.conftest import LogTrap as LogTrap  # the exchange tests read their logs through it
@@ -83,7 +83,7 @@ async def make_exchange(r: Redis, exchange_settings: Callable[..., Settings]) ->
     async def make(credentials: Credentials | None = None, **overrides: Any) -> CcxtExchange:
         settings = exchange_settings(**overrides)
         exchange = (
-            CcxtExchange(r, settings, credentials, on_auth_failure=halt_trading(r))
+            CcxtExchange(r, CcxtConfig.from_settings(settings), credentials, on_auth_failure=halt_trading(r))
             if credentials is not None
             else CcxtExchange.from_settings(r, settings, on_auth_failure=halt_trading(r))
         )

@@ -15,7 +15,7 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.base import OrderRequest
-from quantum_trader.exchanges.ccxt import CcxtExchange, Credentials, OrderStateUnknown
+from quantum_trader.exchanges.ccxt import CcxtConfig, CcxtExchange, Credentials, OrderStateUnknown
 from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.runner import halt_trading
 from quantum_trader.settings import Settings
@@ -328,7 +328,7 @@ async def test_an_auth_failure_calls_the_injected_hook_with_the_scrubbed_error(
         seen.append(error)
 
     creds = Credentials(api_key=SecretStr("not-the-key-0000000000000000"), secret=SecretStr(API_SECRET))
-    exchange = CcxtExchange(r, exchange_settings(), creds, on_auth_failure=hook)
+    exchange = CcxtExchange(r, CcxtConfig.from_settings(exchange_settings()), creds, on_auth_failure=hook)
     try:
         await exchange.start()
         [out] = await exchange.place_orders([buy()])

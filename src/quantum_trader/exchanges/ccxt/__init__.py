@@ -6,7 +6,8 @@ the adapter logs or returns. One module per concern:
 
 - ``client``       the adapter (``CcxtExchange``): placing each order once, looking orders up, prices, candles
 - ``connection``   ccxt's client for one exchange: retries, markets, the check right before an order leaves
-- ``config``       which exchange and mode, and each venue's quirks (Binance spot options, id parameters)
+- ``sent``         the write-ahead record of each order being sent, in Redis
+- ``config``       ``CcxtConfig`` (what it reads of the settings) and each venue's quirks
 - ``credentials``  the secrets file, its permission checks, ``Credentials``
 - ``markets``      a market's rules and an order rounded and checked against them
 - ``orders``       a ccxt order as an ``OrderOutcome`` (fills, average price, fees)
@@ -15,7 +16,8 @@ the adapter logs or returns. One module per concern:
 """
 
 from quantum_trader.exchanges.ccxt.client import CcxtExchange
+from quantum_trader.exchanges.ccxt.config import CcxtConfig
 from quantum_trader.exchanges.ccxt.credentials import Credentials
 from quantum_trader.exchanges.ccxt.errors import OrderStateUnknown
 
-__all__ = ["CcxtExchange", "Credentials", "OrderStateUnknown"]
+__all__ = ["CcxtConfig", "CcxtExchange", "Credentials", "OrderStateUnknown"]

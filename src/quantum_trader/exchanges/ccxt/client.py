@@ -28,7 +28,7 @@ just before, can still reach the exchange.
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -39,23 +39,20 @@ import ccxt  # type: ignore[import-untyped]
 from pydantic import SecretStr
 from redis.exceptions import RedisError
 
-from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError, ExchangeError, FatalExchangeError, TransientExchangeError
 from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard
-from quantum_trader.exchanges.ccxt.config import check_settings
+from quantum_trader.exchanges.ccxt.config import CcxtConfig, check_config
 from quantum_trader.exchanges.ccxt.connection import CcxtConnection
 from quantum_trader.exchanges.ccxt.credentials import Credentials, credential_names, load_credentials
 from quantum_trader.exchanges.ccxt.errors import ErrorKind, OrderStateUnknown, classify
 from quantum_trader.exchanges.ccxt.markets import prepare, to_decimal
 from quantum_trader.exchanges.ccxt.orders import fees_of, outcome_from_order
+from quantum_trader.exchanges.ccxt.sent import SentRecords
 from quantum_trader.logs import get_logger
 from quantum_trader.settings import Settings, redacted
 
 log = get_logger("exchange")
-
-# How long a write-ahead record is kept: longer than any redelivery of the intent that sent it.
-SENT_TTL_S = 7 * 86_400
 
 # What the adapter calls when the exchange refuses the credentials, with the error (secrets
 # scrubbed): halt trading. The composition root passes one that turns the kill switch on; a
@@ -81,7 +78,7 @@ class CcxtExchange:
     def __init__(
         self,
         redis: Redis,
-        settings: Settings,
+        config: CcxtConfig,
         credentials: Credentials,
         *,
         on_auth_failure: OnAuthFailure,
@@ -89,24 +86,26 @@ class CcxtExchange:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         public_only: bool = False,
     ) -> None:
-        self.conn = CcxtConnection(settings, credentials, rand=rand, sleep=sleep, public_only=public_only)
+        self.conn = CcxtConnection(config, credentials, rand=rand, sleep=sleep, public_only=public_only)
         self.name = self.conn.name
         self.client: Any = self.conn.client
         self.redis = redis
-        self.settings = settings
+        self.sent = SentRecords(redis, self.name)
+        self.config = config
         self._on_auth_failure = on_auth_failure
         # Orders in flight per adapter, across the batches one process works on at once.
-        self._sending = asyncio.Semaphore(settings.exchange_concurrency)
+        self._sending = asyncio.Semaphore(config.concurrency)
 
     def __repr__(self) -> str:
-        return f"CcxtExchange({self.name}, mode={self.settings.mode}, api_key={redacted(self.conn.secrets[0])})"
+        return f"CcxtExchange({self.name}, mode={self.config.mode}, api_key={redacted(self.conn.secrets[0])})"
 
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings, *, on_auth_failure: OnAuthFailure) -> CcxtExchange:
         """The adapter the settings describe, credentials from ``QT_SECRETS_FILE``."""
-        check_settings(settings)
-        credentials = load_credentials(settings.secrets_file, settings.exchange, settings.mode)
-        return cls(redis, settings, credentials, on_auth_failure=on_auth_failure)
+        config = CcxtConfig.from_settings(settings)
+        check_config(config)
+        credentials = load_credentials(config.secrets_file, config.exchange, config.mode)
+        return cls(redis, config, credentials, on_auth_failure=on_auth_failure)
 
     @classmethod
     def public(cls, redis: Redis, settings: Settings, exchange: str) -> CcxtExchange:
@@ -117,7 +116,7 @@ class CcxtExchange:
         blank = Credentials(api_key=SecretStr(""), secret=SecretStr(""))
         return cls(
             redis,
-            settings.model_copy(update={"exchange": exchange}),
+            dataclasses.replace(CcxtConfig.from_settings(settings), exchange=exchange),
             blank,
             on_auth_failure=_nothing_to_halt,
             public_only=True,
@@ -129,8 +128,8 @@ class CcxtExchange:
         log.info(
             "exchange_ready",
             exchange=self.name,
-            mode=self.settings.mode,
-            sandbox=self.settings.mode == "testnet",
+            mode=self.config.mode,
+            sandbox=self.config.mode == "testnet",
             markets=len(self.conn.rules),
             api_key=redacted(self.conn.secrets[0]),
         )
@@ -138,24 +137,6 @@ class CcxtExchange:
     async def close(self) -> None:
         """Close ccxt's HTTP session."""
         await self.conn.close()
-
-    # ---- the write-ahead record ---------------------------------------------------------
-
-    async def _remember(self, client_order_id: str, symbol: str) -> None:
-        """Write-ahead record: from now on, this id is looked up before it is ever sent again."""
-        record = json.dumps({"symbol": symbol, "at": time.time()})
-        await self.redis.set(keys.exchange_sent(self.name, client_order_id), record, ex=SENT_TTL_S)
-
-    async def _remembered(self, client_order_ids: list[str]) -> dict[str, str]:
-        """Symbol of every id this adapter has started sending."""
-        if not client_order_ids:
-            return {}
-        raw = await self.redis.mget([keys.exchange_sent(self.name, coid) for coid in client_order_ids])
-        return {
-            coid: str(json.loads(value)["symbol"])
-            for coid, value in zip(client_order_ids, raw, strict=True)
-            if value is not None
-        }
 
     # ---- the Exchange interface -----------------------------------------------------------
 
@@ -208,7 +189,7 @@ class CcxtExchange:
         order still open is tracked like a fresh one. Raises OrderStateUnknown when the
         exchange cannot answer, so nothing is placed while the state is unknown.
         """
-        remembered = await self._remembered(client_order_ids)
+        remembered = await self.sent.symbols(client_order_ids)
         found: dict[str, OrderOutcome] = {}
         for coid, symbol in remembered.items():
             try:
@@ -286,12 +267,12 @@ class CcxtExchange:
             log.info("order_rejected_before_sending", exchange=self.name, client_order_id=coid, reason=prepared)
             return OrderOutcome(coid, "REJECTED", reason=prepared, sent=False)
         # Sent before (crash, redelivery)? Ask the exchange before anything else.
-        if coid in await self._remembered([coid]):
+        if coid in await self.sent.symbols([coid]):
             existing = await self.conn.find_order(coid, rules.symbol, grace=True)
             if existing is not None:
                 log.info("order_found_not_resent", exchange=self.name, client_order_id=coid)
                 return await self._finish(coid, rules.symbol, existing, prepared.amount)
-        await self._remember(coid, rules.symbol)
+        await self.sent.remember(coid, rules.symbol)
         attempt = 0
         while True:
             try:
@@ -336,7 +317,7 @@ class CcxtExchange:
                 elif kind is not ErrorKind.NOT_SENT:
                     return OrderOutcome(coid, "FAILED", reason=f"EXCHANGE_ERROR: {self.conn.clean(exc)}")
                 attempt += 1
-                if attempt > self.settings.exchange_retries:
+                if attempt > self.config.retries:
                     return OrderOutcome(
                         coid,
                         "FAILED",
@@ -372,9 +353,9 @@ class CcxtExchange:
 
     async def _settle(self, symbol: str, order: Any) -> Any:
         """Poll an open order until final or QT_EXCHANGE_ORDER_WAIT_S, then cancel what is left."""
-        deadline = time.monotonic() + self.settings.exchange_order_wait_s
+        deadline = time.monotonic() + self.config.order_wait_s
         while order.get("status") == "open" and time.monotonic() < deadline:
-            await self.conn.sleep(min(self.settings.exchange_poll_s, max(0.0, deadline - time.monotonic())))
+            await self.conn.sleep(min(self.config.poll_s, max(0.0, deadline - time.monotonic())))
             order = await self.conn.refresh_order(symbol, order)
         if order.get("status") != "open":
             return order
@@ -382,7 +363,7 @@ class CcxtExchange:
             "order_cancel_rest",
             exchange=self.name,
             order_id=order.get("id"),
-            waited_s=self.settings.exchange_order_wait_s,
+            waited_s=self.config.order_wait_s,
         )
         try:
             cancelled = await self.conn.call("cancel_order", lambda: self.client.cancel_order(order["id"], symbol))
@@ -407,16 +388,16 @@ class CcxtExchange:
             switched = False  # the gate treats an unreachable server as halted anyway
         if announce:
             key_name, secret_name, _ = credential_names(self.name)
-            site = "https://testnet.binance.vision" if self.settings.mode == "testnet" else "the exchange's API page"
+            site = "https://testnet.binance.vision" if self.config.mode == "testnet" else "the exchange's API page"
             log.error(
                 "exchange_auth_failed",
                 exchange=self.name,
-                mode=self.settings.mode,
+                mode=self.config.mode,
                 error=error,
                 kill_switch="on" if switched else "unknown (server unreachable)",
                 fix=(
-                    f"check {key_name} and {secret_name} in {self.settings.secrets_file} "
-                    f"({self.settings.mode} keys from {site}, trading permission enabled, this IP allowed), "
+                    f"check {key_name} and {secret_name} in {self.config.secrets_file} "
+                    f"({self.config.mode} keys from {site}, trading permission enabled, this IP allowed), "
                     "restart the service, then run: quantum-trader kill off"
                 ),
             )

@@ -21,13 +21,18 @@ import ccxt  # type: ignore[import-untyped]
 import ccxt.async_support as ccxt_async  # type: ignore[import-untyped]
 
 from quantum_trader.errors import ConfigError, FatalExchangeError, TransientExchangeError
-from quantum_trader.exchanges.ccxt.config import ccxt_options, check_settings, client_order_id_params, override_origin
+from quantum_trader.exchanges.ccxt.config import (
+    CcxtConfig,
+    ccxt_options,
+    check_config,
+    client_order_id_params,
+    override_origin,
+)
 from quantum_trader.exchanges.ccxt.credentials import Credentials
 from quantum_trader.exchanges.ccxt.errors import ErrorKind, OrderStateUnknown, backoff_delay, classify
 from quantum_trader.exchanges.ccxt.markets import TICK_SIZE, MarketRules, unified_symbol
 from quantum_trader.exchanges.ccxt.scrub import ScrubbingLogger, scrub
 from quantum_trader.logs import get_logger
-from quantum_trader.settings import Settings
 
 log = get_logger("exchange")
 
@@ -42,7 +47,7 @@ class CcxtConnection:
 
     def __init__(
         self,
-        settings: Settings,
+        config: CcxtConfig,
         credentials: Credentials,
         *,
         rand: Callable[[], float] = random.random,
@@ -50,35 +55,35 @@ class CcxtConnection:
         public_only: bool = False,
     ) -> None:
         if public_only:
-            if settings.exchange not in ccxt_async.exchanges:
-                raise ConfigError(f"exchange {settings.exchange!r} is not a ccxt exchange id (e.g. binance, kraken)")
+            if config.exchange not in ccxt_async.exchanges:
+                raise ConfigError(f"exchange {config.exchange!r} is not a ccxt exchange id (e.g. binance, kraken)")
         else:
-            check_settings(settings)
-        exchange = settings.exchange
+            check_config(config)
+        exchange = config.exchange
         self.name = exchange
-        self.settings = settings
+        self.config = config
         self.secrets = credentials.values()
         self.public_only = public_only
         self.sleep = sleep
         self._rand = rand
-        config: dict[str, Any] = {
+        options: dict[str, Any] = {
             "apiKey": credentials.api_key.get_secret_value(),
             "secret": credentials.secret.get_secret_value(),
-            "timeout": int(settings.exchange_timeout_s * 1000),
+            "timeout": int(config.timeout_s * 1000),
             "enableRateLimit": True,  # ccxt spaces requests by the exchange's documented weights
             "options": ccxt_options(exchange),
         }
         if credentials.password is not None:
-            config["password"] = credentials.password.get_secret_value()
-        self.client: Any = getattr(ccxt_async, exchange)(config)
+            options["password"] = credentials.password.get_secret_value()
+        self.client: Any = getattr(ccxt_async, exchange)(options)
         self.client.logger = ScrubbingLogger(logging.getLogger("ccxt.base.exchange"), self.secrets)
         try:
-            if settings.mode == "testnet":
+            if config.mode == "testnet":
                 self.client.set_sandbox_mode(True)
         except ccxt.NotSupported:
             raise ConfigError(f"QT_MODE=testnet: ccxt has no sandbox (testnet) URLs for {exchange}") from None
-        if settings.exchange_api_url:
-            self.client.urls["api"] = override_origin(self.client.urls["api"], settings.exchange_api_url)
+        if config.api_url:
+            self.client.urls["api"] = override_origin(self.client.urls["api"], config.api_url)
         if not self.client.has.get("fetchOrder"):
             raise ConfigError(f"QT_EXCHANGE={exchange}: ccxt cannot look orders up there, so placement is not safe")
         self.coid_param, self.place_coid_param = client_order_id_params(exchange)
@@ -112,15 +117,13 @@ class CcxtConnection:
                 if kind not in (ErrorKind.NOT_SENT, ErrorKind.UNKNOWN):
                     raise
                 attempt += 1
-                if attempt > self.settings.exchange_retries:
+                if attempt > self.config.retries:
                     raise TransientExchangeError(f"{what}: {self.clean(exc)}") from None
                 await self.backoff(what, attempt, exc)
 
     async def backoff(self, what: str, attempt: int, exc: BaseException) -> None:
         """Log the retry and wait before attempt ``attempt`` + 1 of ``what``."""
-        delay = backoff_delay(
-            attempt, self.settings.exchange_backoff_s, self.settings.exchange_backoff_max_s, self._rand
-        )
+        delay = backoff_delay(attempt, self.config.backoff_s, self.config.backoff_max_s, self._rand)
         log.warning(
             "exchange_retry",
             exchange=self.name,
@@ -135,7 +138,7 @@ class CcxtConnection:
         """Markets loaded once, reloaded when older than QT_EXCHANGE_MARKETS_REFRESH_S."""
         async with self._markets_lock:
             now = time.monotonic()
-            if self._loaded_at is not None and now - self._loaded_at < self.settings.exchange_markets_refresh_s:
+            if self._loaded_at is not None and now - self._loaded_at < self.config.markets_refresh_s:
                 return
             reload = self._loaded_at is not None
             try:
@@ -169,7 +172,7 @@ class CcxtConnection:
         With ``grace``, "not found" is only believed when it is still true after
         QT_EXCHANGE_LOOKUP_GRACE_S (an order can take a moment to become visible).
         """
-        waited = not grace or self.settings.exchange_lookup_grace_s <= 0
+        waited = not grace or self.config.lookup_grace_s <= 0
         while True:
             try:
                 return await self.call(
@@ -185,7 +188,7 @@ class CcxtConnection:
                 if waited:
                     return None
                 waited = True
-                await self.sleep(self.settings.exchange_lookup_grace_s)
+                await self.sleep(self.config.lookup_grace_s)
 
     async def refresh_order(self, symbol: str, order: Any) -> Any:
         """The order's current state; OrderStateUnknown when the exchange cannot answer."""
