@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from quantum_trader.exchanges.base import OrderRequest
-from quantum_trader.exchanges.ccxt.markets import MarketRules, Prepared, prepare, unified_symbol
+from quantum_trader.exchanges.ccxt.markets import MarketRules, Prepared, Refused, prepare, unified_symbol
 
 ETH = MarketRules(
     symbol="ETH/USDT",
@@ -83,6 +83,8 @@ def test_prepare_rounds_amount_down_and_limit_price_in_the_traders_favour() -> N
     ],
 )
 def test_prepare_names_the_violated_rule(request_: OrderRequest, hint: Decimal | None, rule: str) -> None:
-    reason = prepare(request_, ETH, hint)
-    assert isinstance(reason, str)
-    assert reason.startswith(f"{rule}: ")
+    refused = prepare(request_, ETH, hint)
+    assert isinstance(refused, Refused)
+    assert refused.code == rule
+    assert refused.detail
+    assert ETH.symbol in refused.detail

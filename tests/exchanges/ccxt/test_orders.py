@@ -31,11 +31,13 @@ def test_outcome_says_partial_and_unfilled() -> None:
     partial: dict[str, Any] = {"id": "7", "status": "canceled", "amount": 0.1, "filled": 0.05, "average": 2999.5}
     out = outcome_from_order("qt-1", partial, Decimal("0.1"), None)
     assert out.status == "FILLED"
-    assert out.reason.startswith("PARTIAL_FILL: filled 0.05 of 0.1; the rest is canceled")
+    assert out.reason == "PARTIAL_FILL"
+    assert out.detail.startswith("filled 0.05 of 0.1; the rest is canceled")
     nothing: dict[str, Any] = {"id": "8", "status": "canceled", "amount": 0.1, "filled": 0.0}
     out = outcome_from_order("qt-1", nothing, Decimal("0.1"), None)
     assert out.status == "REJECTED"
-    assert out.reason.startswith("ORDER_CANCELED: nothing filled")
+    assert out.reason == "ORDER_CANCELED"
+    assert out.detail.startswith("nothing filled")
 
 
 def test_fees_come_from_trades_when_the_order_has_none() -> None:

@@ -5,7 +5,8 @@ The API key and secret come from the secrets file (``QT_SECRETS_FILE``) only, as
 the adapter logs or returns. One module per concern:
 
 - ``client``       the adapter (``CcxtExchange``): placing each order once, looking orders up, prices, candles
-- ``connection``   ccxt's client for one exchange: retries, markets, the check right before an order leaves
+- ``connection``   ccxt's client for one exchange: retries, markets, orders looked up and tracked until final,
+                   the check right before an order leaves
 - ``sent``         the write-ahead record of each order being sent, in Redis
 - ``config``       ``CcxtConfig`` (what it reads of the settings) and each venue's quirks
 - ``credentials``  the secrets file, its permission checks, ``Credentials``

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -41,12 +40,13 @@ from redis.exceptions import RedisError
 
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError, ExchangeError, FatalExchangeError, TransientExchangeError
+from quantum_trader.events import Reason
 from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard
 from quantum_trader.exchanges.ccxt.config import CcxtConfig, check_config
 from quantum_trader.exchanges.ccxt.connection import CcxtConnection
 from quantum_trader.exchanges.ccxt.credentials import Credentials, credential_names, load_credentials
 from quantum_trader.exchanges.ccxt.errors import ErrorKind, OrderStateUnknown, classify
-from quantum_trader.exchanges.ccxt.markets import prepare, to_decimal
+from quantum_trader.exchanges.ccxt.markets import Refused, prepare, to_decimal
 from quantum_trader.exchanges.ccxt.orders import fees_of, outcome_from_order
 from quantum_trader.exchanges.ccxt.sent import SentRecords
 from quantum_trader.logs import get_logger
@@ -221,7 +221,8 @@ class CcxtExchange:
                     return OrderOutcome(
                         order.client_order_id,
                         "REJECTED",
-                        reason="KILL_SWITCH: not sent; the exchange refused the credentials earlier in this batch",
+                        reason=Reason.KILL_SWITCH,
+                        detail="not sent; the exchange refused the credentials earlier in this batch",
                         sent=False,
                     )
                 try:
@@ -256,16 +257,21 @@ class CcxtExchange:
         coid = order.client_order_id
         rules = await self.conn.market(order.symbol)
         if rules is None:
-            return OrderOutcome(
-                coid, "REJECTED", reason=f"UNKNOWN_SYMBOL: {order.symbol} is not a market on {self.name}", sent=False
-            )
+            detail = f"{order.symbol} is not a market on {self.name}"
+            return OrderOutcome(coid, "REJECTED", reason=Reason.UNKNOWN_SYMBOL, detail=detail, sent=False)
         hint = order.reference_price
         if hint is None and order.order_type == "MARKET":
             hint = (await self.last_prices([rules.symbol])).get(rules.symbol)
         prepared = prepare(order, rules, hint)
-        if isinstance(prepared, str):
-            log.info("order_rejected_before_sending", exchange=self.name, client_order_id=coid, reason=prepared)
-            return OrderOutcome(coid, "REJECTED", reason=prepared, sent=False)
+        if isinstance(prepared, Refused):
+            log.info(
+                "order_rejected_before_sending",
+                exchange=self.name,
+                client_order_id=coid,
+                reason=prepared.code,
+                detail=prepared.detail,
+            )
+            return OrderOutcome(coid, "REJECTED", reason=prepared.code, detail=prepared.detail, sent=False)
         # Sent before (crash, redelivery)? Ask the exchange before anything else.
         if coid in await self.sent.symbols([coid]):
             existing = await self.conn.find_order(coid, rules.symbol, grace=True)
@@ -313,21 +319,22 @@ class CcxtExchange:
                         )
                         return await self._finish(coid, rules.symbol, existing, prepared.amount)
                 elif kind is ErrorKind.REJECTED:
-                    return OrderOutcome(coid, "REJECTED", reason=f"EXCHANGE_REJECTED: {self.conn.clean(exc)}")
+                    return OrderOutcome(coid, "REJECTED", reason=Reason.EXCHANGE_REJECTED, detail=self.conn.clean(exc))
                 elif kind is not ErrorKind.NOT_SENT:
-                    return OrderOutcome(coid, "FAILED", reason=f"EXCHANGE_ERROR: {self.conn.clean(exc)}")
+                    return OrderOutcome(coid, "FAILED", reason=Reason.EXCHANGE_ERROR, detail=self.conn.clean(exc))
                 attempt += 1
                 if attempt > self.config.retries:
                     return OrderOutcome(
                         coid,
                         "FAILED",
-                        reason=f"EXCHANGE_UNAVAILABLE: not placed after {attempt} attempts: {self.conn.clean(exc)}",
+                        reason=Reason.EXCHANGE_UNAVAILABLE,
+                        detail=f"not placed after {attempt} attempts: {self.conn.clean(exc)}",
                     )
                 await self.conn.backoff("create_order", attempt, exc)
 
     async def _finish(self, coid: str, symbol: str, order: Any, requested: Decimal) -> OrderOutcome:
         """Track an open order until final (bounded), read its fees, and make the outcome."""
-        order = await self._settle(symbol, order)
+        order = await self.conn.settle(symbol, order)
         fee = fees_of(order)
         filled = to_decimal(order.get("filled")) or Decimal(0)
         if fee is None and filled > 0 and self.client.has.get("fetchOrderTrades"):
@@ -345,38 +352,12 @@ class CcxtExchange:
             client_order_id=coid,
             status=outcome.status,
             reason=outcome.reason,
+            detail=outcome.detail,
             filled_qty=str(outcome.filled_qty),
             avg_price=str(outcome.avg_price),
             exchange_order_id=outcome.exchange_order_id,
         )
         return outcome
-
-    async def _settle(self, symbol: str, order: Any) -> Any:
-        """Poll an open order until final or QT_EXCHANGE_ORDER_WAIT_S, then cancel what is left."""
-        deadline = time.monotonic() + self.config.order_wait_s
-        while order.get("status") == "open" and time.monotonic() < deadline:
-            await self.conn.sleep(min(self.config.poll_s, max(0.0, deadline - time.monotonic())))
-            order = await self.conn.refresh_order(symbol, order)
-        if order.get("status") != "open":
-            return order
-        log.info(
-            "order_cancel_rest",
-            exchange=self.name,
-            order_id=order.get("id"),
-            waited_s=self.config.order_wait_s,
-        )
-        try:
-            cancelled = await self.conn.call("cancel_order", lambda: self.client.cancel_order(order["id"], symbol))
-            if cancelled.get("status") in ("canceled", "closed", "expired", "rejected"):
-                return cancelled
-        except TransientExchangeError as exc:
-            raise OrderStateUnknown(
-                f"order {order.get('id')} still open on {self.name}; cancel failed: {exc}"
-            ) from None
-        except ccxt.BaseError as exc:
-            # Typically "unknown order": it filled or ended meanwhile; read its final state below.
-            log.info("order_cancel_refused", exchange=self.name, order_id=order.get("id"), error=self.conn.clean(exc))
-        return await self.conn.refresh_order(symbol, order)
 
     async def _auth_failed(self, coid: str, error: str, *, announce: bool = True) -> OrderOutcome:
         """FAILED, trading halted through ``on_auth_failure`` (fail-closed), one log line saying how to fix it."""
@@ -401,4 +382,4 @@ class CcxtExchange:
                     "restart the service, then run: quantum-trader kill off"
                 ),
             )
-        return OrderOutcome(coid, "FAILED", reason=f"AUTH_FAILED: {error}")
+        return OrderOutcome(coid, "FAILED", reason=Reason.AUTH_FAILED, detail=error)

@@ -1,5 +1,5 @@
 """ccxt's async client for one exchange: configured, scrubbed, retried, its markets' rules cached,
-orders looked up by client order id.
+orders looked up by client order id and tracked until final.
 
 Every HTTP request ccxt makes passes through ``CcxtConnection`` after ccxt's rate limiter,
 so a check set with ``checked`` runs at the last moment before an order request leaves.
@@ -196,6 +196,33 @@ class CcxtConnection:
             return await self.call("fetch_order", lambda: self.client.fetch_order(order["id"], symbol))
         except TransientExchangeError as exc:
             raise OrderStateUnknown(f"order {order.get('id')} on {self.name}: {exc}") from None
+
+    async def settle(self, symbol: str, order: Any) -> Any:
+        """Poll an open order until final or QT_EXCHANGE_ORDER_WAIT_S, then cancel what is left."""
+        deadline = time.monotonic() + self.config.order_wait_s
+        while order.get("status") == "open" and time.monotonic() < deadline:
+            await self.sleep(min(self.config.poll_s, max(0.0, deadline - time.monotonic())))
+            order = await self.refresh_order(symbol, order)
+        if order.get("status") != "open":
+            return order
+        log.info(
+            "order_cancel_rest",
+            exchange=self.name,
+            order_id=order.get("id"),
+            waited_s=self.config.order_wait_s,
+        )
+        try:
+            cancelled = await self.call("cancel_order", lambda: self.client.cancel_order(order["id"], symbol))
+            if cancelled.get("status") in ("canceled", "closed", "expired", "rejected"):
+                return cancelled
+        except TransientExchangeError as exc:
+            raise OrderStateUnknown(
+                f"order {order.get('id')} still open on {self.name}; cancel failed: {exc}"
+            ) from None
+        except ccxt.BaseError as exc:
+            # Typically "unknown order": it filled or ended meanwhile; read its final state below.
+            log.info("order_cancel_refused", exchange=self.name, order_id=order.get("id"), error=self.clean(exc))
+        return await self.refresh_order(symbol, order)
 
     async def checked(self, check: Callable[[], Awaitable[None]], send: Callable[[], Awaitable[Any]]) -> Any:
         """``send()``, with ``check()`` awaited right before each HTTP request it makes (it may raise to stop it)."""

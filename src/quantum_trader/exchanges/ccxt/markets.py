@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
+from quantum_trader.events import Reason
 from quantum_trader.exchanges.base import OrderRequest
 
 # ccxt precision modes (ccxt.base.decimal_to_precision)
@@ -96,6 +97,14 @@ class Prepared:
     price: Decimal | None
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An order that breaks a rule of its market: the rule's code and what is wrong, in words."""
+
+    code: Reason
+    detail: str
+
+
 def round_to_step(value: Decimal, step: Decimal | None, rounding: str) -> Decimal:
     """``value`` on the grid of ``step`` (unchanged when there is no step)."""
     if step is None:
@@ -103,8 +112,8 @@ def round_to_step(value: Decimal, step: Decimal | None, rounding: str) -> Decima
     return (value / step).to_integral_value(rounding=rounding) * step
 
 
-def prepare(order: OrderRequest, rules: MarketRules, price_hint: Decimal | None) -> Prepared | str:
-    """Round to the market's precision and check its limits; a ``RULE: detail`` string when violated.
+def prepare(order: OrderRequest, rules: MarketRules, price_hint: Decimal | None) -> Prepared | Refused:
+    """Round to the market's precision and check its limits; ``Refused`` naming the rule when violated.
 
     Amounts are rounded down (never trade more than asked); a LIMIT price is rounded
     towards the trader's advantage (BUY down, SELL up), so it never exceeds the limit.
@@ -112,33 +121,37 @@ def prepare(order: OrderRequest, rules: MarketRules, price_hint: Decimal | None)
     """
     amount = round_to_step(order.qty, rules.amount_step, ROUND_FLOOR).normalize()
     if amount <= 0 or (rules.min_amount is not None and amount < rules.min_amount):
-        return (
-            f"LOT_SIZE: qty {order.qty} rounds to {amount:f} at step {rules.amount_step}; "
-            f"{rules.symbol} needs at least {rules.min_amount}"
+        return Refused(
+            Reason.LOT_SIZE,
+            f"qty {order.qty} rounds to {amount:f} at step {rules.amount_step}; "
+            f"{rules.symbol} needs at least {rules.min_amount}",
         )
     if rules.max_amount is not None and amount > rules.max_amount:
-        return f"LOT_SIZE: qty {amount:f} exceeds the maximum {rules.max_amount} for {rules.symbol}"
+        return Refused(Reason.LOT_SIZE, f"qty {amount:f} exceeds the maximum {rules.max_amount} for {rules.symbol}")
     price: Decimal | None = None
     if order.order_type == "LIMIT":
         if order.price is None:
-            return "INVALID: LIMIT order without price"
+            return Refused(Reason.INVALID, "LIMIT order without price")
         rounding = ROUND_FLOOR if order.side == "BUY" else ROUND_CEILING
         price = round_to_step(order.price, rules.price_step, rounding).normalize()
         if price <= 0 or (rules.min_price is not None and price < rules.min_price):
-            return (
-                f"PRICE_FILTER: price {order.price} rounds to {price:f}; "
-                f"{rules.symbol} needs at least {rules.min_price}"
+            return Refused(
+                Reason.PRICE_FILTER,
+                f"price {order.price} rounds to {price:f}; {rules.symbol} needs at least {rules.min_price}",
             )
         if rules.max_price is not None and price > rules.max_price:
-            return f"PRICE_FILTER: price {price:f} exceeds the maximum {rules.max_price} for {rules.symbol}"
+            return Refused(
+                Reason.PRICE_FILTER, f"price {price:f} exceeds the maximum {rules.max_price} for {rules.symbol}"
+            )
     valued_at = price if price is not None else price_hint
     if rules.min_cost is not None:
         if valued_at is None:
-            return f"NO_PRICE: no price for {rules.symbol}; the minimum notional cannot be checked"
+            return Refused(Reason.NO_PRICE, f"no price for {rules.symbol}; the minimum notional cannot be checked")
         notional = amount * valued_at
         if notional < rules.min_cost:
-            return (
-                f"MIN_NOTIONAL: notional {notional:f} {rules.quote} ({amount:f} x {valued_at:f}) "
-                f"is below the minimum {rules.min_cost} for {rules.symbol}"
+            return Refused(
+                Reason.MIN_NOTIONAL,
+                f"notional {notional:f} {rules.quote} ({amount:f} x {valued_at:f}) "
+                f"is below the minimum {rules.min_cost} for {rules.symbol}",
             )
     return Prepared(amount=amount, price=price)

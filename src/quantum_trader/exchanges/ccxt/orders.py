@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from quantum_trader.events import Reason
 from quantum_trader.exchanges.base import OrderOutcome
 from quantum_trader.exchanges.ccxt.markets import to_decimal
 
@@ -37,6 +38,14 @@ def fees_of(order: Mapping[str, Any], trades: list[Any] | None = None) -> tuple[
     return None
 
 
+def unfilled_code(status: str) -> str:
+    """The code of an order that filled nothing: ``ORDER_<its status at the exchange>`` (``ORDER_UNKNOWN``).
+
+    ``Reason`` lists those of ccxt's statuses; one it does not know keeps its own name.
+    """
+    return f"ORDER_{status.upper() or 'UNKNOWN'}"
+
+
 def outcome_from_order(
     client_order_id: str,
     order: Mapping[str, Any],
@@ -55,21 +64,23 @@ def outcome_from_order(
     fee_value, fee_asset = fee if fee is not None else (Decimal(0), "")
     order_id = str(order.get("id") or "")
     if filled <= 0:
-        code = "ORDER_OPEN" if status == "open" else f"ORDER_{status.upper() or 'UNKNOWN'}"
         return OrderOutcome(
             client_order_id,
             "REJECTED",
-            reason=f"{code}: nothing filled; exchange order {order_id} is {status or 'unknown'}",
+            reason=unfilled_code(status),
+            detail=f"nothing filled; exchange order {order_id} is {status or 'unknown'}",
             exchange_order_id=order_id,
         )
-    reason = ""
+    reason, detail = "", ""
     if filled < amount:
         rest = "still open" if status == "open" else status
-        reason = f"PARTIAL_FILL: filled {filled.normalize():f} of {amount.normalize():f}; the rest is {rest}"
+        reason = Reason.PARTIAL_FILL
+        detail = f"filled {filled.normalize():f} of {amount.normalize():f}; the rest is {rest}"
     return OrderOutcome(
         client_order_id,
         "FILLED",
         reason=reason,
+        detail=detail,
         filled_qty=filled.normalize(),
         avg_price=average,
         fee=fee_value.normalize(),
