@@ -125,23 +125,14 @@ def result_for(
     )
 
 
-def _code_and_detail(outcome: OrderOutcome) -> tuple[str, str]:
-    # COMPATIBILITY, to remove once the ccxt adapter passes OrderOutcome(reason=CODE, detail=text):
-    # until then it writes "CODE: detail" into reason, split here so the stream keeps them apart.
-    if outcome.detail or ": " not in outcome.reason:
-        return outcome.reason, outcome.detail
-    code, _, detail = outcome.reason.partition(": ")
-    return code, detail
-
-
 def result_from_outcome(job: Job, outcome: OrderOutcome, exchange: str) -> ExecutionResult:
     """The result an exchange outcome makes."""
-    return result_for(job, outcome.status, *_code_and_detail(outcome), outcome, exchange)
+    return result_for(job, outcome.status, outcome.reason, outcome.detail, outcome, exchange)
 
 
 def result_not_sent(job: Job, outcome: OrderOutcome) -> ExecutionResult:
     """The result of an order that never left (``outcome.sent`` False): no fill, no exchange."""
-    return result_for(job, outcome.status, *_code_and_detail(outcome))
+    return result_for(job, outcome.status, outcome.reason, outcome.detail)
 
 
 class Committer:
