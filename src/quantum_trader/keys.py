@@ -14,6 +14,7 @@ from datetime import date
 AI_ENGINE = "ai-engine"
 ROUTER = "router"
 EXECUTION = "execution"
+JOURNAL = "journal"
 STAGES = (AI_ENGINE, ROUTER, EXECUTION)  # pipeline order
 
 KILL_SWITCH = "quantum:kill"
@@ -28,6 +29,10 @@ LAST_OPEN_HASH = "quantum:market:last_open_time"  # symbol -> newest open time p
 AI_POSITIONS = "quantum:ai:positions"  # "<strategy>:<symbol>" -> quantity the AI engine holds
 EXCHANGE_SENT_PREFIX = "quantum:exchange:sent:"
 PROOF_SNAPSHOTS = "quantum:proof:snapshots"
+# The book: what the pipeline owns, written by execution's commit atomically with the results.
+BOOK_POSITIONS = "quantum:book:positions"  # symbol -> position JSON (portfolio.Position)
+BOOK_BASELINE = "quantum:book:baseline"  # asset -> exchange balance when the book started (decimal)
+BOOK_RECONCILED = "quantum:book:reconciled"  # JSON of the latest reconciliation (differences, when)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,12 @@ class StreamNames:
     router_group: str = "quantum:group:router:ai.decision"
     execution_group: str = "quantum:group:execution:trade.intent"
     ai_group: str = "quantum:group:ai-engine:market.candle"
+    journal_group: str = "quantum:group:journal"  # on the result, rejection and dead-letter streams
+
+    def journaled(self) -> list[str]:
+        """Streams the journal consumes (its group on each), in the order it reads them."""
+        streams = [self.result, self.rejected, self.dead_letter]
+        return list(dict.fromkeys(streams))
 
     def pipeline(self) -> list[str]:
         """Streams shown by ``status``, in pipeline order."""

@@ -43,7 +43,7 @@ LIVE_CONFIRMATION = "I-ACCEPT-REAL-MONEY-RISK"
 DEFAULT_DAILY_LIMIT: dict[str, int] = {"paper": 1_000_000, "testnet": 1_000_000, "live": 100}
 DEFAULT_QUOTE_ASSETS = ("USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "USD")
 # Settings holding a URL that may carry a password: shown redacted in the settings' repr.
-_URL_FIELDS = frozenset({"redis_url", "exchange_api_url"})
+_URL_FIELDS = frozenset({"redis_url", "exchange_api_url", "database_url"})
 _STREAMS = StreamNames()  # the one place the stream and group names have their defaults
 _SEED_NAMES = {
     "result_stream": "EXECUTION_RESULT_STREAM",
@@ -186,6 +186,23 @@ class Settings(BaseSettings):
     exchange_markets_refresh_s: float = Field(default=3600.0, gt=0)
     exchange_concurrency: int = Field(default=4, gt=0, le=64, description="orders of one batch in flight at once")
 
+    # --- the book: journal, positions, reconciliation ---
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the journal (postgresql+psycopg://...); empty = SQLite file in the data dir",
+    )
+    journal_group: str = _STREAMS.journal_group
+    reconcile_s: float = Field(
+        default=60.0, ge=0, description="seconds between two reconciliations (0 = only at start)"
+    )
+    reconcile_halt: bool | None = Field(
+        default=None,
+        description="turn the kill switch on when the book and the exchange disagree; default: not in paper",
+    )
+    reconcile_tolerance: Decimal = Field(
+        default=Decimal("0.00000001"), ge=0, description="largest difference per asset that is not reported"
+    )
+
     # --- operations (doctor, recover, systemd, proof): add fields below this line ---
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -229,6 +246,18 @@ class Settings(BaseSettings):
                     raise ValueError(f"expected ASSET=AMOUNT pairs separated by commas, got {part!r}")
                 out[asset.strip().upper()] = amount.strip()
             return out
+        return value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, str) and not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+            raise ValueError(
+                "must be sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
+                " (or empty for SQLite in the data dir)"
+            )
         return value
 
     @field_validator("redis_url", mode="before")
@@ -320,7 +349,19 @@ class Settings(BaseSettings):
             router_group=self.router_group,
             execution_group=self.execution_group,
             ai_group=self.ai_group,
+            journal_group=self.journal_group,
         )
+
+    @property
+    def effective_reconcile_halt(self) -> bool:
+        """QT_RECONCILE_HALT, or the mode's default: halt on a difference in testnet and live, not in paper."""
+        return self.reconcile_halt if self.reconcile_halt is not None else self.mode != "paper"
+
+    def journal_url(self) -> str:
+        """The journal's database URL in clear (for the engine only: never log it)."""
+        if self.database_url:
+            return str(self.database_url)
+        return f"sqlite:///{self.data_dir / 'journal.sqlite3'}"
 
     def consumer_name(self, service: str) -> str:
         """This process's consumer name: stable across restarts so it finds its own pending entries."""

@@ -84,7 +84,9 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
     tools = _Tools(
         limits=gov.Limits.from_settings(settings),
         # No paper records to expire: recover finishes only intents whose order does not exist.
-        committer=Committer(redis, streams, keep_s=settings.trim_keep_s, paper_records=False),
+        committer=Committer(
+            redis, streams, keep_s=settings.trim_keep_s, paper_records=False, quote_assets=settings.quote_assets
+        ),
         consumer=GroupConsumer(
             redis, streams.intent, streams.execution_group, RECOVER_CONSUMER, settings.dead_letter_stream
         ),

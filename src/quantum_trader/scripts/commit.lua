@@ -1,10 +1,16 @@
 -- Execution batch commit: acknowledge each intent and write its one result, atomically.
 -- KEYS[1] intent stream, KEYS[2] result stream, KEYS[3] counted-intents hash, KEYS[4] daily counter,
--- KEYS[5] legacy result stream (optional: dual write when present).
+-- KEYS[5] the book's positions hash, KEYS[6] legacy result stream (optional: dual write when present).
 -- ARGV: group, event_type, timestamp, source, one MessagePack array holding, per intent:
 --   entry_id, trace_id, correlation_id, payload, placed ("1" when the order reached the exchange),
 --   record (the key of the exchange's record of the order, "" for none);
--- and ARGV[6], the seconds a record is kept once the intent is finished.
+-- ARGV[6], the seconds a record is kept once the intent is finished;
+-- ARGV[7], one MessagePack array of position updates {symbol, expected, new, {intent ids of its fills}}:
+--   the book's position of each symbol filled in this batch, computed by the client from the value it
+--   read (expected, "" when absent). Written only when every expected value still stands and every
+--   intent with a fill is still pending (its result is written here): the position always agrees
+--   with the results. Otherwise nothing at all is written and the reply is the list of intent ids no
+--   longer pending (possibly empty): the client reads the positions again and recomputes.
 -- (One packed argument instead of five per intent: the client spent more time packing thousands of
 -- arguments than the server spends unpacking one.)
 -- The XACK gates the write: an intent another consumer already finished gets no second result.
@@ -12,10 +18,24 @@
 -- after a crash between gate and order) gives its count back, so the counter equals orders sent.
 -- A record is needed only while the intent may be delivered again; once it is acknowledged (here
 -- or by whoever finished it first) the record gets an expiry, so finished orders do not pile up.
--- Returns the number of results written.
+-- Returns the number of results written (or, above, the ids that stopped a position update).
 local group, event_type, stamp, source = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local items = cmsgpack.unpack(ARGV[5])
 local keep = tonumber(ARGV[6])
+local book = cmsgpack.unpack(ARGV[7])
+if #book > 0 then
+  local stale, gone = false, {}
+  for _, update in ipairs(book) do
+    if (redis.call('HGET', KEYS[5], update[1]) or '') ~= update[2] then stale = true end
+    for _, id in ipairs(update[4]) do
+      if #redis.call('XPENDING', KEYS[1], group, id, id, 1) == 0 then gone[#gone + 1] = id end
+    end
+  end
+  if stale or #gone > 0 then return gone end
+  for _, update in ipairs(book) do
+    redis.call('HSET', KEYS[5], update[1], update[3])
+  end
+end
 local written = 0
 for pos = 1, #items, 6 do
   local id = items[pos]
@@ -23,7 +43,7 @@ for pos = 1, #items, 6 do
     local fields = {'event_type', event_type, 'payload', items[pos + 3], 'trace_id', items[pos + 1],
                     'correlation_id', items[pos + 2], 'timestamp', stamp, 'source', source}
     redis.call('XADD', KEYS[2], '*', unpack(fields))
-    if KEYS[5] then redis.call('XADD', KEYS[5], '*', unpack(fields)) end
+    if KEYS[6] then redis.call('XADD', KEYS[6], '*', unpack(fields)) end
     local was_counted = redis.call('HDEL', KEYS[3], id) == 1
     -- DECR keeps the key's expiry; never below zero (an expired counter is not recreated).
     if was_counted and items[pos + 4] ~= '1' and tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then

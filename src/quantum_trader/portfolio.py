@@ -1,0 +1,219 @@
+"""The book's arithmetic: positions, PnL and asset flows from fills (pure, exact decimals).
+
+One implementation serves every place that needs it: execution's commit (the live position
+per symbol kept in Redis, written atomically with the results), the journal (history in
+SQL, recomputed from the fills it holds), the backtest report and reconciliation.
+
+Method: **average cost**. A buy adds its quantity and its cost (quantity x price, plus the
+fee when it is paid in the quote asset) to the position; a sell takes out its quantity at
+the position's average cost and realises ``proceeds - cost`` (proceeds net of a quote fee).
+A fee paid in the base asset changes the quantity held instead (a buy receives less, a sell
+gives more). A fee in a third asset (BNB, say) is counted under that asset in ``fees`` and
+in the flows, and not valued into PnL: the book does not price it.
+
+Spot positions never go below zero. A sell of more than the book holds is refused by
+``apply(..., strict=True)`` (the backtest and the tests); the live book, which must record
+what the exchange did, books the part it holds and counts the rest as ``unbooked`` (sold from
+holdings the book never saw, which reconciliation then reports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+
+import msgspec
+
+from quantum_trader.errors import QuantumTraderError
+
+ZERO = Decimal(0)
+
+
+class PortfolioError(QuantumTraderError):
+    """A fill the book refuses (a spot position would cross zero)."""
+
+
+class Fill(msgspec.Struct, frozen=True, kw_only=True):
+    """One execution: ``qty`` of ``base`` bought or sold at ``price`` (average), and its fee."""
+
+    symbol: str
+    base: str
+    quote: str
+    side: str  # BUY or SELL
+    qty: Decimal
+    price: Decimal
+    fee: Decimal = ZERO
+    fee_asset: str = ""
+
+
+class Position(msgspec.Struct, frozen=True, kw_only=True):
+    """What the book holds of one symbol, and what holding it has earned so far.
+
+    ``cost`` is the quote amount the quantity held cost (average cost basis, buy fees in the
+    quote asset included); ``realised`` the quote PnL of every sell; ``fees`` every fee by
+    asset; ``flows`` the net change of each asset's balance the fills made (fees included),
+    which reconciliation compares with the exchange; ``unbooked`` the base quantity sold
+    beyond what the book held.
+    """
+
+    symbol: str
+    base: str
+    quote: str
+    qty: Decimal = ZERO
+    cost: Decimal = ZERO
+    realised: Decimal = ZERO
+    fees: dict[str, Decimal] = msgspec.field(default_factory=dict)
+    flows: dict[str, Decimal] = msgspec.field(default_factory=dict)
+    unbooked: Decimal = ZERO
+    fills: int = 0
+    last_price: Decimal | None = None
+
+    @property
+    def avg_price(self) -> Decimal | None:
+        """Average entry price of the quantity held (None when flat)."""
+        return self.cost / self.qty if self.qty > 0 else None
+
+    def unrealised(self, price: Decimal | None = None) -> Decimal:
+        """PnL of the quantity held at ``price`` (default: the last fill's price)."""
+        mark = price if price is not None else self.last_price
+        if self.qty == 0 or mark is None:
+            return ZERO
+        return self.qty * mark - self.cost
+
+    def value(self, price: Decimal | None = None) -> Decimal:
+        """Quote value of the quantity held at ``price`` (default: the last fill's price)."""
+        mark = price if price is not None else self.last_price
+        return self.qty * mark if mark is not None else ZERO
+
+
+def _add(into: dict[str, Decimal], asset: str, amount: Decimal) -> dict[str, Decimal]:
+    out = dict(into)
+    total = out.get(asset, ZERO) + amount
+    out[asset] = total
+    return out
+
+
+def empty(symbol: str, base: str, quote: str) -> Position:
+    """A flat position with no history."""
+    return Position(symbol=symbol, base=base, quote=quote)
+
+
+def apply(position: Position, fill: Fill, *, strict: bool = True) -> Position:
+    """The position after ``fill`` (see the module docstring for the method).
+
+    ``strict``: a sell of more than is held raises ``PortfolioError``; otherwise the excess
+    is counted in ``unbooked`` and the position stops at zero.
+    """
+    if fill.qty <= 0 or fill.price <= 0:
+        raise PortfolioError(
+            f"{fill.symbol}: a fill needs a positive quantity and price, got {fill.qty} @ {fill.price}"
+        )
+    if fill.fee < 0:
+        raise PortfolioError(f"{fill.symbol}: a fee cannot be negative, got {fill.fee} {fill.fee_asset}")
+    base_fee = fill.fee if fill.fee_asset == fill.base else ZERO
+    quote_fee = fill.fee if fill.fee_asset == fill.quote else ZERO
+    notional = fill.qty * fill.price
+    fees, flows = position.fees, position.flows
+    if fill.fee and fill.fee_asset:
+        fees = _add(fees, fill.fee_asset, fill.fee)
+        flows = _add(flows, fill.fee_asset, -fill.fee)
+    if fill.side == "BUY":
+        flows = _add(_add(flows, fill.base, fill.qty), fill.quote, -notional)
+        return msgspec.structs.replace(
+            position,
+            qty=position.qty + fill.qty - base_fee,
+            cost=position.cost + notional + quote_fee,
+            fees=fees,
+            flows=flows,
+            fills=position.fills + 1,
+            last_price=fill.price,
+        )
+    if fill.side != "SELL":
+        raise PortfolioError(f"{fill.symbol}: side must be BUY or SELL, got {fill.side!r}")
+    leaving = fill.qty + base_fee  # a base fee on a sell leaves the account with the sold quantity
+    flows = _add(_add(flows, fill.base, -fill.qty), fill.quote, notional)
+    booked = min(leaving, position.qty)
+    if leaving > position.qty and strict:
+        raise PortfolioError(
+            f"{fill.symbol}: selling {leaving} {fill.base} but the book holds {position.qty}: "
+            "a spot position cannot go below zero"
+        )
+    basis = position.cost if booked == position.qty else position.cost * booked / position.qty
+    # Proceeds of the booked share only: what was sold from unseen holdings has no known cost.
+    share = booked / leaving
+    proceeds = (notional - quote_fee) * share
+    remaining = position.qty - booked
+    return msgspec.structs.replace(
+        position,
+        qty=remaining,
+        cost=position.cost - basis if remaining else ZERO,
+        realised=position.realised + proceeds - basis,
+        fees=fees,
+        flows=flows,
+        unbooked=position.unbooked + (leaving - booked),
+        fills=position.fills + 1,
+        last_price=fill.price,
+    )
+
+
+def replay(
+    fills: Iterable[Fill], *, strict: bool = True, start: Mapping[str, Position] | None = None
+) -> dict[str, Position]:
+    """Positions per symbol after ``fills`` in order, from ``start`` (default: flat)."""
+    book = dict(start or {})
+    for fill in fills:
+        position = book.get(fill.symbol) or empty(fill.symbol, fill.base, fill.quote)
+        book[fill.symbol] = apply(position, fill, strict=strict)
+    return book
+
+
+class Totals(msgspec.Struct, frozen=True, kw_only=True):
+    """Book-wide figures, in each quote asset (a book trading against USDT and BTC has two)."""
+
+    realised: dict[str, Decimal]
+    unrealised: dict[str, Decimal]
+    fees: dict[str, Decimal]
+    exposure: dict[str, Decimal]  # quote value of what is held
+
+
+def totals(book: Mapping[str, Position], prices: Mapping[str, Decimal] | None = None) -> Totals:
+    """Realised and unrealised PnL, fees and exposure across the book, by quote asset."""
+    prices = prices or {}
+    realised: dict[str, Decimal] = {}
+    unrealised: dict[str, Decimal] = {}
+    fees: dict[str, Decimal] = {}
+    exposure: dict[str, Decimal] = {}
+    for symbol, position in sorted(book.items()):
+        mark = prices.get(symbol)
+        realised = _add(realised, position.quote, position.realised)
+        unrealised = _add(unrealised, position.quote, position.unrealised(mark))
+        exposure = _add(exposure, position.quote, position.value(mark))
+        for asset, amount in position.fees.items():
+            fees = _add(fees, asset, amount)
+    return Totals(realised=realised, unrealised=unrealised, fees=fees, exposure=exposure)
+
+
+def asset_flows(book: Mapping[str, Position]) -> dict[str, Decimal]:
+    """Net change of each asset's balance that the book's fills made (what the exchange should show)."""
+    out: dict[str, Decimal] = {}
+    for position in book.values():
+        for asset, amount in position.flows.items():
+            out = _add(out, asset, amount)
+    return out
+
+
+_encoder = msgspec.json.Encoder(decimal_format="string")
+_decoder = msgspec.json.Decoder(Position)
+
+
+def encode(position: Position) -> str:
+    """A position as JSON (decimals as strings), the form kept in Redis and SQL."""
+    return _encoder.encode(position).decode()
+
+
+def decode(text: str | bytes) -> Position:
+    """A position read back from ``encode``; raises ``PortfolioError`` when it is not one."""
+    try:
+        return _decoder.decode(text)
+    except msgspec.DecodeError as exc:
+        raise PortfolioError(f"a stored position does not decode: {exc}") from None
