@@ -8,8 +8,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from quantum_trader import keys
+import msgspec
+
+from quantum_trader import keys, portfolio
 from quantum_trader.bus.connection import Redis
+from quantum_trader.events import ExecutionResult
+from quantum_trader.execution import fill_of
+from quantum_trader.settings import DEFAULT_QUOTE_ASSETS
 
 
 @dataclass
@@ -23,6 +28,7 @@ class Ledger:
     orders: dict[str, dict[str, Any]]
     balances: dict[str, Decimal]
     counter: int
+    positions: dict[str, portfolio.Position]
 
 
 async def _all(r: Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
@@ -47,7 +53,16 @@ async def read_ledger(r: Redis, day_key: str) -> Ledger:
     raw = await r.mget(names) if names else []
     orders = {name.removeprefix(keys.paper_order("")): json.loads(v) for name, v in zip(names, raw, strict=True) if v}
     balances = {k: Decimal(v) for k, v in (await r.hgetall(keys.paper_balances())).items()}
-    return Ledger(decisions, rejections, intents, results, orders, balances, int(await r.get(day_key) or 0))
+    positions = {k: portfolio.decode(v) for k, v in (await r.hgetall(keys.BOOK_POSITIONS)).items()}
+    counter = int(await r.get(day_key) or 0)
+    return Ledger(decisions, rejections, intents, results, orders, balances, counter, positions)
+
+
+def book_of(results: list[dict[str, Any]]) -> dict[str, portfolio.Position]:
+    """The positions the results' fills make, in the order the results were written."""
+    decoded = [msgspec.convert(res, ExecutionResult, strict=False) for res in results]
+    fills = [f for res in decoded if (f := fill_of(res, DEFAULT_QUOTE_ASSETS))]
+    return portfolio.replay(fills, strict=False)
 
 
 def violations(ledger: Ledger, start_balances: dict[str, Decimal], quote: str = "USDT") -> list[str]:
@@ -89,4 +104,10 @@ def violations(ledger: Ledger, start_balances: dict[str, Decimal], quote: str = 
     for asset in set(expected) | set(ledger.balances):
         if expected.get(asset, Decimal(0)) != ledger.balances.get(asset, Decimal(0)):
             problems.append(f"balance {asset}: {ledger.balances.get(asset)} != sum of fills {expected.get(asset)}")
+    recomputed = book_of(ledger.results)
+    for symbol in set(recomputed) | set(ledger.positions):
+        if recomputed.get(symbol) != ledger.positions.get(symbol):
+            problems.append(
+                f"position {symbol}: {ledger.positions.get(symbol)} != from the results {recomputed.get(symbol)}"
+            )
     return problems

@@ -119,12 +119,22 @@ def apply(position: Position, fill: Fill, *, strict: bool = True) -> Position:
         flows = _add(flows, fill.fee_asset, -fill.fee)
     if fill.side == "BUY":
         flows = _add(_add(flows, fill.base, fill.qty), fill.quote, -notional)
+        held = position.qty + fill.qty - base_fee
+        if held < 0 and strict:
+            raise PortfolioError(
+                f"{fill.symbol}: a fee of {base_fee} {fill.base} on a buy of {fill.qty} leaves {held}: "
+                "a spot position cannot go below zero"
+            )
+        cost = position.cost + notional + quote_fee
+        # A base fee that takes all there is leaves nothing to carry the cost: it is a loss at once.
         return msgspec.structs.replace(
             position,
-            qty=position.qty + fill.qty - base_fee,
-            cost=position.cost + notional + quote_fee,
+            qty=max(held, ZERO),
+            cost=cost if held > 0 else ZERO,
+            realised=position.realised if held > 0 else position.realised - cost,
             fees=fees,
             flows=flows,
+            unbooked=position.unbooked + max(-held, ZERO),
             fills=position.fills + 1,
             last_price=fill.price,
         )
