@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from quantum_trader import keys
+from quantum_trader import keys, portfolio
 from quantum_trader.ai_engine import AiEngine
 from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.embedded import EmbeddedValkey, free_port
@@ -39,7 +39,7 @@ from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.marketdata import clean, gap_rule, publish
 from quantum_trader.router import Router
-from quantum_trader.settings import Settings, load_settings
+from quantum_trader.settings import DEFAULT_QUOTE_ASSETS, Settings, load_settings
 from quantum_trader.strategies import Strategy
 
 DEFAULT_START_QUOTE = Decimal(10_000)  # when neither --balance nor QT_PAPER_BALANCES names the quote asset
@@ -137,26 +137,24 @@ def evaluate(symbol: str, candles: list[Candle], trades: list[Trade], start_quot
         equity.append(quote + base * candle.close)
         exposed += held != 0
     wins, closed = 0, 0
-    # FIFO of (qty, cost per unit incl. fee) per strategy: an exit closes its own strategy's entries.
-    by_strategy: dict[str, list[tuple[float, float]]] = {}
+    # The book's method (average cost, portfolio.py), one book per strategy: an exit closes its own
+    # strategy's entries; it wins when it realises more than its share of the cost, fees included.
+    books: dict[str, dict[str, portfolio.Position]] = {}
+    try:
+        base_asset, quote_asset = split_symbol(symbol, [*DEFAULT_QUOTE_ASSETS])
+    except ValueError:
+        base_asset, quote_asset = symbol, ""  # fees then count in the quote all the same: only PnL is read
     for trade in trades:
-        qty, price, fee = float(trade.qty), float(trade.price), float(trade.fee)
-        lots = by_strategy.setdefault(trade.strategy, [])
-        if trade.side == "BUY":
-            lots.append((qty, price + fee / qty))
-            continue
-        left, cost = qty, 0.0
-        while left > 1e-12 and lots:
-            lot_qty, lot_price = lots[0]
-            used = min(left, lot_qty)
-            cost += used * lot_price
-            left -= used
-            lots[0] = (lot_qty - used, lot_price)
-            if lots[0][0] <= 1e-12:
-                lots.pop(0)
-        if left < qty:
+        book = books.setdefault(trade.strategy, {})
+        before = book.get(symbol)
+        fill = portfolio.Fill(
+            symbol=symbol, base=base_asset, quote=quote_asset, side=trade.side, qty=trade.qty, price=trade.price,
+            fee=trade.fee, fee_asset=quote_asset,
+        )  # fmt: skip
+        book.update(portfolio.replay([fill], strict=False, start={symbol: before} if before else None))
+        if trade.side == "SELL" and before is not None and before.qty > 0:
             closed += 1
-            wins += (qty - left) * price - fee * (qty - left) / qty > cost
+            wins += book[symbol].realised > before.realised
     peak, drawdown = -math.inf, 0.0
     for value in equity:
         peak = max(peak, value)
