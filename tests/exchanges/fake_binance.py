@@ -2,7 +2,7 @@
 
 It answers the endpoints ccxt's ``binance`` class calls for what the adapter uses
 (``exchangeInfo``, ``time``, ``ticker/price``, ``ticker/24hr``, ``klines``, ``account``,
-``order`` POST/GET/DELETE, ``openOrders``, ``myTrades``), checks the ``X-MBX-APIKEY``
+``order`` POST/GET/DELETE, ``openOrders``, ``allOrders``, ``myTrades``), checks the ``X-MBX-APIKEY``
 header and the HMAC-SHA256 signature like Binance does, and behaves like Binance where
 it matters for idempotency: a client order id is only unique among *open* orders, so a
 blind resend of a filled order really does create a second order here.
@@ -10,9 +10,13 @@ blind resend of a filled order really does create a second order here.
 Scenario switches: ``script("order", ...)`` queues one behaviour per incoming
 ``POST /api/v3/order`` (``ok``, ``hang_after_accept``, ``429``, ``418``, ``503``,
 ``500_after_accept``); ``script("query", "503", ...)`` does the same for
-``GET /api/v3/order``; ``limit_fill`` and ``fill_rest_after_queries`` make LIMIT orders
+``GET /api/v3/order`` (``503``, or ``missing``: "Order does not exist." for an order it has,
+as when an order is not yet visible); ``limit_fill`` and ``fill_rest_after_queries`` make LIMIT orders
 fill partially and (optionally) complete later. ``order_delay_s`` makes each new order take
 that long (like a real exchange's round trip); ``arrivals`` logs when each request arrived.
+
+Fills move ``balances`` (fees included) as they would on the account. ``manual_trade`` and
+``rest_order`` act on the account directly, as someone using the exchange's own site would.
 """
 
 from __future__ import annotations
@@ -142,6 +146,40 @@ class FakeBinance:
         queue = {"order": self.order_script, "query": self.query_script}[endpoint]
         queue.extend(behaviours)
 
+    def manual_trade(self, symbol: str, side: str, qty: str, client_order_id: str = "web_manual1") -> FakeOrder:
+        """A MARKET order filled at the market price, placed outside the API (the exchange's own site)."""
+        market = self.markets[symbol]
+        order = FakeOrder(
+            order_id=next(self._ids),
+            symbol=symbol,
+            client_order_id=client_order_id,
+            side=side,
+            type="MARKET",
+            orig_qty=Decimal(qty),
+            price=Decimal(0),
+            status="FILLED",
+            created_ms=int(time.time() * 1000),
+        )
+        self._fill(order, Decimal(qty), market.price, market)
+        self.orders.append(order)
+        return order
+
+    def rest_order(self, symbol: str, side: str, qty: str, price: str, client_order_id: str) -> FakeOrder:
+        """A LIMIT order resting unfilled on the book, placed outside the API, ``created_ms`` a minute ago."""
+        order = FakeOrder(
+            order_id=next(self._ids),
+            symbol=symbol,
+            client_order_id=client_order_id,
+            side=side,
+            type="LIMIT",
+            orig_qty=Decimal(qty),
+            price=Decimal(price),
+            status="NEW",
+            created_ms=int(time.time() * 1000) - 60_000,
+        )
+        self.orders.append(order)
+        return order
+
     def placed(self, client_order_id: str | None = None) -> list[FakeOrder]:
         """Orders the exchange accepted (all, or those with one client order id)."""
         return [o for o in self.orders if client_order_id is None or o.client_order_id == client_order_id]
@@ -166,6 +204,7 @@ class FakeBinance:
         app.router.add_get("/api/v3/order", self._query_order)
         app.router.add_delete("/api/v3/order", self._cancel_order)
         app.router.add_get("/api/v3/openOrders", self._open_orders)
+        app.router.add_get("/api/v3/allOrders", self._all_orders)
         app.router.add_get("/api/v3/myTrades", self._my_trades)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -425,8 +464,12 @@ class FakeBinance:
         # Commission in the asset received, like Binance without BNB discounts.
         if order.side == "BUY":
             commission, asset = qty * self.fee_rate, market.base
+            self._move(market.base, qty - commission)
+            self._move(market.quote, -qty * price)
         else:
             commission, asset = qty * price * self.fee_rate, market.quote
+            self._move(market.base, -qty)
+            self._move(market.quote, qty * price - commission)
         order.fills.append(
             {
                 "price": _s(price),
@@ -437,14 +480,18 @@ class FakeBinance:
             }
         )
 
+    def _move(self, asset: str, amount: Decimal) -> None:
+        self.balances[asset] = self.balances.get(asset, Decimal(0)) + amount
+
     async def _query_order(self, request: web.Request) -> web.Response:
         params = await self._signed(request)
         if isinstance(params, web.Response):
             return params
-        if self.query_script and self.query_script.popleft() == "503":
+        behaviour = self.query_script.popleft() if self.query_script else "ok"
+        if behaviour == "503":
             return web.Response(status=503, text="Service Unavailable")
         order = self._find(params)
-        if order is None:
+        if order is None or behaviour == "missing":
             return self._error(400, -2013, "Order does not exist.")
         order.queries += 1
         if (
@@ -478,6 +525,15 @@ class FakeBinance:
                 if o.status in ("NEW", "PARTIALLY_FILLED") and (symbol is None or o.symbol == symbol)
             ]
         )
+
+    async def _all_orders(self, request: web.Request) -> web.Response:
+        params = await self._signed(request)
+        if isinstance(params, web.Response):
+            return params
+        start = int(params.get("startTime", "0"))
+        limit = int(params.get("limit", "500"))
+        found = [o.view() for o in self.orders if o.symbol == params.get("symbol") and o.created_ms >= start]
+        return web.json_response(found[:limit])
 
     async def _my_trades(self, request: web.Request) -> web.Response:
         params = await self._signed(request)

@@ -6,6 +6,10 @@ order the exchange already has. Execution relies on both after a crash.
 
 Placement also honours a ``SendGuard`` (the kill switch): it is read right before each
 order leaves, so an operator's halt stops orders already approved by the governor.
+
+Reconciliation reads the account through the same interface: ``balances`` (total per asset)
+and ``fetch_activity`` (the orders of some symbols, open or recent, each with its client order
+id, so the pipeline's own orders are told apart from manual ones by ``is_ours``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,25 @@ class OrderOutcome:
     fee_asset: str = ""
     exchange_order_id: str = ""
     sent: bool = True  # False: the order never left (stopped before sending); no exchange has it
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeOrder:
+    """One order as the exchange lists it, for reconciliation (no fees: balances show those).
+
+    ``symbol`` is the exchange's market id (``ETHUSDT``); ``filled`` what it executed so far at
+    ``avg_price``; ``time_ms`` when it was placed (0 when the exchange does not say).
+    """
+
+    symbol: str
+    client_order_id: str
+    exchange_order_id: str
+    side: str  # BUY or SELL
+    amount: Decimal
+    filled: Decimal
+    avg_price: Decimal | None
+    is_open: bool
+    time_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +126,35 @@ class Exchange(Protocol):
         """
         ...
 
+    async def balances(self) -> dict[str, Decimal]:
+        """Total balance per asset (free and locked); an asset absent holds nothing."""
+        ...
+
+    async def fetch_activity(self, symbols: list[str], since_ms: int) -> list[ExchangeOrder] | None:
+        """Orders of ``symbols`` still open or placed since ``since_ms``, ours and others'.
+
+        None when the exchange cannot list them (reconciliation then compares balances only).
+        """
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
 
 
+# Every client order id the pipeline makes starts with this (``client_order_id``).
+OUR_PREFIX = "qt-"
+
+
+def is_ours(client_order_id: str) -> bool:
+    """True for an order the pipeline placed (its deterministic client order id), False for a manual one."""
+    return client_order_id.startswith(OUR_PREFIX)
+
+
 def client_order_id(intent_id: str, trace_id: str, correlation_id: str) -> str:
     """Deterministic id of the one order an intent may place (<= 36 chars, Binance's limit)."""
     digest = hashlib.blake2b(f"{intent_id}|{trace_id}|{correlation_id}".encode(), digest_size=16).hexdigest()
-    return f"qt-{digest}"[:36]
+    return f"{OUR_PREFIX}{digest}"[:36]
 
 
 def split_symbol(symbol: str, quote_assets: list[str]) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from redis.exceptions import WatchError
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.events import Reason
-from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard, split_symbol
+from quantum_trader.exchanges.base import ExchangeOrder, OrderOutcome, OrderRequest, SendGuard, split_symbol
 
 _BPS = Decimal(10_000)
 
@@ -178,6 +178,44 @@ class PaperExchange:
         values = await self.redis.mget(names) if names else []
         prefix = len(keys.paper_order(""))
         return {name[prefix:]: _outcome_from_json(value) for name, value in zip(names, values, strict=True) if value}
+
+    async def fetch_activity(self, symbols: list[str], since_ms: int) -> list[ExchangeOrder]:
+        """Fills whose intent has no result yet: the records without an expiry (a SCAN).
+
+        Commit gives a record its expiry in the same step that writes the intent's result, so
+        a record without one is an order in flight, or one whose intent was dead-lettered (a fill
+        the book never saw). Paper orders have no open state, no manual trades, and keep neither
+        symbol nor side; ``symbols`` and ``since_ms`` do not narrow anything here.
+        """
+        del symbols, since_ms
+        names = [name async for name in self.redis.scan_iter(match=keys.paper_order_pattern(), count=1000)]
+        if not names:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.ttl(name)
+            ttls = await pipe.execute()
+        unexpiring = [name for name, ttl in zip(names, ttls, strict=True) if ttl == -1]
+        values = await self.redis.mget(unexpiring) if unexpiring else []
+        out = []
+        for value in values:
+            if value is None:
+                continue  # committed (and expired) since the SCAN
+            outcome = _outcome_from_json(value)
+            if outcome.filled_qty > 0:
+                out.append(
+                    ExchangeOrder(
+                        symbol="",
+                        client_order_id=outcome.client_order_id,
+                        exchange_order_id=outcome.exchange_order_id,
+                        side="",
+                        amount=outcome.filled_qty,
+                        filled=outcome.filled_qty,
+                        avg_price=outcome.avg_price,
+                        is_open=False,
+                    )
+                )
+        return out
 
     async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
         """Fill a batch atomically (optimistic WATCH on balances, orders and ``guard``); idempotent per id.

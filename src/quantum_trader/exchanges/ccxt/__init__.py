@@ -7,6 +7,7 @@ the adapter logs or returns. One module per concern:
 - ``client``       the adapter (``CcxtExchange``): placing each order once, looking orders up, prices, candles
 - ``connection``   ccxt's client for one exchange: retries, markets, orders looked up and tracked until final,
                    the check right before an order leaves
+- ``account``      the account as reconciliation reads it: the orders of some markets, open or recent
 - ``sent``         the write-ahead record of each order being sent, in Redis
 - ``config``       ``CcxtConfig`` (what it reads of the settings) and each venue's quirks
 - ``credentials``  the secrets file, its permission checks, ``Credentials``

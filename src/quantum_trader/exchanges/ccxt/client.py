@@ -41,7 +41,8 @@ from redis.exceptions import RedisError
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError, ExchangeError, FatalExchangeError, TransientExchangeError
 from quantum_trader.events import Reason
-from quantum_trader.exchanges.base import OrderOutcome, OrderRequest, SendGuard
+from quantum_trader.exchanges.base import ExchangeOrder, OrderOutcome, OrderRequest, SendGuard
+from quantum_trader.exchanges.ccxt.account import fetch_activity
 from quantum_trader.exchanges.ccxt.config import CcxtConfig, check_config
 from quantum_trader.exchanges.ccxt.connection import CcxtConnection
 from quantum_trader.exchanges.ccxt.credentials import Credentials, credential_names, load_credentials
@@ -178,9 +179,16 @@ class CcxtExchange:
 
     async def balances(self) -> dict[str, Decimal]:
         """Total balance per asset (non-zero only); authenticates, so it checks the credentials."""
-        raw = await self.conn.call("fetch_balance", lambda: self.client.fetch_balance())
+        try:
+            raw = await self.conn.call("fetch_balance", lambda: self.client.fetch_balance())
+        except ccxt.BaseError as exc:  # refused, not transient: one error without the signed request
+            raise ExchangeError(f"{self.name} balances: {self.conn.clean(exc)}") from None
         totals = raw.get("total") or {}
         return {asset: amount for asset, value in totals.items() if (amount := to_decimal(value))}
+
+    async def fetch_activity(self, symbols: list[str], since_ms: int) -> list[ExchangeOrder] | None:
+        """Orders of ``symbols`` open or placed since ``since_ms`` (see ``account.fetch_activity``)."""
+        return await fetch_activity(self.conn, symbols, since_ms)
 
     async def fetch_orders(self, client_order_ids: list[str]) -> dict[str, OrderOutcome]:
         """Orders the exchange has for ids this adapter sent before (looked up by client order id).
