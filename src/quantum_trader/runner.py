@@ -27,6 +27,7 @@ from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.governor import kill_state, set_kill
 from quantum_trader.logs import get_logger
+from quantum_trader.reconcile import keep_reconciling
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
 
@@ -110,14 +111,20 @@ class Runner:
                 except RedisError as exc:
                     log.warning("trim_failed", stream=stream, error=str(exc))
 
+    async def reconcile(self) -> None:
+        """Execution compares the exchange with the book at start, then every ``QT_RECONCILE_S``."""
+        execution = self.stages.get(keys.EXECUTION)
+        if isinstance(execution, Execution):
+            await keep_reconciling(self.redis, execution.exchange, self.settings, self.stop)
+
     async def run(self) -> None:
-        """Run every stage, the heartbeat and the trimmer; return once stopped."""
+        """Run every stage, the heartbeat, the trimmer and reconciliation; return once stopped."""
         await announce_kill_state(self.redis)
         tasks = [
             asyncio.create_task(stage.consumer.run(stage.handle, self.stop), name=name)
             for name, stage in self.stages.items()
         ]
-        tasks += [asyncio.create_task(self.heartbeat()), asyncio.create_task(self.trim())]
+        tasks += [asyncio.create_task(t) for t in (self.heartbeat(), self.trim(), self.reconcile())]
         try:
             done, _ = await asyncio.wait(tasks[: len(self.stages)], return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
