@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "execution": 4,
     "ai_engine": 4,
     "journal": 4,
+    "book": 4,
     "reconcile": 4,
     "runner": 5,
     "backtest": 5,

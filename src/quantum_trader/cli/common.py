@@ -22,7 +22,8 @@ state: dict[str, Path | None] = {"env_file": None}
 
 # Piped output keeps the full table (rich would otherwise squeeze it to 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True)
+# Messages carry keys such as quantum:book:positions and raw input: no emoji codes, no markup.
+err = Console(stderr=True, soft_wrap=True, emoji=False, markup=False)
 JSON_OPT = typer.Option(False, "--json", envvar="QT_JSON", help="Machine-readable output.")
 
 

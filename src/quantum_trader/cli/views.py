@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from quantum_trader.book import Marked
 from quantum_trader.bus.inspect import StreamStat
 from quantum_trader.demo import DemoProgress
 from quantum_trader.governor import GovernorState
@@ -68,6 +70,45 @@ def governor_table(state: GovernorState) -> Table:
     table.add_row("max notional", f"{state.max_notional}")
     table.add_row("symbol allow-list", ", ".join(state.symbol_allowlist) or "(all symbols)")
     table.add_row("max intent age", f"{state.max_intent_age_s:g}s")
+    return table
+
+
+def _dec(value: Decimal | None, places: int = 8) -> str:
+    if value is None:
+        return "-"
+    rounded = value.quantize(Decimal(1).scaleb(-places)).normalize() if value.is_finite() else value
+    return f"{rounded:,f}"
+
+
+def positions_table(marked: list[Marked]) -> Table:
+    """One row per symbol the book has traded: held, average entry, mark, value, PnL, fees."""
+    table = Table(title="Positions (the book)", title_justify="left")
+    for name in ("symbol", "qty", "avg entry", "mark", "value", "unrealised", "realised", "fees", "fills"):
+        table.add_column(name, justify="left" if name in ("symbol", "fees") else "right")
+    for m in marked:
+        p = m.position
+        fees = ", ".join(f"{_dec(amount)} {asset}" for asset, amount in sorted(p.fees.items()))
+        table.add_row(
+            p.symbol,
+            _dec(p.qty),
+            _dec(p.avg_price, 4),
+            _dec(m.mark, 4),
+            _dec(p.value(m.mark), 2),
+            _dec(p.unrealised(m.mark), 2),
+            _dec(p.realised, 2),
+            fees,
+            f"{p.fills:,}",
+        )
+    return table
+
+
+def balance_table(held: dict[str, Decimal], flows: dict[str, Decimal]) -> Table:
+    """Per asset: the paper account's balance and the net change the book's fills made."""
+    table = Table(title="Paper account", title_justify="left")
+    for name in ("asset", "balance", "moved by the book's fills"):
+        table.add_column(name, justify="left" if name == "asset" else "right")
+    for asset in sorted(set(held) | set(flows)):
+        table.add_row(asset, _dec(held.get(asset)), _dec(flows.get(asset)))
     return table
 
 

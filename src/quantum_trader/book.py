@@ -1,0 +1,103 @@
+"""The live book in Redis: positions as execution's commit leaves them, marked at the last prices.
+
+Positions per symbol live in ``quantum:book:positions`` (``portfolio.Position`` as JSON), written
+only by ``commit.lua`` together with the results; this module reads them for people (``positions``,
+``balance``, the demo) and resets a paper account (``paper reset``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from quantum_trader import keys, portfolio
+from quantum_trader.bus.connection import Redis
+from quantum_trader.errors import ConfigError
+from quantum_trader.portfolio import PortfolioError, Position
+
+
+@dataclass(frozen=True, slots=True)
+class Marked:
+    """One position with the price it is marked at (the market's last price, else its last fill's)."""
+
+    position: Position
+    mark: Decimal | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Exact decimals as strings, for ``--json``."""
+        p = self.position
+        avg = p.avg_price
+        return {
+            "symbol": p.symbol,
+            "base": p.base,
+            "quote": p.quote,
+            "qty": str(p.qty),
+            "avg_price": None if avg is None else str(avg),
+            "cost": str(p.cost),
+            "mark": None if self.mark is None else str(self.mark),
+            "value": str(p.value(self.mark)),
+            "unrealised": str(p.unrealised(self.mark)),
+            "realised": str(p.realised),
+            "fees": {asset: str(amount) for asset, amount in sorted(p.fees.items())},
+            "unbooked": str(p.unbooked),
+            "fills": p.fills,
+        }
+
+
+async def read_positions(redis: Redis) -> dict[str, Position]:
+    """Every position the book holds, by symbol; an unreadable one is a ``ConfigError`` with the fix."""
+    out = {}
+    for symbol, raw in sorted((await redis.hgetall(keys.BOOK_POSITIONS)).items()):
+        try:
+            out[symbol] = portfolio.decode(raw)
+        except PortfolioError as exc:
+            raise ConfigError(
+                f"{exc}: the position of {symbol} in {keys.BOOK_POSITIONS} is damaged; delete it "
+                f"(HDEL {keys.BOOK_POSITIONS} {symbol}) and run quantum-trader reconcile"
+            ) from None
+    return out
+
+
+async def marked_positions(redis: Redis) -> list[Marked]:
+    """The book's positions, each marked at the market's last price when the feed has one."""
+    book = await read_positions(redis)
+    if not book:
+        return []
+    prices = await redis.hmget(keys.PRICE_HASH, list(book))
+    return [
+        Marked(position, Decimal(price) if price is not None else position.last_price)
+        for position, price in zip(book.values(), prices, strict=True)
+    ]
+
+
+def marks(marked: list[Marked]) -> dict[str, Decimal]:
+    """Symbol -> the price each position is marked at (those that have one)."""
+    return {m.position.symbol: m.mark for m in marked if m.mark is not None}
+
+
+# What a paper reset deletes besides the orders: the account, the book and its reconciliation.
+_PAPER_STATE = (
+    keys.paper_balances(),
+    keys.paper_version(),
+    keys.BOOK_POSITIONS,
+    keys.BOOK_BASELINE,
+    keys.AI_POSITIONS,  # the engine's strategies hold nothing either after a reset
+)
+
+
+async def paper_reset(redis: Redis, balances: dict[str, Decimal]) -> int:
+    """Empty the paper account and the book, then fund the account with ``balances``; the orders deleted.
+
+    The caller makes sure no execution runs (its orders and commits would land half in the old
+    account, half in the new).
+    """
+    orders = [name async for name in redis.scan_iter(match=keys.paper_order_pattern(), count=1000)]
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(*_PAPER_STATE, keys.BOOK_RECONCILED, *orders)
+        if balances:
+            pipe.hset(keys.paper_balances(), mapping={asset: str(amount) for asset, amount in balances.items()})
+            # The book starts from the funded account: reconciliation expects these plus the fills.
+            pipe.hset(keys.BOOK_BASELINE, mapping={asset: str(amount) for asset, amount in balances.items()})
+        await pipe.execute()
+    return len(orders)
