@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from quantum_trader import keys
+from quantum_trader.book import Marked, marked_positions
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.inspect import StreamStat, last_ids, outcome_counts, pipeline_status, stream_stat
 from quantum_trader.bus.streams import publish, sleep_or_stop
@@ -119,6 +120,7 @@ class DemoReport:
     balances: dict[str, str]
     complete: bool
     interrupted: bool
+    positions: list[Marked] = field(default_factory=list)  # the book's, marked at the last prices
 
 
 def _group_done(stat: StreamStat, group: str) -> bool:
@@ -221,4 +223,5 @@ async def run_demo(
         balances=dict(sorted(balances.items())),
         complete=sum(counts.values()) >= decided,
         interrupted=interrupted.is_set(),
+        positions=await marked_positions(redis),
     )

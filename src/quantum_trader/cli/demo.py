@@ -10,9 +10,10 @@ from pathlib import Path
 import typer
 from rich.live import Live
 
+from quantum_trader import book, portfolio
 from quantum_trader import demo as demo_run
 from quantum_trader.cli.common import configured, console, err, with_redis
-from quantum_trader.cli.views import demo_screen
+from quantum_trader.cli.views import demo_screen, positions_table
 from quantum_trader.errors import ConfigError
 from quantum_trader.logs import configure
 from quantum_trader.redaction import redact_urls
@@ -85,6 +86,16 @@ def demo(
         for asset, value in report.balances.items()
     )
     console.print("paper balances: " + ", ".join(shown))
+    if report.positions:
+        console.print(positions_table(report.positions))
+        figures = portfolio.totals(
+            {m.position.symbol: m.position for m in report.positions}, book.marks(report.positions)
+        )
+        for quote in sorted(figures.realised):
+            console.print(
+                f"PnL in {quote}: realised {figures.realised[quote]:.2f}, unrealised {figures.unrealised[quote]:.2f}"
+                f" (average cost; fees {figures.fees.get(quote, Decimal(0)):.4f} {quote} included)"
+            )
     if report.interrupted:
         console.print("stopped before the end (Ctrl-C or --duration); unfinished entries stay pending for the next run")
     elif not report.complete:
