@@ -124,6 +124,9 @@ class ExecutionResult(msgspec.Struct, frozen=True, kw_only=True):
     exchange_order_id: str = ""
     decision_id: str = ""
     exchange: str = ""
+    # The decision's, carried through so the journal can book PnL per strategy.
+    strategy: str = ""
+    confidence: float | None = None
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):

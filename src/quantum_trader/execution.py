@@ -123,6 +123,8 @@ def result_for(
         fee_asset=outcome.fee_asset if outcome else "",
         exchange_order_id=outcome.exchange_order_id if outcome else "",
         exchange=exchange,
+        strategy=job.intent.strategy or "",
+        confidence=job.intent.confidence,
     )
 
 

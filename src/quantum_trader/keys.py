@@ -15,7 +15,7 @@ AI_ENGINE = "ai-engine"
 ROUTER = "router"
 EXECUTION = "execution"
 JOURNAL = "journal"
-STAGES = (AI_ENGINE, ROUTER, EXECUTION)  # pipeline order
+STAGES = (AI_ENGINE, ROUTER, EXECUTION, JOURNAL)  # pipeline order
 
 KILL_SWITCH = "quantum:kill"
 DAILY_TRADES_PREFIX = "quantum:governor:daily_trades:"

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, server_version
-from quantum_trader.bus.streams import sleep_or_stop
+from quantum_trader.bus.streams import GroupConsumer, Handler, sleep_or_stop
 from quantum_trader.bus.trim import Retention, has_native_acked_trim, trim_consumed, trim_retained
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.factory import build_exchange
@@ -34,8 +34,9 @@ from quantum_trader.settings import Settings
 log = get_logger("runner")
 if TYPE_CHECKING:
     from quantum_trader.ai_engine import AiEngine
+    from quantum_trader.journal.stage import Journal
 
-    Stage = AiEngine | Router | Execution
+    Stage = AiEngine | Router | Execution | Journal
 else:
     Stage = object
 
@@ -60,7 +61,18 @@ async def build_stage(name: str, redis: Redis, settings: Settings) -> Stage:
     if name == keys.EXECUTION:
         exchange = await build_exchange(redis, settings, on_auth_failure=halt_trading(redis))
         return Execution(redis, settings, exchange)
+    if name == keys.JOURNAL:
+        from quantum_trader.journal.stage import Journal  # SQLAlchemy, Alembic: only when needed
+
+        return await Journal.open(redis, settings)
     raise ConfigError(f"unknown stage {name!r}; choose from {', '.join(keys.STAGES)}")
+
+
+def consumers_of(stage: Stage) -> list[tuple[GroupConsumer, Handler]]:
+    """Each consumer a stage runs, with its handler: one for most stages, one per stream for the journal."""
+    if hasattr(stage, "consumers"):
+        return list(stage.consumers)
+    return [(stage.consumer, stage.handle)]
 
 
 @dataclass
@@ -94,7 +106,10 @@ class Runner:
             native = has_native_acked_trim(server, version)
         except RedisError:
             native = False
-        inputs = list(dict.fromkeys(stage.consumer.stream for stage in self.stages.values()))
+        # The journal reads outcome streams: they keep their retention, not the consumed-input rule.
+        inputs = list(
+            dict.fromkeys(stage.consumer.stream for name, stage in self.stages.items() if name != keys.JOURNAL)
+        )
         outcomes = retained_streams(self.settings, list(self.stages))
         while not self.stop.is_set():
             await sleep_or_stop(self.stop, self.settings.trim_interval_s)
@@ -121,12 +136,14 @@ class Runner:
         """Run every stage, the heartbeat, the trimmer and reconciliation; return once stopped."""
         await announce_kill_state(self.redis)
         tasks = [
-            asyncio.create_task(stage.consumer.run(stage.handle, self.stop), name=name)
+            asyncio.create_task(consumer.run(handler, self.stop), name=name)
             for name, stage in self.stages.items()
+            for consumer, handler in consumers_of(stage)
         ]
+        consuming = len(tasks)
         tasks += [asyncio.create_task(t) for t in (self.heartbeat(), self.trim(), self.reconcile())]
         try:
-            done, _ = await asyncio.wait(tasks[: len(self.stages)], return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(tasks[:consuming], return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 if task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -136,6 +153,8 @@ class Runner:
             for stage in self.stages.values():
                 if isinstance(stage, Execution):
                     await stage.exchange.close()
+                elif hasattr(stage, "close"):
+                    stage.close()
             log.info(
                 "stopped",
                 stages=list(self.stages),

@@ -40,8 +40,9 @@ def test_unit_runs_recover_first_with_the_venv_path_and_separate_secrets(tmp_pat
         assert hardening in lines, hardening
     assert set(render_all(layout(tmp_path))) == {
         "quantum-trader-server.service", "quantum-router.service", "quantum-execution.service",
-        "quantum-ai-engine.service", "quantum-trader.target",
+        "quantum-ai-engine.service", "quantum-journal.service", "quantum-trader.target",
     }  # fmt: skip
+    assert f"ExecStart={VENV}/bin/quantum-trader journal" in render_unit("journal", layout(tmp_path)).splitlines()
 
 
 def test_every_service_waits_for_the_one_embedded_server_unit(tmp_path: Path) -> None:
@@ -53,7 +54,7 @@ def test_every_service_waits_for_the_one_embedded_server_unit(tmp_path: Path) ->
     assert 'ExecCondition=/usr/bin/test -z "${QT_REDIS_URL}"' in server  # skipped with an external server
     assert f"ExecStartPre=/bin/rm -f {tmp_path / 'data' / 'server.url'}" in server  # never a stale URL
     assert not any(line.startswith("ExecStartPre=") and "recover" in line for line in server)
-    for service in ("router", "execution", "ai-engine"):
+    for service in ("router", "execution", "ai-engine", "journal"):
         lines = units[f"quantum-{service}.service"].splitlines()
         assert "Requires=quantum-trader-server.service" in lines, service
         assert "After=network-online.target quantum-trader-server.service" in lines, service

@@ -1,6 +1,6 @@
 """Pipeline commands: run the stages, watch them, steer them.
 
-``run``, ``router``, ``execution``, ``ai-engine``, ``server``, ``status``, ``check``,
+``run``, ``router``, ``execution``, ``ai-engine``, ``journal``, ``server``, ``status``, ``check``,
 ``kill on|off|status``, ``governor status``, ``decide``, ``dlq list|replay``.
 """
 
@@ -53,6 +53,11 @@ def router(duration: float | None = typer.Option(None, envvar="QT_DURATION")) ->
 def execution(duration: float | None = typer.Option(None, envvar="QT_DURATION")) -> None:
     """Run execution alone; several processes with different QT_CONSUMER share the group."""
     run_stages([keys.EXECUTION], duration)
+
+
+def journal(duration: float | None = typer.Option(None, envvar="QT_DURATION")) -> None:
+    """Run the journal alone: results, rejections and dead letters into SQL (QT_DATABASE_URL, default SQLite)."""
+    run_stages([keys.JOURNAL], duration)
 
 
 def ai_engine(
@@ -248,6 +253,7 @@ def register(app: typer.Typer) -> None:
     app.command()(router)
     app.command()(execution)
     app.command("ai-engine")(ai_engine)
+    app.command()(journal)
     app.command()(status)
     app.add_typer(kill_app, name="kill")
     app.add_typer(governor_app, name="governor")

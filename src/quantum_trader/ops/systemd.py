@@ -23,6 +23,7 @@ SERVICES = {
     keys.ROUTER: "validates and dedups AI decisions into trade intents",
     keys.EXECUTION: "gates intents with the governor and places orders",
     keys.AI_ENGINE: "turns market data into trade decisions",
+    keys.JOURNAL: "records results, rejections and dead letters in SQL",
 }
 TARGET = "quantum-trader.target"
 SERVER_UNIT = "quantum-trader-server.service"

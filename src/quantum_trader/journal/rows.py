@@ -1,0 +1,203 @@
+"""Stream entries as journal rows (pure): results, rejections and dead letters.
+
+A result or rejection that does not decode is not a row: the stage sets it aside on the
+dead-letter stream with its raw fields, like every stage does (``dlq list`` shows it, and the
+journal then records that dead letter as a row). A dead letter always becomes a row, decoded
+or not, so nothing the journal reads from the dead-letter stream ever goes back to it.
+
+Text is stored as the entry held it, made safe for any database: bytes that were not UTF-8
+as ``\\xNN`` and NUL characters (which PostgreSQL text refuses) as ``\\x00``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from quantum_trader.bus.streams import Entry, parse_id
+from quantum_trader.errors import DecodeError
+from quantum_trader.events import (
+    DEAD_LETTER,
+    DECISION_REJECTED,
+    ENVELOPE_FIELDS,
+    EXECUTION_RESULT,
+    DeadLetter,
+    Envelope,
+    ExecutionResult,
+    Fields,
+    Rejection,
+    decode_payload,
+    parse_iso,
+    printable,
+    record_fields,
+)
+from quantum_trader.execution import fill_of
+
+Row = dict[str, Any]
+# Text kept whole up to this many characters (an oversize value keeps its size and SHA-256).
+KEEP_CHARS = 4_096
+
+
+def clean(text: str, keep: int = KEEP_CHARS) -> str:
+    """``text`` any database stores: printable (see events.printable), and without NUL characters."""
+    safe = printable(text, keep)
+    return safe.replace("\x00", "\\x00") if "\x00" in safe else safe
+
+
+def _clean_all(value: Any) -> Any:
+    """Every string inside a JSON-like value cleaned (keys too)."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {clean(str(key), 256): _clean_all(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clean_all(item) for item in value]
+    return value
+
+
+def entry_key(entry_id: str) -> Row:
+    """The row's key: the stream entry id and its two numbers (for ordering)."""
+    ms, seq = parse_id(entry_id)
+    return {"entry_id": entry_id, "entry_ms": ms, "entry_seq": seq}
+
+
+def _envelope(raw: Fields, expected: str) -> Envelope:
+    missing = [name for name in ENVELOPE_FIELDS if name not in raw]
+    if missing:
+        raise DecodeError(f"missing envelope field(s): {', '.join(missing)}", field=missing[0], raw=raw)
+    if raw["event_type"] != expected:
+        raise DecodeError(f"event_type is {clean(raw['event_type'], 64)!r}, expected {expected!r}", field="event_type")
+    return Envelope(**{name: raw[name] for name in ENVELOPE_FIELDS})
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        return parse_iso(text).astimezone(UTC)  # SQLite keeps no offset: every time is stored in UTC
+    except ValueError:
+        raise DecodeError(f"timestamp {clean(text, 64)!r} is not an ISO-8601 time", field="timestamp") from None
+
+
+def _envelope_columns(env: Envelope, moment: datetime | None) -> Row:
+    return {
+        "trace_id": clean(env.trace_id),
+        "correlation_id": clean(env.correlation_id),
+        "timestamp": moment,
+        "source": clean(env.source),
+    }
+
+
+def _decoding(entry: Entry, what: str, build: Any) -> Row:
+    """``build()``, with any failure as this entry's DecodeError (never the batch's)."""
+    try:
+        row: Row = build()
+    except DecodeError as exc:
+        raise DecodeError(f"undecodable {what}: {exc.reason}", field=exc.field, raw=entry.fields) from None
+    except Exception as exc:
+        raise DecodeError(
+            f"undecodable {what}: {type(exc).__name__}: {printable(str(exc), 200)}", raw=entry.fields
+        ) from None
+    return row
+
+
+def result_row(entry: Entry, quote_assets: Sequence[str]) -> Row:
+    """One ``execution.result`` entry as a ``results`` row; DecodeError when it is not one."""
+
+    def build() -> Row:
+        env = _envelope(entry.fields, EXECUTION_RESULT)
+        moment = _timestamp(env.timestamp)
+        result = decode_payload(entry.fields, ExecutionResult)
+        fill = fill_of(result, quote_assets)
+        return {
+            **entry_key(entry.id),
+            "status": result.status,
+            "reason": clean(result.reason),
+            "detail": clean(result.detail),
+            "symbol": clean(result.symbol),
+            "side": clean(result.side),
+            "qty": result.qty,
+            "filled_qty": result.filled_qty,
+            "avg_price": result.avg_price,
+            "fee": result.fee,
+            "fee_asset": clean(result.fee_asset),
+            "client_order_id": clean(result.client_order_id),
+            "exchange_order_id": clean(result.exchange_order_id),
+            "intent_id": clean(result.intent_id),
+            "decision_id": clean(result.decision_id),
+            "exchange": clean(result.exchange),
+            "strategy": clean(result.strategy),
+            "confidence": result.confidence,
+            "is_fill": fill is not None,
+            "base": clean(fill.base) if fill else "",
+            "quote": clean(fill.quote) if fill else "",
+            **_envelope_columns(env, moment),
+        }
+
+    return _decoding(entry, "execution result", build)
+
+
+def rejection_row(entry: Entry) -> Row:
+    """One ``decision.rejected`` entry as a ``rejections`` row; DecodeError when it is not one."""
+
+    def build() -> Row:
+        env = _envelope(entry.fields, DECISION_REJECTED)
+        moment = _timestamp(env.timestamp)
+        rejection = decode_payload(entry.fields, Rejection)
+        return {
+            **entry_key(entry.id),
+            "reason": str(rejection.reason),
+            "field": clean(rejection.field),
+            "detail": clean(rejection.detail),
+            "original_id": clean(rejection.original_id),
+            "original": _clean_all(rejection.original),
+            "original_base64": _clean_all(rejection.original_base64),
+            **_envelope_columns(env, moment),
+        }
+
+    return _decoding(entry, "rejection", build)
+
+
+def dead_letter_row(entry: Entry) -> Row:
+    """One dead-letter entry as a ``dead_letters`` row, always: one that does not decode keeps its raw fields."""
+    try:
+        env = _envelope(entry.fields, DEAD_LETTER)
+        moment = _timestamp(env.timestamp)
+        letter = decode_payload(entry.fields, DeadLetter)
+    except Exception as exc:
+        reason = exc.reason if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+        return unreadable_dead_letter_row(entry, f"the dead letter does not decode: {reason}")
+    return {
+        **entry_key(entry.id),
+        "reason": clean(entry.fields.get("reason") or letter.reason),
+        "origin_stream": clean(entry.fields.get("origin_stream") or letter.stream),
+        "origin_id": clean(entry.fields.get("origin_id") or letter.entry_id),
+        "origin_group": clean(letter.group),
+        "field": clean(letter.field),
+        "deliveries": letter.deliveries,
+        "payload": _clean_all(msgspec.to_builtins(letter)),
+        "problem": "",
+        **_envelope_columns(env, moment),
+    }
+
+
+def unreadable_dead_letter_row(entry: Entry, problem: str) -> Row:
+    """A ``dead_letters`` row for an entry known only by its raw fields (nothing in it can fail to store)."""
+    raw, exact = record_fields(entry.fields)
+    fields = entry.fields
+    return {
+        **entry_key(entry.id),
+        "reason": clean(fields.get("reason", "")),
+        "origin_stream": clean(fields.get("origin_stream", "")),
+        "origin_id": clean(fields.get("origin_id", "")),
+        "origin_group": "",
+        "field": "",
+        "deliveries": None,
+        "payload": _clean_all({"raw": raw, "raw_base64": exact}),
+        "problem": clean(problem),
+        "trace_id": clean(fields.get("trace_id", "")),
+        "correlation_id": clean(fields.get("correlation_id", "")),
+        "timestamp": None,
+        "source": clean(fields.get("source", "")),
+    }
