@@ -7,21 +7,25 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import publish
 from quantum_trader.ops.doctor import (
     check_config_dir,
     check_kill,
+    check_reconciled,
     check_secret_file,
     check_skew,
     check_version,
     run_checks,
 )
 from quantum_trader.ops.recover import recover
+from quantum_trader.reconcile import Difference, Kind, Report, encode_report
 from quantum_trader.settings import Settings
 
 
@@ -181,3 +185,52 @@ def test_doctor_never_prints_the_password_of_a_mistyped_url() -> None:
     rows = {row["name"]: row for row in json.loads(done.stdout)}
     assert rows["configuration"]["verdict"] == "FAIL"
     assert "QT_REDIS_URL='http://:***@127.0.0.1:1/0'" in rows["configuration"]["detail"]
+
+
+def report(*differences: Difference, halted: bool = False) -> str:
+    return encode_report(
+        Report(
+            at="2024-05-01T12:00:00.000Z",
+            exchange="binance",
+            differences=list(differences),
+            assets=3,
+            orders=4,
+            since="2024-05-01T11:00:00.000Z",
+            halted=halted,
+        )
+    )
+
+
+AT = 1714564800.0  # 2024-05-01T12:00:00Z
+OFF = Difference(kind=Kind.BALANCE, subject="ETH", size=Decimal("-0.2"), detail="ETH: the exchange holds 0.8 ...")
+
+
+def test_the_latest_reconciliation_is_a_warning_when_it_found_differences_or_never_ran() -> None:
+    assert check_reconciled(report(), True, AT + 30, 60).verdict == "PASS"
+    assert check_reconciled(None, False, AT, 60).verdict == "PASS"  # nothing runs, nothing to reconcile
+    never = check_reconciled(None, True, AT, 60)
+    assert (never.verdict, never.detail) == ("WARN", "none yet while execution runs")
+    found = check_reconciled(report(OFF, OFF, halted=True), True, AT, 60)
+    assert found.verdict == "WARN"
+    assert found.detail == (
+        "2 difference(s) at 2024-05-01T12:00:00.000Z; kill switch turned on: ETH: the exchange holds 0.8 ... (+1 more)"
+    )
+    assert found.fix.startswith("quantum-trader reconcile")
+    stale = check_reconciled(report(), True, AT + 600, 60)
+    assert (stale.verdict, stale.detail) == ("WARN", "clean, but the latest is 600s old (QT_RECONCILE_S=60)")
+    assert check_reconciled("{not json", True, AT, 60).verdict == "WARN"
+
+
+async def test_doctor_reads_the_reconciliation_and_whether_execution_is_up(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url)
+    rows = {check.name: check for check in await run_checks(r, settings)}
+    assert rows["reconciliation"].verdict == "PASS"
+    await r.set(keys.heartbeat(keys.EXECUTION, "execution-host"), "{}", ex=30)
+    rows = {check.name: check for check in await run_checks(r, settings)}
+    assert rows["reconciliation"].detail == "none yet while execution runs"
+    await r.set(keys.BOOK_RECONCILED, report(OFF))
+    rows = {check.name: check for check in await run_checks(r, settings)}
+    assert rows["reconciliation"].verdict == "WARN"
+    assert "1 difference(s)" in rows["reconciliation"].detail

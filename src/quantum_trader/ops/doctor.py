@@ -19,8 +19,12 @@ from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
+from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, server_version
 from quantum_trader.bus.inspect import pipeline_status
+from quantum_trader.errors import QuantumTraderError
+from quantum_trader.events import parse_iso
+from quantum_trader.reconcile import decode_report
 from quantum_trader.redaction import redact_urls
 from quantum_trader.settings import Settings, secrets_file_problem
 
@@ -177,6 +181,31 @@ def check_dead_letters(count: int) -> Check:
     return Check("dead letters", "PASS", "none")
 
 
+def check_reconciled(raw: str | None, execution_up: bool, now_s: float, reconcile_s: float) -> Check:
+    """The latest reconciliation (``quantum:book:reconciled``): clean, recent enough, and there at all."""
+    name = "reconciliation"
+    if raw is None:
+        if execution_up:
+            return Check(name, "WARN", "none yet while execution runs",
+                         "wait for its start-up reconciliation, or run: quantum-trader reconcile")  # fmt: skip
+        return Check(name, "PASS", "none yet (execution is not running)")
+    try:
+        report = decode_report(raw)
+        age = now_s - parse_iso(report.at).timestamp()
+    except (QuantumTraderError, ValueError) as exc:
+        return Check(name, "WARN", f"{keys.BOOK_RECONCILED} is unreadable: {exc}", "quantum-trader reconcile")
+    if report.differences:
+        first = report.differences[0].detail
+        more = f" (+{len(report.differences) - 1} more)" if len(report.differences) > 1 else ""
+        halted = "; kill switch turned on" if report.halted else ""
+        return Check(name, "WARN", f"{len(report.differences)} difference(s) at {report.at}{halted}: {first}{more}",
+                     "quantum-trader reconcile  (each difference with its fix)")  # fmt: skip
+    if execution_up and reconcile_s > 0 and age > 3 * reconcile_s + 60:
+        return Check(name, "WARN", f"clean, but the latest is {age:.0f}s old (QT_RECONCILE_S={reconcile_s:g})",
+                     "look for reconcile_unavailable in the execution log (the exchange unreachable?)")  # fmt: skip
+    return Check(name, "PASS", f"clean at {report.at} ({report.assets} assets, {report.orders} orders)")
+
+
 async def run_checks(
     redis: Redis | None,
     settings: Settings,
@@ -213,6 +242,10 @@ async def run_checks(
                                         "start more execution processes" if verdict == "WARN" else ""))  # fmt: skip
             if stat_.name == streams.dead_letter:
                 checks.append(check_dead_letters(stat_.length))
+        beats = [key async for key in redis.scan_iter(match=keys.heartbeat_pattern(keys.EXECUTION), count=1000)]
+        checks.append(
+            check_reconciled(await redis.get(keys.BOOK_RECONCILED), bool(beats), time.time(), settings.reconcile_s)
+        )
     except RedisError as exc:
         checks.append(
             Check("server", "FAIL", f"error while checking: {redact_urls(str(exc))}", "check the server's log")
