@@ -64,6 +64,9 @@ def cases(tmp: Path) -> list[list[str]]:
         ["proof", "snapshot", "--out", f"{MISSING}/snap.json"],
         ["proof", "report", f"{MISSING}/a.json", f"{MISSING}/b.json"],
         ["proof", "report", str(garbage), str(garbage)],
+        ["reconcile", "--settle-s", "x"],
+        ["reconcile", "--settle-s", "-1"],
+        ["reconcile", "--bogus"],
         ["no-such-command"],
     ]
 

@@ -14,6 +14,7 @@ from quantum_trader.bus.inspect import StreamStat
 from quantum_trader.demo import DemoProgress
 from quantum_trader.governor import GovernorState
 from quantum_trader.ops.doctor import Check
+from quantum_trader.reconcile import Report
 
 
 def _num(value: int | None) -> str:
@@ -144,3 +145,26 @@ def doctor_table(checks: list[Check]) -> Table:
     for check in checks:
         table.add_row(check.name, f"[{colours[check.verdict]}]{check.verdict}[/]", check.detail, check.fix)
     return table
+
+
+def reconcile_screen(report: Report) -> Group:
+    """A line saying what was compared and whether it was clean, then one row per difference."""
+    compared = f"{report.assets} assets" + (
+        f", {report.orders} orders since {report.since}" if report.orders >= 0 else ""
+    )
+    notes = [note for flag, note in (
+        (report.baseline_recorded, "baseline recorded (the exchange's holdings minus the book's fills)"),
+        (report.baseline_pending, "no baseline yet: the book kept moving, the next run records it"),
+        (report.halted, f"kill switch turned on: {report.halt_reason}"),
+    ) if flag]  # fmt: skip
+    verdict = "[green]clean[/]" if report.clean else f"[yellow]{len(report.differences)} difference(s)[/]"
+    head = Text.from_markup(f"reconciled with {report.exchange} at {report.at}: {verdict} ({compared})")
+    parts: list[Text | Table] = [head, *(Text(note) for note in notes)]
+    if report.differences:
+        table = Table(title_justify="left")
+        for column in ("difference", "of", "size", "what", "fix"):
+            table.add_column(column, justify="right" if column == "size" else "left")
+        for d in report.differences:
+            table.add_row(d.kind.value, d.subject or "-", f"{d.size.normalize():f}", d.detail, d.fix)
+        parts.append(table)
+    return Group(*parts)
