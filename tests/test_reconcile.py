@@ -326,3 +326,16 @@ async def test_a_reconciliation_that_cannot_read_the_book_warns_and_halts_nothin
     assert "HDEL quantum:book:positions ETHUSDT" in line
     assert await r.get(keys.KILL_SWITCH) is None
     assert await r.get(keys.BOOK_RECONCILED) is None
+
+
+async def test_a_shutdown_does_not_wait_for_a_reconciliation_in_progress(
+    r: Redis, paper_settings: Callable[..., Settings]
+) -> None:
+    settings = paper_settings()
+    paper = await funded(r, settings)  # no baseline yet: the reconciliation pauses between its two looks
+    stop = asyncio.Event()
+    task = asyncio.create_task(keep_reconciling(r, paper, settings, stop))
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.wait_for(task, timeout=1)  # not the 5 s pause
+    assert await r.exists(keys.BOOK_BASELINE, keys.BOOK_RECONCILED) == 0

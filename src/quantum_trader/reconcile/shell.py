@@ -258,8 +258,17 @@ async def keep_reconciling(redis: Redis, exchange: Exchange, settings: Settings,
     again next period: it halts nothing (the send path fails closed on its own).
     """
     while not stop.is_set():
+        # Raced against ``stop``: a shutdown does not wait out the exchange's retries or the settle pause.
+        job = asyncio.create_task(reconcile(redis, exchange, settings, halt=settings.effective_reconcile_halt))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({job, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not job.done():
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+            return
         try:
-            await reconcile(redis, exchange, settings, halt=settings.effective_reconcile_halt)
+            job.result()
         except (QuantumTraderError, RedisError, OSError) as exc:
             log.warning(
                 "reconcile_unavailable",
