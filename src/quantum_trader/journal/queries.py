@@ -66,7 +66,8 @@ class Trade:
 class PnL:
     """Realised PnL of one group (a UTC day, a symbol or a strategy) in one quote asset.
 
-    ``realised`` is net of fees paid in the quote asset; ``fees`` holds every fee by asset;
+    ``realised`` is the PnL of the group's sells at average cost (a quote fee on a buy is in the
+    cost, on a sell out of the proceeds); ``fees`` holds every fee by asset;
     ``unrealised`` values what the group still holds at ``prices`` (or the last fill's price),
     and is zero when grouping by day.
     """
