@@ -28,7 +28,7 @@ from quantum_trader import governor as gov
 from quantum_trader import keys, portfolio
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.dead_letters import Refusal
-from quantum_trader.bus.streams import Entry, GroupConsumer
+from quantum_trader.bus.streams import Entry, GroupConsumer, parse_id
 from quantum_trader.errors import DecodeError, TransientError
 from quantum_trader.events import (
     EXECUTION_RESULT,
@@ -206,6 +206,7 @@ class Committer:
                 packed_items,
                 str(math.ceil(self.keep_s)),
                 pack(updates),
+                *_id_range([entry_id for entry_id, _fill in fills]),
             ]
             reply = await self._script(keys=script_keys, args=args)
             if isinstance(reply, list):
@@ -239,21 +240,32 @@ class Committer:
                     f"(HDEL {keys.BOOK_POSITIONS} {symbol}), then run quantum-trader reconcile"
                 ) from None
         before = {symbol: raw or "" for symbol, raw in zip(symbols, stored, strict=True)}
+        runs: dict[str, list[Fill]] = {symbol: [] for symbol in symbols}
         ids: dict[str, list[str]] = {symbol: [] for symbol in symbols}
         for entry_id, fill in fills:
-            was = book.get(fill.symbol)
-            book.update(portfolio.replay([fill], strict=False, start={fill.symbol: was} if was else None))
+            runs[fill.symbol].append(fill)
             ids[fill.symbol].append(entry_id)
-            if book[fill.symbol].unbooked != (was.unbooked if was else 0):
+        for symbol, run in runs.items():
+            was = book.get(symbol) or portfolio.empty(symbol, run[0].base, run[0].quote)
+            book[symbol] = portfolio.apply_all(was, run, strict=False)
+            if book[symbol].unbooked != was.unbooked:
                 log.warning(
                     "sold_beyond_book",
-                    symbol=fill.symbol,
-                    intent_id=entry_id,
-                    unbooked=str(book[fill.symbol].unbooked),
+                    symbol=symbol,
+                    intent_ids=ids[symbol],
+                    unbooked=str(book[symbol].unbooked),
                     effect="the exchange sold holdings the book did not know; the position stops at zero",
                     fix="run: quantum-trader reconcile",
                 )
         return [[symbol, before[symbol], portfolio.encode(book[symbol]), ids[symbol]] for symbol in symbols]
+
+
+def _id_range(ids: Sequence[str]) -> tuple[str, str]:
+    """The lowest and highest of stream ids (``"0-0"`` twice for none)."""
+    if not ids:
+        return "0-0", "0-0"
+    ordered = sorted(ids, key=parse_id)
+    return ordered[0], ordered[-1]
 
 
 def fill_of(result: ExecutionResult, quote_assets: Sequence[str]) -> Fill | None:

@@ -104,65 +104,80 @@ def apply(position: Position, fill: Fill, *, strict: bool = True) -> Position:
     ``strict``: a sell of more than is held raises ``PortfolioError``; otherwise the excess
     is counted in ``unbooked`` and the position stops at zero.
     """
-    if fill.qty <= 0 or fill.price <= 0:
-        raise PortfolioError(
-            f"{fill.symbol}: a fill needs a positive quantity and price, got {fill.qty} @ {fill.price}"
-        )
-    if fill.fee < 0:
-        raise PortfolioError(f"{fill.symbol}: a fee cannot be negative, got {fill.fee} {fill.fee_asset}")
-    base_fee = fill.fee if fill.fee_asset == fill.base else ZERO
-    quote_fee = fill.fee if fill.fee_asset == fill.quote else ZERO
-    notional = fill.qty * fill.price
-    fees, flows = position.fees, position.flows
-    if fill.fee and fill.fee_asset:
-        fees = _add(fees, fill.fee_asset, fill.fee)
-        flows = _add(flows, fill.fee_asset, -fill.fee)
-    if fill.side == "BUY":
-        flows = _add(_add(flows, fill.base, fill.qty), fill.quote, -notional)
-        held = position.qty + fill.qty - base_fee
-        if held < 0 and strict:
+    return apply_all(position, [fill], strict=strict)
+
+
+def apply_all(position: Position, fills: Iterable[Fill], *, strict: bool = True) -> Position:
+    """The position after ``fills`` of its symbol, in order (``apply`` one at a time, without the copies).
+
+    Execution books a thousand fills per batch: the figures are carried in locals and the
+    position is built once at the end.
+    """
+    qty, cost, realised, unbooked = position.qty, position.cost, position.realised, position.unbooked
+    fees, flows = dict(position.fees), dict(position.flows)
+    count, last_price = position.fills, position.last_price
+    for fill in fills:
+        if fill.qty <= 0 or fill.price <= 0:
             raise PortfolioError(
-                f"{fill.symbol}: a fee of {base_fee} {fill.base} on a buy of {fill.qty} leaves {held}: "
-                "a spot position cannot go below zero"
+                f"{fill.symbol}: a fill needs a positive quantity and price, got {fill.qty} @ {fill.price}"
             )
-        cost = position.cost + notional + quote_fee
-        # A base fee that takes all there is leaves nothing to carry the cost: it is a loss at once.
-        return msgspec.structs.replace(
-            position,
-            qty=max(held, ZERO),
-            cost=cost if held > 0 else ZERO,
-            realised=position.realised if held > 0 else position.realised - cost,
-            fees=fees,
-            flows=flows,
-            unbooked=position.unbooked + max(-held, ZERO),
-            fills=position.fills + 1,
-            last_price=fill.price,
-        )
-    if fill.side != "SELL":
-        raise PortfolioError(f"{fill.symbol}: side must be BUY or SELL, got {fill.side!r}")
-    leaving = fill.qty + base_fee  # a base fee on a sell leaves the account with the sold quantity
-    flows = _add(_add(flows, fill.base, -fill.qty), fill.quote, notional)
-    booked = min(leaving, position.qty)
-    if leaving > position.qty and strict:
-        raise PortfolioError(
-            f"{fill.symbol}: selling {leaving} {fill.base} but the book holds {position.qty}: "
-            "a spot position cannot go below zero"
-        )
-    basis = position.cost if booked == position.qty else position.cost * booked / position.qty
-    # Proceeds of the booked share only: what was sold from unseen holdings has no known cost.
-    share = booked / leaving
-    proceeds = (notional - quote_fee) * share
-    remaining = position.qty - booked
-    return msgspec.structs.replace(
-        position,
-        qty=remaining,
-        cost=position.cost - basis if remaining else ZERO,
-        realised=position.realised + proceeds - basis,
+        if fill.fee < 0:
+            raise PortfolioError(f"{fill.symbol}: a fee cannot be negative, got {fill.fee} {fill.fee_asset}")
+        base_fee = fill.fee if fill.fee_asset == fill.base else ZERO
+        quote_fee = fill.fee if fill.fee_asset == fill.quote else ZERO
+        notional = fill.qty * fill.price
+        if fill.fee and fill.fee_asset:
+            fees[fill.fee_asset] = fees.get(fill.fee_asset, ZERO) + fill.fee
+            flows[fill.fee_asset] = flows.get(fill.fee_asset, ZERO) - fill.fee
+        if fill.side == "BUY":
+            flows[fill.base] = flows.get(fill.base, ZERO) + fill.qty
+            flows[fill.quote] = flows.get(fill.quote, ZERO) - notional
+            held = qty + fill.qty - base_fee
+            if held < 0 and strict:
+                raise PortfolioError(
+                    f"{fill.symbol}: a fee of {base_fee} {fill.base} on a buy of {fill.qty} leaves {held}: "
+                    "a spot position cannot go below zero"
+                )
+            cost += notional + quote_fee
+            if held <= 0:
+                # A base fee that takes all there is leaves nothing to carry the cost: a loss at once.
+                realised -= cost
+                cost = ZERO
+                unbooked -= held
+                held = ZERO
+            qty = held
+        elif fill.side == "SELL":
+            leaving = fill.qty + base_fee  # a base fee on a sell leaves the account with the sold quantity
+            flows[fill.base] = flows.get(fill.base, ZERO) - fill.qty
+            flows[fill.quote] = flows.get(fill.quote, ZERO) + notional
+            if leaving > qty and strict:
+                raise PortfolioError(
+                    f"{fill.symbol}: selling {leaving} {fill.base} but the book holds {qty}: "
+                    "a spot position cannot go below zero"
+                )
+            booked = min(leaving, qty)
+            basis = cost if booked == qty else cost * booked / qty
+            # Proceeds of the booked share only: what was sold from unseen holdings has no known cost.
+            realised += (notional - quote_fee) * booked / leaving - basis
+            unbooked += leaving - booked
+            qty -= booked
+            cost = cost - basis if qty else ZERO
+        else:
+            raise PortfolioError(f"{fill.symbol}: side must be BUY or SELL, got {fill.side!r}")
+        count += 1
+        last_price = fill.price
+    return Position(
+        symbol=position.symbol,
+        base=position.base,
+        quote=position.quote,
+        qty=qty,
+        cost=cost,
+        realised=realised,
         fees=fees,
         flows=flows,
-        unbooked=position.unbooked + (leaving - booked),
-        fills=position.fills + 1,
-        last_price=fill.price,
+        unbooked=unbooked,
+        fills=count,
+        last_price=last_price,
     )
 
 
@@ -170,10 +185,13 @@ def replay(
     fills: Iterable[Fill], *, strict: bool = True, start: Mapping[str, Position] | None = None
 ) -> dict[str, Position]:
     """Positions per symbol after ``fills`` in order, from ``start`` (default: flat)."""
-    book = dict(start or {})
+    by_symbol: dict[str, list[Fill]] = {}
     for fill in fills:
-        position = book.get(fill.symbol) or empty(fill.symbol, fill.base, fill.quote)
-        book[fill.symbol] = apply(position, fill, strict=strict)
+        by_symbol.setdefault(fill.symbol, []).append(fill)
+    book = dict(start or {})
+    for symbol, runs in by_symbol.items():
+        first = runs[0]
+        book[symbol] = apply_all(book.get(symbol) or empty(symbol, first.base, first.quote), runs, strict=strict)
     return book
 
 

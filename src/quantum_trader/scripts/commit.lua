@@ -9,7 +9,7 @@
 --   the book's position of each symbol filled in this batch, computed by the client from the value it
 --   read (expected, "" when absent). Written only when every expected value still stands and every
 --   intent with a fill is still pending (its result is written here): the position always agrees
---   with the results. Otherwise nothing at all is written and the reply is the list of intent ids no
+--   with the results (ARGV[8] and ARGV[9]: the lowest and highest of those ids). Otherwise nothing is written and the reply is the list of intent ids no
 --   longer pending (possibly empty): the client reads the positions again and recomputes.
 -- (One packed argument instead of five per intent: the client spent more time packing thousands of
 -- arguments than the server spends unpacking one.)
@@ -24,11 +24,20 @@ local items = cmsgpack.unpack(ARGV[5])
 local keep = tonumber(ARGV[6])
 local book = cmsgpack.unpack(ARGV[7])
 if #book > 0 then
+  -- Which of the filled intents are still pending in the group: one paged range query over the
+  -- batch's ids (ARGV[8] lowest, ARGV[9] highest) rather than a query per intent.
+  local pending, page, start = {}, 1000, ARGV[8]
+  while true do
+    local rows = redis.call('XPENDING', KEYS[1], group, start, ARGV[9], page)
+    for _, row in ipairs(rows) do pending[row[1]] = true end
+    if #rows < page then break end
+    start = '(' .. rows[#rows][1]
+  end
   local stale, gone = false, {}
   for _, update in ipairs(book) do
     if (redis.call('HGET', KEYS[5], update[1]) or '') ~= update[2] then stale = true end
     for _, id in ipairs(update[4]) do
-      if #redis.call('XPENDING', KEYS[1], group, id, id, 1) == 0 then gone[#gone + 1] = id end
+      if not pending[id] then gone[#gone + 1] = id end
     end
   end
   if stale or #gone > 0 then return gone end
