@@ -7,11 +7,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 
 from quantum_trader import keys, portfolio
 from quantum_trader.bus.connection import Redis
+from quantum_trader.journal.stage import Journal
 from quantum_trader.portfolio import Fill
+from quantum_trader.settings import Settings
 from tests.cli.test_commands import cli
 
 
@@ -93,3 +97,69 @@ async def test_paper_reset_refuses_while_execution_runs_and_bad_balances(r: Redi
         done = cli(clean_url, "paper", "reset", "--yes", "--balances", bad)
         assert done.returncode == 2, bad
         assert done.stderr.startswith("error: --balances:"), done.stderr
+
+
+async def test_trades_and_pnl_read_what_the_journal_recorded(
+    r: Redis, clean_url: str, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    from tests.journal.helpers import drain_journal
+    from tests.pipeline import decision
+    from tests.test_execution import Pipeline, allow
+
+    url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
+    settings = settings_for(clean_url, block_ms=10, database_url=url, paper_balances={"USDT": Decimal(10_000)})
+    await allow(r)
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "3000")
+    pipeline = Pipeline(r, settings)
+    await pipeline.run(decision(qty="1", strategy="trend"), decision(qty="9", strategy="trend"))
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "3300")
+    await pipeline.run(decision(side="SELL", qty="0.5", price="3300", strategy="trend"))
+    journal = await Journal.open(r, settings)
+    try:
+        await drain_journal(journal)
+    finally:
+        journal.database.close()
+
+    done = cli(clean_url, "trades", "--json", QT_DATABASE_URL=url)
+    assert done.returncode == 0, done.stderr
+    shown = [(t["side"], t["qty"], t["status"], t["reason"], t["strategy"]) for t in json.loads(done.stdout)]
+    assert shown == [
+        ("SELL", "0.5", "FILLED", "", "trend"),
+        ("BUY", "9", "REJECTED", "INSUFFICIENT_BALANCE", "trend"),
+        ("BUY", "1", "FILLED", "", "trend"),
+    ]
+    only = cli(clean_url, "trades", "--json", "--status", "rejected", "--limit", "5", QT_DATABASE_URL=url)
+    assert [t["qty"] for t in json.loads(only.stdout)] == ["9"]
+    as_csv = cli(clean_url, "trades", "--csv", "--symbol", "ethusdt", QT_DATABASE_URL=url)
+    assert as_csv.stdout.splitlines()[0].startswith("entry_id,timestamp,status")
+    assert len(as_csv.stdout.splitlines()) == 4
+
+    by_strategy = cli(clean_url, "pnl", "--by", "strategy", "--json", QT_DATABASE_URL=url)
+    assert by_strategy.returncode == 0, by_strategy.stderr
+    [trend] = json.loads(by_strategy.stdout)
+    # 1 bought at 3000 + 3 fee; 0.5 sold at 3300 - 1.65 fee: realised 1648.35 - 1501.5; 0.5 left, marked at 3300.
+    assert (trend["key"], Decimal(trend["realised"]), Decimal(trend["unrealised"])) == (
+        "trend", Decimal("146.85"), Decimal("148.5"),
+    )  # fmt: skip
+    table = cli(clean_url, "trades", QT_DATABASE_URL=url)
+    assert "INSUFFICIENT_BALANCE" in table.stdout
+
+
+def test_bad_trade_and_pnl_arguments_are_one_line(clean_url: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
+    for args, message in (
+        (("trades", "--since", "yesterday"), "--since 'yesterday'"),
+        (("trades", "--status", "WON"), "--status 'WON'"),
+        (("trades", "--limit", "0"), "limit 0"),
+        (("trades", "--json", "--csv"), "choose one"),
+        (("pnl", "--by", "week"), "--by 'week'"),
+    ):
+        done = cli(clean_url, *args, QT_DATABASE_URL=url)
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr
+        assert "Traceback" not in done.stderr
+    unreachable = cli(clean_url, "trades", QT_DATABASE_URL="postgresql+psycopg://qt:s3cret@127.0.0.1:1/journal")
+    assert unreachable.returncode == 1
+    assert "127.0.0.1:1" in unreachable.stderr
+    assert "s3cret" not in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr

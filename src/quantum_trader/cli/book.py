@@ -1,9 +1,12 @@
-"""The book's commands: ``positions``, ``balance``, ``paper reset`` (and the journal's ``trades``, ``pnl``)."""
+"""The book's commands: ``trades`` and ``pnl`` from the journal, ``positions``, ``balance``, ``paper reset``."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import sys
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
 import typer
@@ -11,10 +14,14 @@ import typer
 from quantum_trader import book, keys, portfolio, runner
 from quantum_trader.bus.connection import Redis
 from quantum_trader.cli.common import JSON_OPT, configured, console, err, with_redis
-from quantum_trader.cli.views import balance_table, positions_table
+from quantum_trader.cli.views import balance_table, pnl_table, positions_table, trades_table
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.paper import PaperExchange
+from quantum_trader.journal import queries
+from quantum_trader.journal.database import Database, open_database
+from quantum_trader.settings import Settings
 
+STATUSES = ("FILLED", "REJECTED", "EXPIRED", "FAILED")
 MAX_BALANCE = Decimal("1e16")  # the contract's largest amount
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")  # ASCII decimal notation only (not 1_000)
 paper_app = typer.Typer(help="The paper exchange's account.", no_args_is_help=True)
@@ -113,8 +120,113 @@ def paper_reset(
     console.print(f"paper account reset: {deleted} order records deleted, funded with {shown}")
 
 
+def parse_moment(text: str | None, option: str) -> datetime | None:
+    """``2026-12-01`` or ``2026-12-01T08:00`` (UTC unless an offset is given); a ConfigError naming the option."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: give a date or time such as 2026-12-01 or 2026-12-01T08:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _journal(cfg: Settings) -> Database:
+    return open_database(cfg.journal_url())
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def trades(
+    symbol: str | None = typer.Option(None, "--symbol", help="ETHUSDT: this symbol only."),
+    since: str | None = typer.Option(None, "--since", help="From this UTC date or time (inclusive)."),
+    until: str | None = typer.Option(None, "--until", help="Up to this UTC date or time (exclusive)."),
+    status: str | None = typer.Option(None, "--status", help="FILLED, REJECTED, EXPIRED or FAILED."),
+    strategy: str | None = typer.Option(None, "--strategy", help="This strategy's trades only."),
+    limit: int = typer.Option(queries.DEFAULT_LIMIT, "--limit", help="At most this many, newest first."),
+    as_json: bool = JSON_OPT,
+    as_csv: bool = typer.Option(False, "--csv", help="CSV with every recorded field."),
+) -> None:
+    """Results the journal recorded, newest first (default: the last 50)."""
+    cfg = configured()
+    if status is not None and status.upper() not in STATUSES:
+        raise ConfigError(f"--status {status!r}: choose one of {', '.join(STATUSES)}")
+    if as_json and as_csv:
+        raise ConfigError("--json and --csv: choose one")
+    start, end = parse_moment(since, "--since"), parse_moment(until, "--until")
+    db = _journal(cfg)
+    try:
+        found = queries.trades(
+            db,
+            symbol=symbol.upper() if symbol else None,
+            since=start,
+            until=end,
+            status=status.upper() if status else None,
+            strategy=strategy,
+            limit=limit,
+        )
+    finally:
+        db.close()
+    rows = [{name: _text(getattr(trade, name)) for name in queries.Trade.__slots__} for trade in found]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif as_csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(queries.Trade.__slots__))
+        writer.writeheader()
+        writer.writerows(rows)
+    elif not found:
+        console.print("No trades recorded for this selection (is the journal running? quantum-trader status)")
+    else:
+        console.print(trades_table(found))
+
+
+def pnl(
+    by: str = typer.Option("day", "--by", help="day, symbol or strategy."),
+    since: str | None = typer.Option(None, "--since", help="From this UTC date or time (inclusive)."),
+    until: str | None = typer.Option(None, "--until", help="Up to this UTC date or time (exclusive)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Realised PnL (average cost), fees and volume per day, symbol or strategy, from the journal."""
+    cfg = configured()
+    if by not in queries.GROUPINGS:
+        raise ConfigError(f"--by {by!r}: choose one of {', '.join(queries.GROUPINGS)}")
+    start, end = parse_moment(since, "--since"), parse_moment(until, "--until")
+    marked = with_redis(cfg, book.marked_positions)
+    db = _journal(cfg)
+    try:
+        groups = queries.pnl(db, by=by, since=start, until=end, prices=book.marks(marked))  # type: ignore[arg-type]
+    finally:
+        db.close()
+    if as_json:
+        out = [
+            {
+                "key": g.key,
+                "quote": g.quote,
+                "realised": str(g.realised),
+                "unrealised": str(g.unrealised),
+                "fees": {asset: str(amount) for asset, amount in sorted(g.fees.items())},
+                "fills": g.fills,
+                "volume": str(g.volume),
+            }
+            for g in groups
+        ]
+        print(json.dumps(out, indent=2))
+    elif not groups:
+        console.print("No fills recorded for this selection.")
+    else:
+        console.print(pnl_table(groups, by))
+
+
 def register(app: typer.Typer) -> None:
     """Add this family's commands to ``app``."""
+    app.command("trades")(trades)
+    app.command("pnl")(pnl)
     app.command("positions")(positions)
     app.command("balance")(balance)
     app.add_typer(paper_app, name="paper")

@@ -13,6 +13,7 @@ from quantum_trader.book import Marked
 from quantum_trader.bus.inspect import StreamStat
 from quantum_trader.demo import DemoProgress
 from quantum_trader.governor import GovernorState
+from quantum_trader.journal.queries import PnL, Trade
 from quantum_trader.ops.doctor import Check
 from quantum_trader.reconcile import Report
 
@@ -110,6 +111,33 @@ def balance_table(held: dict[str, Decimal], flows: dict[str, Decimal]) -> Table:
         table.add_column(name, justify="left" if name == "asset" else "right")
     for asset in sorted(set(held) | set(flows)):
         table.add_row(asset, _dec(held.get(asset)), _dec(flows.get(asset)))
+    return table
+
+
+def trades_table(found: list[Trade]) -> Table:
+    """One row per recorded result, newest first."""
+    table = Table(title="Trades (the journal)", title_justify="left")
+    for name in ("time (UTC)", "symbol", "side", "qty", "filled", "price", "fee", "status", "strategy"):
+        table.add_column(name, justify="right" if name in ("qty", "filled", "price", "fee") else "left")
+    for t in found:
+        when = f"{t.timestamp:%Y-%m-%d %H:%M:%S}" if t.timestamp else "-"
+        outcome = t.status + (f" {t.reason}" if t.reason else "")
+        fee = f"{_dec(t.fee)} {t.fee_asset}" if t.fee else "-"
+        table.add_row(
+            when, t.symbol, t.side, _dec(t.qty), _dec(t.filled_qty), _dec(t.avg_price, 4), fee, outcome, t.strategy
+        )
+    return table
+
+
+def pnl_table(groups: list[PnL], by: str) -> Table:
+    """Realised (and, by symbol or strategy, unrealised) PnL per group and quote asset."""
+    table = Table(title=f"PnL by {by} (average cost)", title_justify="left")
+    for name in (by, "quote", "realised", "unrealised", "fees", "fills", "volume"):
+        table.add_column(name, justify="left" if name in (by, "quote", "fees") else "right")
+    for g in groups:
+        fees = ", ".join(f"{_dec(amount)} {asset}" for asset, amount in sorted(g.fees.items()))
+        unrealised = "-" if by == "day" else _dec(g.unrealised, 2)
+        table.add_row(g.key or "-", g.quote, _dec(g.realised, 2), unrealised, fees, f"{g.fills:,}", _dec(g.volume, 2))
     return table
 
 
