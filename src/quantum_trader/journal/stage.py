@@ -85,7 +85,9 @@ class Journal:
         for stream in self.streams.journaled():
             kind = DeadLetterConsumer if stream == self.streams.dead_letter else GroupConsumer
             consumer = kind.for_stage(redis, settings, keys.JOURNAL, stream, self.group)
-            consumer.depth = 1  # batches in read order: positions extend instead of replaying
+            # Two batches in flight: the next one decodes while the database writes this one. The
+            # write lock is taken in read order, so positions extend instead of replaying.
+            consumer.depth = 2
             if isinstance(consumer, DeadLetterConsumer):
                 consumer.record = self.record_unreadable
             self.consumers.append((consumer, handlers[stream]))
