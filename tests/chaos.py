@@ -13,7 +13,6 @@ import msgspec
 from quantum_trader import keys, portfolio
 from quantum_trader.bus.connection import Redis
 from quantum_trader.events import ExecutionResult
-from quantum_trader.execution import fill_of
 from quantum_trader.settings import DEFAULT_QUOTE_ASSETS
 
 
@@ -61,7 +60,7 @@ async def read_ledger(r: Redis, day_key: str) -> Ledger:
 def book_of(results: list[dict[str, Any]]) -> dict[str, portfolio.Position]:
     """The positions the results' fills make, in the order the results were written."""
     decoded = [msgspec.convert(res, ExecutionResult, strict=False) for res in results]
-    fills = [f for res in decoded if (f := fill_of(res, DEFAULT_QUOTE_ASSETS))]
+    fills = [f for res in decoded if (f := portfolio.fill_of(res, DEFAULT_QUOTE_ASSETS))]
     return portfolio.replay(fills, strict=False)
 
 

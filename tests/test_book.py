@@ -12,10 +12,11 @@ import pytest
 from quantum_trader import keys, portfolio
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, ensure_group, publish
+from quantum_trader.commit import Committer, Job
 from quantum_trader.errors import TransientError
 from quantum_trader.events import TRADE_INTENT, ExecutionResult, envelope
 from quantum_trader.exchanges.base import OrderOutcome
-from quantum_trader.execution import Committer, Job, decode, result_for
+from quantum_trader.execution import decode, result_for
 from quantum_trader.keys import StreamNames
 from quantum_trader.portfolio import Fill
 from tests.chaos import book_of

@@ -18,22 +18,20 @@ Per batch, in order:
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
 from quantum_trader import governor as gov
-from quantum_trader import keys, portfolio
+from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.dead_letters import Refusal
-from quantum_trader.bus.streams import Entry, GroupConsumer, parse_id
-from quantum_trader.errors import DecodeError, TransientError
+from quantum_trader.bus.streams import Entry, GroupConsumer
+from quantum_trader.commit import Committer, Job
+from quantum_trader.errors import DecodeError
 from quantum_trader.events import (
-    EXECUTION_RESULT,
     TRADE_INTENT,
-    Envelope,
     ExecutionResult,
     Reason,
     Status,
@@ -41,29 +39,14 @@ from quantum_trader.events import (
     check_amount,
     check_amount_texts,
     decode_event,
-    encode_payload,
-    now_iso,
     printable,
 )
-from quantum_trader.exchanges.base import Exchange, OrderOutcome, OrderRequest, client_order_id, split_symbol
+from quantum_trader.exchanges.base import Exchange, OrderOutcome, OrderRequest, client_order_id
 from quantum_trader.exchanges.paper import PaperExchange
-from quantum_trader.keys import StreamNames
-from quantum_trader.logs import emit_outcomes, get_logger, outcomes_enabled
-from quantum_trader.portfolio import Fill, PortfolioError, Position
-from quantum_trader.scripts import pack, register
-from quantum_trader.settings import DEFAULT_QUOTE_ASSETS, Settings
+from quantum_trader.logs import get_logger
+from quantum_trader.settings import Settings
 
 log = get_logger("execution")
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One decoded intent on its way through the batch."""
-
-    entry: Entry
-    env: Envelope
-    intent: TradeIntent
-    coid: str
 
 
 def check_amounts(intent: TradeIntent) -> None:
@@ -136,156 +119,6 @@ def result_from_outcome(job: Job, outcome: OrderOutcome, exchange: str) -> Execu
 def result_not_sent(job: Job, outcome: OrderOutcome) -> ExecutionResult:
     """The result of an order that never left (``outcome.sent`` False): no fill, no exchange."""
     return result_for(job, outcome.status, outcome.reason, outcome.detail)
-
-
-class Committer:
-    """Acknowledges intents and writes their results, one atomic ``commit.lua`` call per batch.
-
-    It needs no exchange: execution commits every batch with it, ``recover`` the intents it expires.
-    ``paper_records``: the paper exchange keeps a record of each order, given an expiry of ``keep_s``
-    seconds (QT_TRIM_KEEP_S) when its intent is committed. The same call updates the book's
-    position of every symbol the batch filled (``portfolio``), so positions never disagree with results.
-    """
-
-    # Commit attempts a batch makes while other processes keep moving the same symbols' positions.
-    MAX_ATTEMPTS = 50
-
-    def __init__(
-        self,
-        redis: Redis,
-        streams: StreamNames,
-        *,
-        keep_s: float,
-        paper_records: bool,
-        quote_assets: Sequence[str] = DEFAULT_QUOTE_ASSETS,
-    ) -> None:
-        self.redis = redis
-        self.streams = streams
-        self.keep_s = keep_s
-        self.paper_records = paper_records
-        self.quote_assets = list(quote_assets)
-        self._script = register(redis, "commit")
-
-    async def commit(self, done: Sequence[tuple[Job, ExecutionResult]], sent: Collection[str], now: datetime) -> int:
-        """Acknowledge the intents and write their results in one atomic script call; the number written.
-
-        An intent someone else already finished gets no second result. ``sent``: the intents whose
-        order reached the exchange; every other intent the gate counted is uncounted in the same
-        call, so the daily counter always equals the orders sent. The paper exchange's record of
-        each order gets its expiry here: the intent is finished, no delivery can ask for it again.
-        The book's positions move with the fills in the same call; when another process moved one
-        first (or finished one of these intents), the positions are read again and recomputed.
-        """
-        if not done:
-            return 0
-        items: list[str] = []
-        for job, result in done:
-            placed = "1" if job.entry.id in sent else "0"
-            record = keys.paper_order(job.coid) if self.paper_records else ""
-            items += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result), placed, record)
-        day = now.astimezone(UTC).date()
-        script_keys = [
-            self.streams.intent,
-            self.streams.result,
-            keys.counted(day),
-            keys.daily_trades(day),
-            keys.BOOK_POSITIONS,
-        ]
-        if self.streams.result_legacy:
-            script_keys.append(self.streams.result_legacy)
-        fills = [(job.entry.id, fill) for job, result in done if (fill := fill_of(result, self.quote_assets))]
-        packed_items = pack(items)
-        gone: set[str] = set()
-        for _attempt in range(self.MAX_ATTEMPTS):
-            updates = await self._book_updates([(entry_id, f) for entry_id, f in fills if entry_id not in gone])
-            args: list[str | bytes] = [
-                self.streams.execution_group,
-                EXECUTION_RESULT,
-                now_iso(now),
-                keys.EXECUTION,
-                packed_items,
-                str(math.ceil(self.keep_s)),
-                pack(updates),
-                *_id_range([entry_id for entry_id, _fill in fills]),
-            ]
-            reply = await self._script(keys=script_keys, args=args)
-            if isinstance(reply, list):
-                gone.update(str(entry_id) for entry_id in reply)
-                continue
-            written = int(reply)
-            if outcomes_enabled():
-                emit_outcomes(keys.EXECUTION, [_outcome_record(job, result) for job, result in done])
-            return written
-        raise TransientError(
-            f"the book's positions of {len(fills)} fills kept moving under this commit ({self.MAX_ATTEMPTS} attempts);"
-            " the batch is retried"
-        )
-
-    async def _book_updates(self, fills: Sequence[tuple[str, Fill]]) -> list[list[object]]:
-        """Per symbol filled: [symbol, the stored position read now, the position after the fills, their intent ids]."""
-        if not fills:
-            return []
-        symbols = list(dict.fromkeys(fill.symbol for _id, fill in fills))
-        stored = await self.redis.hmget(keys.BOOK_POSITIONS, symbols)
-        book: dict[str, Position] = {}
-        for symbol, raw in zip(symbols, stored, strict=True):
-            if raw is None:
-                continue
-            try:
-                book[symbol] = portfolio.decode(raw)
-            except PortfolioError as exc:
-                # Fail closed: results wait (pending, orders looked up on retry) until the book is sound.
-                raise TransientError(
-                    f"{exc}; the position of {symbol} in {keys.BOOK_POSITIONS} is unreadable: fix or delete it "
-                    f"(HDEL {keys.BOOK_POSITIONS} {symbol}), then run quantum-trader reconcile"
-                ) from None
-        before = {symbol: raw or "" for symbol, raw in zip(symbols, stored, strict=True)}
-        runs: dict[str, list[Fill]] = {symbol: [] for symbol in symbols}
-        ids: dict[str, list[str]] = {symbol: [] for symbol in symbols}
-        for entry_id, fill in fills:
-            runs[fill.symbol].append(fill)
-            ids[fill.symbol].append(entry_id)
-        for symbol, run in runs.items():
-            was = book.get(symbol) or portfolio.empty(symbol, run[0].base, run[0].quote)
-            book[symbol] = portfolio.apply_all(was, run, strict=False)
-            if book[symbol].unbooked != was.unbooked:
-                log.warning(
-                    "sold_beyond_book",
-                    symbol=symbol,
-                    intent_ids=ids[symbol],
-                    unbooked=str(book[symbol].unbooked),
-                    effect="the exchange sold holdings the book did not know; the position stops at zero",
-                    fix="run: quantum-trader reconcile",
-                )
-        return [[symbol, before[symbol], portfolio.encode(book[symbol]), ids[symbol]] for symbol in symbols]
-
-
-def _id_range(ids: Sequence[str]) -> tuple[str, str]:
-    """The lowest and highest of stream ids (``"0-0"`` twice for none)."""
-    if not ids:
-        return "0-0", "0-0"
-    ordered = sorted(ids, key=parse_id)
-    return ordered[0], ordered[-1]
-
-
-def fill_of(result: ExecutionResult, quote_assets: Sequence[str]) -> Fill | None:
-    """The fill a result reports (any status with a filled quantity and a price), for the book."""
-    if result.filled_qty <= 0 or result.avg_price is None or result.avg_price <= 0:
-        return None
-    try:
-        base, quote = split_symbol(result.symbol, list(quote_assets))
-    except ValueError:
-        base, quote = result.symbol, ""
-    return Fill(
-        symbol=result.symbol,
-        base=base,
-        quote=quote,
-        side=result.side,
-        qty=result.filled_qty,
-        price=result.avg_price,
-        fee=result.fee,
-        fee_asset=result.fee_asset,
-    )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -425,22 +258,6 @@ class Execution:
         await self.committer.commit(done, sent, self.clock())
         for _job, result in done:
             self.totals[result.status] += 1
-
-
-def _outcome_record(job: Job, result: ExecutionResult) -> dict[str, object]:
-    return {
-        "event": "intent_done",
-        "outcome": result.status,
-        "reason": result.reason,
-        "detail": result.detail,
-        "symbol": result.symbol,
-        "side": result.side,
-        "qty": result.qty,
-        "intent_id": job.entry.id,
-        "client_order_id": job.coid,
-        "trace_id": job.env.trace_id,
-        "correlation_id": job.env.correlation_id,
-    }
 
 
 async def orders_may_exist(redis: Redis, exchange: str, client_order_ids: list[str]) -> list[bool]:

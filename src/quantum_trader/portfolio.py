@@ -19,12 +19,14 @@ holdings the book never saw, which reconciliation then reports).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 
 import msgspec
 
 from quantum_trader.errors import QuantumTraderError
+from quantum_trader.events import ExecutionResult
+from quantum_trader.exchanges.base import split_symbol
 
 ZERO = Decimal(0)
 
@@ -193,6 +195,26 @@ def replay(
         first = runs[0]
         book[symbol] = apply_all(book.get(symbol) or empty(symbol, first.base, first.quote), runs, strict=strict)
     return book
+
+
+def fill_of(result: ExecutionResult, quote_assets: Sequence[str]) -> Fill | None:
+    """The fill an execution result reports (any status with a filled quantity and a price), or None."""
+    if result.filled_qty <= 0 or result.avg_price is None or result.avg_price <= 0:
+        return None
+    try:
+        base, quote = split_symbol(result.symbol, list(quote_assets))
+    except ValueError:
+        base, quote = result.symbol, ""
+    return Fill(
+        symbol=result.symbol,
+        base=base,
+        quote=quote,
+        side=result.side,
+        qty=result.filled_qty,
+        price=result.avg_price,
+        fee=result.fee,
+        fee_asset=result.fee_asset,
+    )
 
 
 class Totals(msgspec.Struct, frozen=True, kw_only=True):

@@ -34,7 +34,7 @@ from quantum_trader.events import (
     printable,
     record_fields,
 )
-from quantum_trader.execution import fill_of
+from quantum_trader.portfolio import fill_of
 
 Row = dict[str, Any]
 # Text kept whole up to this many characters (an oversize value keeps its size and SHA-256).

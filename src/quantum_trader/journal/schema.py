@@ -87,7 +87,7 @@ results = sa.Table(
     sa.Column("exchange", sa.Text, nullable=False),
     sa.Column("strategy", sa.Text, nullable=False),
     sa.Column("confidence", sa.Float, nullable=True),
-    # The fill the book takes from this result (execution.fill_of): whether there is one, and
+    # The fill the book takes from this result (portfolio.fill_of): whether there is one, and
     # the symbol's assets, so positions are replayed from SQL alone.
     sa.Column("is_fill", sa.Boolean, nullable=False),
     sa.Column("base", sa.Text, nullable=False),

@@ -20,8 +20,9 @@ from quantum_trader import governor as gov
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer, ensure_group, next_id
+from quantum_trader.commit import Committer
 from quantum_trader.events import Reason
-from quantum_trader.execution import Committer, decode, orders_may_exist, result_for
+from quantum_trader.execution import decode, orders_may_exist, result_for
 from quantum_trader.settings import Settings
 
 RECOVER_CONSUMER = "recover"
