@@ -15,8 +15,8 @@ from quantum_trader.bus.connection import Redis
 from quantum_trader.events import Candle
 from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
+from quantum_trader.feed import publish
 from quantum_trader.governor import set_kill
-from quantum_trader.marketdata import publish
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
 from quantum_trader.strategies import EmaCross, Signal

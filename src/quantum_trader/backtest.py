@@ -37,7 +37,8 @@ from quantum_trader.events import Candle
 from quantum_trader.exchanges.base import split_symbol
 from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
-from quantum_trader.marketdata import clean, gap_rule, publish
+from quantum_trader.feed import publish
+from quantum_trader.marketdata import clean, gap_rule
 from quantum_trader.router import Router
 from quantum_trader.settings import DEFAULT_QUOTE_ASSETS, Settings, load_settings
 from quantum_trader.strategies import Strategy

@@ -151,7 +151,8 @@ async def run_demo(
     mixed in, so that every outcome path shows up.
     """
     # numpy and pandas: imported only when market data is used, not by every command.
-    from quantum_trader.marketdata import FeedTotals, replay, run_feed, synthetic
+    from quantum_trader.feed import FeedTotals, replay, run_feed
+    from quantum_trader.marketdata import synthetic
 
     streams = settings.streams
     since = await last_ids(redis, [streams.result, streams.rejected])

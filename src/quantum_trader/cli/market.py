@@ -38,6 +38,7 @@ def feed(
 ) -> None:
     """Publish candles to the candle stream (and latest prices for the paper exchange)."""
     from quantum_trader import marketdata
+    from quantum_trader.feed import FeedTotals, PollStats, live, replay, run_feed
 
     cfg = configured()
     if source not in ("synthetic", "file", "live"):
@@ -47,10 +48,10 @@ def feed(
     if source == "live" and marketdata.interval_ms(interval) is None:
         raise ConfigError(f"--interval {interval!r}: use a number and one of s, m, h, d, w (e.g. 1m, 1h)")
 
-    polled = marketdata.PollStats()
+    polled = PollStats()
 
-    async def go(redis: Redis) -> marketdata.FeedTotals:
-        totals, stop = marketdata.FeedTotals(), asyncio.Event()
+    async def go(redis: Redis) -> FeedTotals:
+        totals, stop = FeedTotals(), asyncio.Event()
 
         def start_clock() -> None:
             if duration is not None:
@@ -64,11 +65,11 @@ def feed(
             exchange = CcxtExchange.public(redis, cfg, cfg.feed_exchange)
             wanted = [s.strip().upper() for s in symbols.split(",") if s.strip()]
             try:
-                batches = marketdata.live(
+                batches = live(
                     exchange, wanted, timeframe=interval, poll_s=poll_s, sleep=sleep, stop=stop, stats=polled
                 )
                 start_clock()
-                return await marketdata.run_feed(redis, cfg.candle_stream, batches, stop, totals)
+                return await run_feed(redis, cfg.candle_stream, batches, stop, totals)
             finally:
                 await exchange.close()
         if source == "synthetic":
@@ -76,9 +77,9 @@ def feed(
         else:
             assert data is not None  # checked above
             candles = marketdata.read_file(data, symbol)
-        batches = marketdata.replay(candles, rate=rate, speed=speed, sleep=sleep)
+        batches = replay(candles, rate=rate, speed=speed, sleep=sleep)
         start_clock()
-        return await marketdata.run_feed(redis, cfg.candle_stream, batches, stop, totals)
+        return await run_feed(redis, cfg.candle_stream, batches, stop, totals)
 
     totals = with_redis(cfg, go)
     console.print(totals.summary(cfg.candle_stream), highlight=False, markup=False, soft_wrap=True)

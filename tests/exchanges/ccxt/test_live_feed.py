@@ -14,10 +14,10 @@ from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.embedded import free_port
 from quantum_trader.errors import ConfigError, TransientExchangeError
-from quantum_trader.events import decode_event
+from quantum_trader.events import MARKET_CANDLE, Candle, decode_event
 from quantum_trader.exchanges.base import OrderRequest
 from quantum_trader.exchanges.ccxt import CcxtExchange
-from quantum_trader.marketdata import MARKET_CANDLE, Candle, PollStats, live, run_feed
+from quantum_trader.feed import PollStats, live, run_feed
 from quantum_trader.settings import Settings
 from tests.exchanges.conftest import LogTrap
 from tests.exchanges.fake_binance import FakeBinance
