@@ -53,8 +53,37 @@ def insert_new(connection: sa.Connection, table: sa.Table, rows: Sequence[Row]) 
     there = set(connection.execute(sa.select(table.c.entry_id).where(table.c.entry_id.in_(ids))).scalars())
     new = [row for row in rows if row["entry_id"] not in there]
     if new:
-        connection.execute(_insert(connection, table).on_conflict_do_nothing(index_elements=["entry_id"]), new)
+        sql, order, processors = _plan(connection, table)
+        params: list[Any] = []
+        for row in new:
+            values = [convert(row.get(name)) if convert else row.get(name) for name, convert in processors]
+            params.append(tuple(values[i] for i in order) if order else dict(zip(table.c.keys(), values, strict=True)))
+        connection.exec_driver_sql(sql, params)
     return {row["entry_id"] for row in new}
+
+
+_PLANS: dict[tuple[str, str], tuple[str, list[int], list[tuple[str, Any]]]] = {}
+
+
+def _plan(connection: sa.Connection, table: sa.Table) -> tuple[str, list[int], list[tuple[str, Any]]]:
+    """The table's INSERT ... ON CONFLICT DO NOTHING as the driver's SQL, and each column's conversion.
+
+    Compiled once per dialect and table, then handed to the driver's executemany with values
+    converted by the columns' own bind processors: SQLAlchemy's per-row statement handling cost
+    ~60 us a row on SQLite and ~150 us on PostgreSQL, most of the journal's time.
+    """
+    key = (connection.dialect.name, table.name)
+    if key not in _PLANS:
+        columns = list(table.c)
+        stmt = _insert(connection, table).values({c.name: sa.bindparam(c.name) for c in columns})
+        compiled = stmt.on_conflict_do_nothing(index_elements=["entry_id"]).compile(dialect=connection.dialect)
+        names = [c.name for c in columns]
+        # Positional drivers (sqlite3) take a tuple in the statement's order; named ones (psycopg) a dict.
+        order = [names.index(name) for name in compiled.positiontup] if compiled.positiontup else []
+        dialect = connection.dialect
+        processors = [(c.name, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in columns]
+        _PLANS[key] = (compiled.string, order, processors)
+    return _PLANS[key]
 
 
 def record_results(connection: sa.Connection, rows: Sequence[Row], now: datetime) -> set[str]:
