@@ -14,6 +14,7 @@ from typing import Any
 from quantum_trader import keys, portfolio
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError
+from quantum_trader.keys import StreamNames
 from quantum_trader.portfolio import PortfolioError, Position
 
 
@@ -86,14 +87,20 @@ _PAPER_STATE = (
 )
 
 
-async def paper_reset(redis: Redis, balances: dict[str, Decimal]) -> int:
+async def paper_reset(redis: Redis, balances: dict[str, Decimal], streams: StreamNames) -> int:
     """Empty the paper account and the book, then fund the account with ``balances``; the orders deleted.
 
-    The caller makes sure no execution runs (its orders and commits would land half in the old
-    account, half in the new).
+    The journal's groups start again at the end of their streams (pending entries dropped): what
+    the old account did is never journaled into the new one. The caller makes sure no execution
+    or journal runs (their writes would land half in the old account, half in the new) and wipes
+    the journal's database.
     """
     orders = [name async for name in redis.scan_iter(match=keys.paper_order_pattern(), count=1000)]
     async with redis.pipeline(transaction=True) as pipe:
+        for stream in streams.journaled():
+            if await redis.exists(stream):
+                pipe.xgroup_destroy(stream, streams.journal_group)
+                pipe.xgroup_create(stream, streams.journal_group, id="$")
         pipe.delete(*_PAPER_STATE, keys.BOOK_RECONCILED, *orders)
         if balances:
             pipe.hset(keys.paper_balances(), mapping={asset: str(amount) for asset, amount in balances.items()})

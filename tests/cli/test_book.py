@@ -19,9 +19,9 @@ from quantum_trader.settings import Settings
 from tests.cli.test_commands import cli
 
 
-def answering(url: str, answer: str, *args: str) -> subprocess.CompletedProcess[str]:
+def answering(url: str, answer: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     """The command run with ``answer`` typed at its prompt."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_REDIS_URL": url}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")} | {"QT_REDIS_URL": url} | extra
     return subprocess.run(
         [sys.executable, "-m", "quantum_trader", *args],
         env=env,
@@ -65,32 +65,59 @@ async def test_a_damaged_position_is_one_line_with_the_fix(r: Redis, clean_url: 
     assert "Traceback" not in done.stderr
 
 
-async def test_paper_reset_empties_the_account_and_the_book_and_funds_it(r: Redis, clean_url: str) -> None:
-    await r.hset(keys.paper_balances(), mapping={"USDT": "5", "ETH": "3"})
-    await r.hset(keys.BOOK_POSITIONS, "ETHUSDT", portfolio.encode(portfolio.replay([eth("BUY", "3", "1")])["ETHUSDT"]))
-    await r.set(keys.paper_order("qt-1"), "{}")
+async def test_paper_reset_empties_the_account_the_book_and_the_journal_and_funds_it(
+    r: Redis, clean_url: str, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    from tests.journal.helpers import drain_journal, result_rows
+    from tests.pipeline import decision
+    from tests.test_execution import Pipeline, allow
 
-    refused = answering(clean_url, "n\n", "paper", "reset")
+    url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
+    settings = settings_for(clean_url, block_ms=10, database_url=url, paper_balances={"USDT": Decimal(10_000)})
+    await allow(r)
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "3000")
+    await Pipeline(r, settings).run(decision(qty="1"))
+    journal = await Journal.open(r, settings)
+    try:
+        await drain_journal(journal)
+        assert len(result_rows(journal.database)) == 1
+    finally:
+        journal.database.close()
+    await Pipeline(r, settings).run(decision(qty="2"))  # a result the journal has not read yet
+    assert (await r.hgetall(keys.BOOK_POSITIONS)).keys() == {"ETHUSDT"}
+
+    refused = answering(clean_url, "n\n", "paper", "reset", QT_DATABASE_URL=url)
     assert (refused.returncode, refused.stderr) == (1, "nothing changed\n")
     assert await r.hget(keys.paper_balances(), "ETH") == "3"  # nothing changed without a yes
 
-    done = answering(clean_url, "y\n", "paper", "reset", "--balances", "USDT=250,btc=0.5")
+    done = answering(clean_url, "y\n", "paper", "reset", "--balances", "USDT=250,btc=0.5", QT_DATABASE_URL=url)
     assert done.returncode == 0, done.stderr
+    assert "1 journaled results deleted" in done.stdout
     assert await r.hgetall(keys.paper_balances()) == {"USDT": "250", "BTC": "0.5"}
     assert await r.hgetall(keys.BOOK_BASELINE) == {"USDT": "250", "BTC": "0.5"}
-    assert not await r.exists(keys.BOOK_POSITIONS, keys.paper_order("qt-1"))
+    assert not await r.exists(keys.BOOK_POSITIONS, keys.AI_POSITIONS)
+    assert [name async for name in r.scan_iter(match=keys.paper_order_pattern())] == []
+    # The old account's last result is never journaled into the new one; a new result is.
+    await r.hset(keys.PRICE_HASH, "BTCUSDT", "60000")
+    await Pipeline(r, settings).run(decision(symbol="BTCUSDT", qty="0.001", price="60000"))
+    journal = await Journal.open(r, settings)
+    try:
+        await drain_journal(journal)
+        assert [row["symbol"] for row in result_rows(journal.database)] == ["BTCUSDT"]
+    finally:
+        journal.database.close()
 
     balance = cli(clean_url, "balance", "--json")
-    assert json.loads(balance.stdout) == {
-        "BTC": {"balance": "0.5", "book_flow": "0"},
-        "USDT": {"balance": "250", "book_flow": "0"},
-    }
+    assert json.loads(balance.stdout)["BTC"] == {"balance": "0.501", "book_flow": "0.001"}
 
 
 async def test_paper_reset_refuses_while_execution_runs_and_bad_balances(r: Redis, clean_url: str) -> None:
+    await r.set(keys.heartbeat(keys.JOURNAL, "journal-1"), json.dumps({"at": time.time()}), ex=30)
+    busy = cli(clean_url, "paper", "reset", "--yes")
+    assert (busy.returncode, busy.stderr.split(":")[0]) == (1, "error")
+    assert "journal is running (journal-1)" in busy.stderr
     await r.set(keys.heartbeat(keys.EXECUTION, "exec-1"), json.dumps({"at": time.time()}), ex=30)
     busy = cli(clean_url, "paper", "reset", "--yes")
-    assert busy.returncode == 1
     assert "execution is running (exec-1)" in busy.stderr
 
     for bad in ("USDT", "USDT=-1", "USDT=1e999999", "US DT=1", "ETH=nan", "ＥＴＨ=1", "ETH=1_0"):

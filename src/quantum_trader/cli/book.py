@@ -17,7 +17,7 @@ from quantum_trader.cli.common import JSON_OPT, configured, console, err, with_r
 from quantum_trader.cli.views import balance_table, pnl_table, positions_table, trades_table
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.paper import PaperExchange
-from quantum_trader.journal import queries
+from quantum_trader.journal import ledger, queries
 from quantum_trader.journal.database import Database, open_database
 from quantum_trader.settings import Settings
 
@@ -98,26 +98,40 @@ def paper_reset(
     balances: str = typer.Option("", "--balances", help="ASSET=AMOUNT,... (default: QT_PAPER_BALANCES)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
-    """Empty the paper account and the book's positions, then fund the account again."""
+    """Empty the paper account, the book and the journal, then fund the account again (a paper account starts over)."""
     cfg = configured()
     if cfg.exchange != "paper":
         raise ConfigError(f"paper reset resets the paper exchange; QT_EXCHANGE={cfg.exchange} is not paper")
     funds = parse_balances(balances) if balances else dict(cfg.paper_balances)
-    alive = with_redis(cfg, lambda r: runner.alive_consumers(r, keys.EXECUTION))
-    if alive:
-        err.print(
-            f"error: execution is running ({', '.join(alive)}): stop it (and quantum-trader run) before a reset",
-            highlight=False,
-        )
-        raise typer.Exit(1)
+
+    async def running(redis: Redis) -> dict[str, list[str]]:
+        return {service: await runner.alive_consumers(redis, service) for service in (keys.EXECUTION, keys.JOURNAL)}
+
+    for service, alive in with_redis(cfg, running).items():
+        if alive:
+            err.print(
+                f"error: {service} is running ({', '.join(alive)}): stop it (and quantum-trader run) before a reset",
+                highlight=False,
+            )
+            raise typer.Exit(1)
     shown = ", ".join(f"{asset}={amount}" for asset, amount in funds.items()) or "nothing"
-    if not yes and not typer.confirm(
-        f"Delete the paper account, its orders and the book's positions, and fund {shown}?"
-    ):
+    question = f"Delete the paper account, its orders, the book and the journal's records, and fund {shown}?"
+    if not yes and not typer.confirm(question):
         err.print("nothing changed", highlight=False)
         raise typer.Exit(1)
-    deleted = with_redis(cfg, lambda r: book.paper_reset(r, funds))
-    console.print(f"paper account reset: {deleted} order records deleted, funded with {shown}")
+    # The journal first: a reset stopped half-way leaves an empty journal beside the old account,
+    # which running the reset again puts right.
+    db = _journal(cfg)
+    try:
+        with db.engine.begin() as connection:
+            wiped = ledger.wipe(connection)
+    finally:
+        db.close()
+    deleted = with_redis(cfg, lambda r: book.paper_reset(r, funds, cfg.streams))
+    console.print(
+        f"paper account reset: {deleted} order records and {wiped['results']:,} journaled results deleted,"
+        f" funded with {shown}"
+    )
 
 
 def parse_moment(text: str | None, option: str) -> datetime | None:

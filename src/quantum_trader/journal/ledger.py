@@ -230,3 +230,11 @@ def stored_positions(connection: sa.Connection) -> dict[str, Position]:
         row.symbol: portfolio.decode(row.data)
         for row in connection.execute(sa.select(positions.c.symbol, positions.c.data).order_by(positions.c.symbol))
     }
+
+
+def wipe(connection: sa.Connection) -> dict[str, int]:
+    """Delete every row of the journal (``paper reset``: the account starts over); rows deleted per table."""
+    deleted = {}
+    for table in (results, rejections, dead_letters, positions):
+        deleted[table.name] = connection.execute(sa.delete(table)).rowcount
+    return deleted
