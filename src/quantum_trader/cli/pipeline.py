@@ -231,16 +231,17 @@ def server() -> None:
     settings = configured()
     if settings.redis_url:
         raise ConfigError("QT_REDIS_URL is set: the embedded server is not used; unset it to run one")
-    valkey = EmbeddedValkey(settings.data_dir, appendfsync=settings.appendfsync)
-    valkey.start()
-    write_url_file(settings.data_dir, valkey.url)
-    console.print(f"valkey serving at {redact_url(valkey.url)} (data in {settings.data_dir})")
     # systemd stops the unit with SIGTERM: stop Valkey (it flushes its AOF) before exiting, never
-    # leave it running without its parent.
+    # leave it running without its parent. Handled from before the start: a SIGTERM that lands
+    # once the URL file is there (or while the server starts) must not kill this process alone.
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
+    valkey = EmbeddedValkey(settings.data_dir, appendfsync=settings.appendfsync)
+    valkey.start()
     try:
+        write_url_file(settings.data_dir, valkey.url)
+        console.print(f"valkey serving at {redact_url(valkey.url)} (data in {settings.data_dir})")
         while valkey.process is not None and valkey.process.poll() is None and not stopping.wait(0.5):
             pass
     finally:
