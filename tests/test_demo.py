@@ -41,6 +41,12 @@ def test_demo_runs_candles_through_strategies_to_results(clean_url: str, tmp_pat
     assert any(result["status"] == "FILLED" for result in results)
     shown = dict(re.findall(r"^  (FILLED|REJECTED \w+)\s+([\d,]+)$", done.stdout, re.MULTILINE))
     assert sum(int(v.replace(",", "")) for v in shown.values()) == decisions
+    # The summary shows what the journal recorded and the book: each filled symbol, and the PnL.
+    assert f"journal (SQLite, in the demo's private directory): {decisions:,} results" in done.stdout
+    assert sorted({r["symbol"] for r in results if r["status"] == "FILLED"}) == [
+        line.split("│")[1].strip() for line in done.stdout.splitlines() if re.match(r"│ \w+USDT ", line)
+    ]
+    assert "PnL in USDT: realised" in done.stdout
 
 
 def test_demo_stops_cleanly_on_ctrl_c(clean_url: str, tmp_path: Path) -> None:

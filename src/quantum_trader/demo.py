@@ -121,6 +121,7 @@ class DemoReport:
     complete: bool
     interrupted: bool
     positions: list[Marked] = field(default_factory=list)  # the book's, marked at the last prices
+    journaled: dict[str, int] = field(default_factory=dict)  # rows the journal wrote, per table
 
 
 def _group_done(stat: StreamStat, group: str) -> bool:
@@ -163,7 +164,7 @@ async def run_demo(
     interrupted = asyncio.Event()
     feed_totals = FeedTotals()
     generator = DecisionGenerator(redis, streams.decision, seed=seed)
-    stages = [keys.ROUTER, keys.EXECUTION]
+    stages = [keys.ROUTER, keys.EXECUTION, keys.JOURNAL]
     if source == "candles":
         stages.insert(0, keys.AI_ENGINE)
         start = datetime.now(UTC) - timedelta(minutes=count)
@@ -191,8 +192,14 @@ async def run_demo(
                 )
                 if on_progress is not None:
                     on_progress(DemoProgress(source, elapsed, head, dict(counts), list(stats.values())))
-                caught_up = done >= decided and (
-                    source != "candles" or _group_done(stats[streams.candle], settings.ai_group)
+                caught_up = (
+                    done >= decided
+                    and (source != "candles" or _group_done(stats[streams.candle], settings.ai_group))
+                    and all(
+                        _group_done(stats[stream], settings.journal_group)
+                        for stream in (streams.result, streams.rejected)
+                        if stats[stream].exists
+                    )
                 )
                 if stop.is_set():
                     interrupted.set()
@@ -210,7 +217,7 @@ async def run_demo(
 
         watcher.append(asyncio.create_task(loop()))
 
-    await serve(redis, settings, stages, stop, on_start=watch)
+    runner = await serve(redis, settings, stages, stop, on_start=watch)
     await asyncio.gather(*watcher)
     counts = await outcome_counts(redis, streams, since)
     decided = (await stream_stat(redis, streams.decision)).entries_added - decisions_before
@@ -225,4 +232,5 @@ async def run_demo(
         complete=sum(counts.values()) >= decided,
         interrupted=interrupted.is_set(),
         positions=await marked_positions(redis),
+        journaled=dict(runner.stages[keys.JOURNAL].totals),
     )

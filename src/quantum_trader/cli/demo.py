@@ -86,6 +86,9 @@ def demo(
         for asset, value in report.balances.items()
     )
     console.print("paper balances: " + ", ".join(shown))
+    if report.journaled:
+        rows = ", ".join(f"{count:,} {table.replace('_', ' ')}" for table, count in report.journaled.items())
+        console.print(f"journal (SQLite, in the demo's private directory): {rows}")
     if report.positions:
         console.print(positions_table(report.positions))
         figures = portfolio.totals(
