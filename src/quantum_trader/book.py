@@ -51,12 +51,9 @@ async def read_positions(redis: Redis) -> dict[str, Position]:
     out = {}
     for symbol, raw in sorted((await redis.hgetall(keys.BOOK_POSITIONS)).items()):
         try:
-            out[symbol] = portfolio.decode(raw)
+            out[symbol] = portfolio.decode_stored(symbol, raw)
         except PortfolioError as exc:
-            raise ConfigError(
-                f"{exc}: the position of {symbol} in {keys.BOOK_POSITIONS} is damaged; delete it "
-                f"(HDEL {keys.BOOK_POSITIONS} {symbol}) and run quantum-trader reconcile"
-            ) from None
+            raise ConfigError(str(exc)) from None
     return out
 
 

@@ -133,13 +133,10 @@ class Committer:
             if raw is None:
                 continue
             try:
-                book[symbol] = portfolio.decode(raw)
+                book[symbol] = portfolio.decode_stored(symbol, raw)
             except PortfolioError as exc:
                 # Fail closed: results wait (pending, orders looked up on retry) until the book is sound.
-                raise TransientError(
-                    f"{exc}; the position of {symbol} in {keys.BOOK_POSITIONS} is unreadable: fix or delete it "
-                    f"(HDEL {keys.BOOK_POSITIONS} {symbol}), then run quantum-trader reconcile"
-                ) from None
+                raise TransientError(str(exc)) from None
         before = {symbol: raw or "" for symbol, raw in zip(symbols, stored, strict=True)}
         runs: dict[str, list[Fill]] = {symbol: [] for symbol in symbols}
         ids: dict[str, list[str]] = {symbol: [] for symbol in symbols}

@@ -24,6 +24,7 @@ from decimal import Decimal
 
 import msgspec
 
+from quantum_trader import keys
 from quantum_trader.errors import QuantumTraderError
 from quantum_trader.events import ExecutionResult
 from quantum_trader.exchanges.base import split_symbol
@@ -267,3 +268,14 @@ def decode(text: str | bytes) -> Position:
         return _decoder.decode(text)
     except msgspec.DecodeError as exc:
         raise PortfolioError(f"a stored position does not decode: {exc}") from None
+
+
+def decode_stored(symbol: str, text: str | bytes) -> Position:
+    """The book's position of ``symbol`` as Redis keeps it; a ``PortfolioError`` saying how to repair it."""
+    try:
+        return decode(text)
+    except PortfolioError as exc:
+        raise PortfolioError(
+            f"{exc}: the position of {symbol} in {keys.BOOK_POSITIONS} is damaged; delete it "
+            f"(HDEL {keys.BOOK_POSITIONS} {symbol}) and run quantum-trader reconcile"
+        ) from None

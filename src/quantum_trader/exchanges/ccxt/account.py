@@ -17,6 +17,7 @@ from quantum_trader.errors import ExchangeError
 from quantum_trader.exchanges.base import ExchangeOrder
 from quantum_trader.exchanges.ccxt.connection import CcxtConnection
 from quantum_trader.exchanges.ccxt.markets import to_decimal
+from quantum_trader.exchanges.ccxt.orders import filled_and_average
 from quantum_trader.logs import get_logger
 
 log = get_logger("exchange")
@@ -29,12 +30,7 @@ MAX_PAGES = 20
 
 def order_of(order: Mapping[str, Any], market_id: str) -> ExchangeOrder:
     """A ccxt order structure as an ``ExchangeOrder`` (exact average from Binance's own figures)."""
-    info = order.get("info") or {}
-    filled = to_decimal(info.get("executedQty")) if isinstance(info, Mapping) else None
-    quote = to_decimal(info.get("cummulativeQuoteQty")) if isinstance(info, Mapping) else None
-    if filled is None:
-        filled = to_decimal(order.get("filled")) or Decimal(0)
-    average = (quote / filled).normalize() if quote is not None and filled > 0 else to_decimal(order.get("average"))
+    filled, average = filled_and_average(order)
     return ExchangeOrder(
         symbol=market_id,
         client_order_id=str(order.get("clientOrderId") or ""),

@@ -46,6 +46,18 @@ def unfilled_code(status: str) -> str:
     return f"ORDER_{status.upper() or 'UNKNOWN'}"
 
 
+def filled_and_average(order: Mapping[str, Any]) -> tuple[Decimal, Decimal | None]:
+    """How much a ccxt order filled and at what average price, exact from Binance's own figures
+    (executed quantity, cumulative quote) where it gives them, else ccxt's."""
+    info = order.get("info") or {}
+    filled = to_decimal(info.get("executedQty")) if isinstance(info, Mapping) else None
+    quote = to_decimal(info.get("cummulativeQuoteQty")) if isinstance(info, Mapping) else None
+    if filled is None:
+        filled = to_decimal(order.get("filled")) or Decimal(0)
+    average = (quote / filled).normalize() if quote is not None and filled > 0 else to_decimal(order.get("average"))
+    return filled, average
+
+
 def outcome_from_order(
     client_order_id: str,
     order: Mapping[str, Any],
@@ -53,12 +65,7 @@ def outcome_from_order(
     fee: tuple[Decimal, str] | None,
 ) -> OrderOutcome:
     """The outcome of a final (or given-up-on) ccxt order structure."""
-    info = order.get("info") or {}
-    filled = to_decimal(info.get("executedQty")) if isinstance(info, Mapping) else None
-    quote = to_decimal(info.get("cummulativeQuoteQty")) if isinstance(info, Mapping) else None
-    if filled is None:
-        filled = to_decimal(order.get("filled")) or Decimal(0)
-    average = (quote / filled).normalize() if quote is not None and filled > 0 else to_decimal(order.get("average"))
+    filled, average = filled_and_average(order)
     amount = to_decimal(order.get("amount")) or requested
     status = str(order.get("status") or "")
     fee_value, fee_asset = fee if fee is not None else (Decimal(0), "")
