@@ -54,6 +54,8 @@ async def test_positions_follow_the_fills_of_a_run(r: Redis, make_pipeline: Call
     assert eth.fees == {"USDT": D("4.24")}
     assert (book["BTCUSDT"].qty, book["BTCUSDT"].cost) == (D("0.5"), D("30030"))
     assert book == book_of(await results(r))
+    # Every order's intent has its result: none is left for reconciliation to look at.
+    assert await r.scard(keys.paper_unfinished()) == 0
     # The flows are what the paper exchange's balances moved by.
     paper = {asset: D(v) for asset, v in (await r.hgetall(keys.paper_balances())).items()}
     flows = portfolio.asset_flows(book)

@@ -78,6 +78,7 @@ def marks(marked: list[Marked]) -> dict[str, Decimal]:
 _PAPER_STATE = (
     keys.paper_balances(),
     keys.paper_version(),
+    keys.paper_unfinished(),
     keys.BOOK_POSITIONS,
     keys.BOOK_BASELINE,
     keys.AI_POSITIONS,  # the engine's strategies hold nothing either after a reset

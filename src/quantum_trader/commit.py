@@ -91,6 +91,7 @@ class Committer:
             keys.counted(day),
             keys.daily_trades(day),
             keys.BOOK_POSITIONS,
+            keys.paper_unfinished(),
         ]
         if self.streams.result_legacy:
             script_keys.append(self.streams.result_legacy)

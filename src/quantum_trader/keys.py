@@ -109,6 +109,12 @@ def paper_order_pattern() -> str:
     return f"{PAPER_PREFIX}order:*"
 
 
+def paper_unfinished() -> str:
+    """Set of the paper order records whose intent has no result yet (commit removes them): the
+    orders reconciliation must look at, without scanning every record kept."""
+    return f"{PAPER_PREFIX}unfinished"
+
+
 def paper_balances() -> str:
     """Hash: asset -> balance (decimal string) on the paper exchange."""
     return f"{PAPER_PREFIX}balances"

@@ -180,23 +180,17 @@ class PaperExchange:
         return {name[prefix:]: _outcome_from_json(value) for name, value in zip(names, values, strict=True) if value}
 
     async def fetch_activity(self, symbols: list[str], since_ms: int) -> list[ExchangeOrder]:
-        """Fills whose intent has no result yet: the records without an expiry (a SCAN).
+        """Fills whose intent has no result yet: the records in ``keys.paper_unfinished()``.
 
-        Commit gives a record its expiry in the same step that writes the intent's result, so
-        a record without one is an order in flight, or one whose intent was dead-lettered (a fill
-        the book never saw). Paper orders have no open state, no manual trades, and keep neither
-        symbol nor side; ``symbols`` and ``since_ms`` do not narrow anything here.
+        Placement adds a record there and commit takes it out in the same step that writes the
+        intent's result, so what is left is an order in flight, or one whose intent was
+        dead-lettered (a fill the book never saw); the cost follows those, not every record kept.
+        Paper orders have no open state, no manual trades, and keep neither symbol nor side;
+        ``symbols`` and ``since_ms`` do not narrow anything here.
         """
         del symbols, since_ms
-        names = [name async for name in self.redis.scan_iter(match=keys.paper_order_pattern(), count=1000)]
-        if not names:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.ttl(name)
-            ttls = await pipe.execute()
-        unexpiring = [name for name, ttl in zip(names, ttls, strict=True) if ttl == -1]
-        values = await self.redis.mget(unexpiring) if unexpiring else []
+        unfinished = sorted(await self.redis.smembers(keys.paper_unfinished()))
+        values = await self.redis.mget(unfinished) if unfinished else []
         out = []
         for value in values:
             if value is None:
@@ -279,6 +273,7 @@ class PaperExchange:
                     pipe.multi()
                     # No expiry yet: the intent may be delivered again until its result is written.
                     pipe.mset({keys.paper_order(coid): value for coid, value in new.items()})
+                    pipe.sadd(keys.paper_unfinished(), *[keys.paper_order(coid) for coid in new])
                     pipe.incr(keys.paper_version())
                     if changed:
                         pipe.hset(keys.paper_balances(), mapping={a: str(v) for a, v in balances.items()})

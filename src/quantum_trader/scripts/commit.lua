@@ -1,6 +1,7 @@
 -- Execution batch commit: acknowledge each intent and write its one result, atomically.
 -- KEYS[1] intent stream, KEYS[2] result stream, KEYS[3] counted-intents hash, KEYS[4] daily counter,
--- KEYS[5] the book's positions hash, KEYS[6] legacy result stream (optional: dual write when present).
+-- KEYS[5] the book's positions hash, KEYS[6] the paper exchange's set of unfinished order records,
+-- KEYS[7] legacy result stream (optional: dual write when present).
 -- ARGV: group, event_type, timestamp, source, one MessagePack array holding, per intent:
 --   entry_id, trace_id, correlation_id, payload, placed ("1" when the order reached the exchange),
 --   record (the key of the exchange's record of the order, "" for none);
@@ -52,7 +53,7 @@ for pos = 1, #items, 6 do
     local fields = {'event_type', event_type, 'payload', items[pos + 3], 'trace_id', items[pos + 1],
                     'correlation_id', items[pos + 2], 'timestamp', stamp, 'source', source}
     redis.call('XADD', KEYS[2], '*', unpack(fields))
-    if KEYS[6] then redis.call('XADD', KEYS[6], '*', unpack(fields)) end
+    if KEYS[7] then redis.call('XADD', KEYS[7], '*', unpack(fields)) end
     local was_counted = redis.call('HDEL', KEYS[3], id) == 1
     -- DECR keeps the key's expiry; never below zero (an expired counter is not recreated).
     if was_counted and items[pos + 4] ~= '1' and tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then
@@ -62,6 +63,9 @@ for pos = 1, #items, 6 do
   end
   -- Not pending any more either way: nothing can ask for the record after the grace period.
   local record = items[pos + 5]
-  if record ~= '' then redis.call('EXPIRE', record, keep) end
+  if record ~= '' then
+    redis.call('EXPIRE', record, keep)
+    redis.call('SREM', KEYS[6], record)
+  end
 end
 return written
