@@ -151,7 +151,8 @@ class Committer:
                 log.warning(
                     "sold_beyond_book",
                     symbol=symbol,
-                    intent_ids=ids[symbol],
+                    intents=len(ids[symbol]),
+                    first_intent_id=ids[symbol][0],
                     unbooked=str(book[symbol].unbooked),
                     effect="the exchange sold holdings the book did not know; the position stops at zero",
                     fix="run: quantum-trader reconcile",
