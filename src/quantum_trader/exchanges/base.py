@@ -106,9 +106,14 @@ class SendGuard:
 
 
 class Exchange(Protocol):
-    """An exchange adapter (paper, or ccxt for testnet and live)."""
+    """An exchange adapter (paper, or ccxt for testnet and live).
+
+    ``activity_unrecorded_only``: ``fetch_activity`` lists only orders whose intent has no result
+    yet, so reconciliation need not read the results to find the fills they record.
+    """
 
     name: str
+    activity_unrecorded_only: bool
 
     async def last_prices(self, symbols: list[str]) -> dict[str, Decimal]:
         """Latest known price per symbol; symbols without one are absent."""

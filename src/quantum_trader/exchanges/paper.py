@@ -121,6 +121,7 @@ class PaperExchange:
     """Paper trading on the stream server itself."""
 
     name = "paper"
+    activity_unrecorded_only = True  # the unfinished set: orders whose result is not written
 
     def __init__(
         self,

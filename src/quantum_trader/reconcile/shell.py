@@ -116,7 +116,13 @@ async def look(redis: Redis, exchange: Exchange, settings: Settings, *, since_ms
         for o in orders or []
         if is_ours(o.client_order_id) and o.filled
     }
-    recorded = await recorded_fills(redis, settings.result_stream, since_ms, wanted)
+    # An exchange that lists only orders without a result (paper) needs no read of the results,
+    # which costs up to QT_RESULT_MAXLEN entries a look.
+    recorded = (
+        {}
+        if exchange.activity_unrecorded_only
+        else await recorded_fills(redis, settings.result_stream, since_ms, wanted)
+    )
     return Snapshot(balances=balances, orders=orders, book=book, baseline=baseline, recorded=recorded, now_ms=now_ms)
 
 

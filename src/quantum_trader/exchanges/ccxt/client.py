@@ -76,6 +76,8 @@ class _NotSent(Exception):
 class CcxtExchange:
     """An exchange reached through ccxt's async client."""
 
+    activity_unrecorded_only = False  # the exchange lists every order: the results say which were recorded
+
     def __init__(
         self,
         redis: Redis,
