@@ -111,3 +111,17 @@ def test_the_layers_catch_an_upward_import(tmp_path: Path) -> None:
     adapter.write_text("def f():\n    from quantum_trader.governor import set_kill\n")
     assert {layer_of(name) for name in imported(adapter)} == {LAYERS["governor"]}
     assert layer_of("governor") > layer_of("exchanges.ccxt")
+
+
+def test_the_pipeline_stages_load_no_heavy_library_they_do_not_use() -> None:
+    """Every command imports the whole command line: a router or execution process must not pay for
+    pandas, scikit-learn or SQLAlchemy (each is ~20 MB of RSS and a slower start)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, quantum_trader.cli, quantum_trader.runner; "
+        "print(' '.join(m for m in ('pandas', 'sklearn', 'sqlalchemy', 'alembic', 'psycopg') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == ""

@@ -8,6 +8,7 @@ import re
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -17,9 +18,10 @@ from quantum_trader.cli.common import JSON_OPT, configured, console, err, with_r
 from quantum_trader.cli.views import balance_table, pnl_table, positions_table, trades_table
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.paper import PaperExchange
-from quantum_trader.journal import ledger, queries
-from quantum_trader.journal.database import Database, open_database
 from quantum_trader.settings import Settings
+
+if TYPE_CHECKING:
+    from quantum_trader.journal.database import Database
 
 STATUSES = ("FILLED", "REJECTED", "EXPIRED", "FAILED")
 MAX_BALANCE = Decimal("1e16")  # the contract's largest amount
@@ -121,6 +123,8 @@ def paper_reset(
         raise typer.Exit(1)
     # The journal first: a reset stopped half-way leaves an empty journal beside the old account,
     # which running the reset again puts right.
+    from quantum_trader.journal import ledger
+
     db = _journal(cfg)
     try:
         with db.engine.begin() as connection:
@@ -146,6 +150,8 @@ def parse_moment(text: str | None, option: str) -> datetime | None:
 
 
 def _journal(cfg: Settings) -> Database:
+    from quantum_trader.journal.database import open_database  # SQLAlchemy: only for the journal's commands
+
     return open_database(cfg.journal_url())
 
 
@@ -163,11 +169,13 @@ def trades(
     until: str | None = typer.Option(None, "--until", help="Up to this UTC date or time (exclusive)."),
     status: str | None = typer.Option(None, "--status", help="FILLED, REJECTED, EXPIRED or FAILED."),
     strategy: str | None = typer.Option(None, "--strategy", help="This strategy's trades only."),
-    limit: int = typer.Option(queries.DEFAULT_LIMIT, "--limit", help="At most this many, newest first."),
+    limit: int = typer.Option(50, "--limit", help="At most this many, newest first."),
     as_json: bool = JSON_OPT,
     as_csv: bool = typer.Option(False, "--csv", help="CSV with every recorded field."),
 ) -> None:
     """Results the journal recorded, newest first (default: the last 50)."""
+    from quantum_trader.journal import queries
+
     cfg = configured()
     if status is not None and status.upper() not in STATUSES:
         raise ConfigError(f"--status {status!r}: choose one of {', '.join(STATUSES)}")
@@ -207,6 +215,8 @@ def pnl(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Realised PnL (average cost), fees and volume per day, symbol or strategy, from the journal."""
+    from quantum_trader.journal import queries
+
     cfg = configured()
     if by not in queries.GROUPINGS:
         raise ConfigError(f"--by {by!r}: choose one of {', '.join(queries.GROUPINGS)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
 from rich.table import Table
@@ -13,8 +13,10 @@ from quantum_trader.book import Marked
 from quantum_trader.bus.inspect import StreamStat
 from quantum_trader.demo import DemoProgress
 from quantum_trader.governor import GovernorState
-from quantum_trader.journal.queries import PnL, Trade
 from quantum_trader.ops.doctor import Check
+
+if TYPE_CHECKING:  # SQLAlchemy loads only for the commands that read the journal
+    from quantum_trader.journal.queries import PnL, Trade
 from quantum_trader.reconcile import Report
 
 
