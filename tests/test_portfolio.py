@@ -124,6 +124,27 @@ def test_a_position_round_trips_through_its_stored_form_exactly() -> None:
         portfolio.decode(b'{"symbol": 1}')
 
 
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ('"qty": "NaN"', "not a finite number"),
+        ('"qty": "1", "cost": "Infinity"', "not a finite number"),
+        ('"fees": {"USDT": "sNaN"}', "not a finite number"),
+        ('"qty": "-1"', "negative"),
+        ('"qty": "1", "cost": "-5"', "negative"),
+        ('"fills": -3', "negative"),
+        ('"qty": "0", "cost": "100"', "quantity of zero"),
+    ],
+)
+def test_a_stored_position_no_book_could_have_written_is_refused(fields: str, problem: str) -> None:
+    """Someone else wrote the record: the book refuses it (execution then holds its batch) rather than trade on it."""
+    text = '{"symbol": "ETHUSDT", "base": "ETH", "quote": "USDT", ' + fields + "}"
+    with pytest.raises(PortfolioError, match=problem):
+        portfolio.decode(text)
+    with pytest.raises(PortfolioError, match="HDEL quantum:book:positions ETHUSDT"):
+        portfolio.decode_stored("ETHUSDT", text)
+
+
 amounts = st.decimals(min_value=D("0.001"), max_value=D(1000), places=3)
 fills = st.lists(
     st.tuples(st.sampled_from(["BUY", "SELL"]), amounts, amounts, st.sampled_from(["USDT", "ETH", "BNB", ""])),

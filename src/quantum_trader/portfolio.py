@@ -265,9 +265,21 @@ def encode(position: Position) -> str:
 def decode(text: str | bytes) -> Position:
     """A position read back from ``encode``; raises ``PortfolioError`` when it is not one."""
     try:
-        return _decoder.decode(text)
+        position = _decoder.decode(text)
     except msgspec.DecodeError as exc:
         raise PortfolioError(f"a stored position does not decode: {exc}") from None
+    # A record this module wrote always holds these; anything else was written by someone else.
+    amounts = [position.qty, position.cost, position.realised, position.unbooked]
+    amounts += [*position.fees.values(), *position.flows.values()]
+    if not all(amount.is_finite() for amount in amounts):
+        raise PortfolioError("a stored position holds an amount that is not a finite number")
+    if position.qty < 0 or position.cost < 0 or position.unbooked < 0 or position.fills < 0:
+        raise PortfolioError(
+            f"a stored position holds a negative quantity, cost, unbooked amount or count (qty {position.qty})"
+        )
+    if position.qty == 0 and position.cost != 0:
+        raise PortfolioError(f"a stored position holds a cost of {position.cost} for a quantity of zero")
+    return position
 
 
 def decode_stored(symbol: str, text: str | bytes) -> Position:
