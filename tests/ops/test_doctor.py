@@ -14,9 +14,10 @@ import pytest
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.bus.streams import publish
+from quantum_trader.bus.streams import ensure_group, publish
 from quantum_trader.ops.doctor import (
     check_config_dir,
+    check_journal,
     check_kill,
     check_reconciled,
     check_secret_file,
@@ -234,3 +235,34 @@ async def test_doctor_reads_the_reconciliation_and_whether_execution_is_up(
     rows = {check.name: check for check in await run_checks(r, settings)}
     assert rows["reconciliation"].verdict == "WARN"
     assert "1 difference(s)" in rows["reconciliation"].detail
+
+
+def test_the_journal_row_says_whether_outcomes_wait_for_a_journal() -> None:
+    results, rejected = "quantum:stream:execution.result", "quantum:stream:decision.rejected"
+    assert check_journal({}, journal_up=False, batch_size=1000).verdict == "PASS"  # never deployed
+    assert check_journal({results: (0, 0), rejected: (0, 0)}, journal_up=False, batch_size=1000).verdict == "PASS"
+    stopped = check_journal({results: (40, 2), rejected: (0, 0)}, journal_up=False, batch_size=1000)
+    assert stopped.verdict == "WARN"
+    assert (
+        stopped.detail
+        == "not running, 42 entries waiting (execution.result lag 40 pending 2, decision.rejected lag 0 pending 0)"
+    )
+    assert "quantum-trader journal" in stopped.fix
+    assert check_journal({results: (40, 2)}, journal_up=True, batch_size=1000).verdict == "PASS"
+    behind = check_journal({results: (100_001, 0)}, journal_up=True, batch_size=1000)
+    assert (behind.verdict, behind.detail.split(" (")[0]) == ("WARN", "behind by 100001 entries")
+
+
+async def test_doctor_warns_when_results_wait_for_a_journal_that_is_not_running(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url)
+    stream = settings.result_stream
+    await ensure_group(r, stream, settings.journal_group)
+    await publish(r, stream, [{"n": "1"}, {"n": "2"}])
+    rows = {check.name: check for check in await run_checks(r, settings)}
+    assert rows["journal"].verdict == "WARN"
+    assert rows["journal"].detail.startswith("not running, 2 entries waiting")
+    await r.set(keys.heartbeat(keys.JOURNAL, "journal-host"), "{}", ex=30)
+    rows = {check.name: check for check in await run_checks(r, settings)}
+    assert rows["journal"].verdict == "PASS"

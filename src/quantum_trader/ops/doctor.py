@@ -206,6 +206,29 @@ def check_reconciled(raw: str | None, execution_up: bool, now_s: float, reconcil
     return Check(name, "PASS", f"clean at {report.at} ({report.assets} assets, {report.orders} orders)")
 
 
+def check_journal(behind: dict[str, tuple[int, int]], journal_up: bool, batch_size: int) -> Check:
+    """The journal's group on each stream it records: ``behind`` maps a stream to (lag, pending).
+
+    No group: nothing was ever journaled (retention alone bounds the outcomes). A group behind
+    with no journal running holds its entries until the journal comes back: the streams grow.
+    """
+    name = "journal"
+    if not behind:
+        return Check(name, "PASS", "no journal group yet: outcomes are kept for their retention only",
+                     "" if journal_up else "start it: quantum-trader journal (or run)")  # fmt: skip
+    waiting = sum(lag + pending for lag, pending in behind.values())
+    detail = ", ".join(
+        f"{stream.rsplit(':', 1)[-1]} lag {lag} pending {pending}" for stream, (lag, pending) in behind.items()
+    )
+    if waiting and not journal_up:
+        return Check(name, "WARN", f"not running, {waiting} entries waiting ({detail})",
+                     "start it (quantum-trader journal), or XGROUP DESTROY its group if it is gone")  # fmt: skip
+    if waiting > batch_size * 100:
+        return Check(name, "WARN", f"behind by {waiting} entries ({detail})",
+                     "check the database (log line journal_database_unavailable) and the journal's log")  # fmt: skip
+    return Check(name, "PASS", detail)
+
+
 async def run_checks(
     redis: Redis | None,
     settings: Settings,
@@ -229,7 +252,8 @@ async def run_checks(
         checks.append(check_skew(time.time(), seconds + micros / 1e6, settings.clock_skew_s))
         streams = settings.streams
         expected = {streams.decision: streams.router_group, streams.intent: streams.execution_group}
-        for stat_ in await pipeline_status(redis, streams.pipeline()):
+        stats = await pipeline_status(redis, streams.pipeline())
+        for stat_ in stats:
             group = expected.get(stat_.name)
             if group is not None:
                 found = next((g for g in stat_.groups if g.name == group), None)
@@ -242,6 +266,16 @@ async def run_checks(
                                         "start more execution processes" if verdict == "WARN" else ""))  # fmt: skip
             if stat_.name == streams.dead_letter:
                 checks.append(check_dead_letters(stat_.length))
+        journaled = set(streams.journaled())
+        behind = {
+            stat_.name: (found.lag or 0, found.pending or 0)
+            for stat_ in stats
+            if stat_.name in journaled
+            for found in stat_.groups
+            if found.name == streams.journal_group
+        }
+        journal_beats = [key async for key in redis.scan_iter(match=keys.heartbeat_pattern(keys.JOURNAL), count=100)]
+        checks.append(check_journal(behind, bool(journal_beats), settings.batch_size))
         beats = [key async for key in redis.scan_iter(match=keys.heartbeat_pattern(keys.EXECUTION), count=1000)]
         checks.append(
             check_reconciled(await redis.get(keys.BOOK_RECONCILED), bool(beats), time.time(), settings.reconcile_s)
