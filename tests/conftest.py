@@ -96,6 +96,22 @@ def log_trap(capfd: pytest.CaptureFixture[str]) -> Iterator[LogTrap]:
     assert not found, "a secret leaked into the logs or the output: " + "; ".join(found[:5])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every command a test starts without a data directory of its own (``run``, the journal's
+    SQLite file) writes under a temporary XDG_DATA_HOME, never the operator's home."""
+    home = tmp_path_factory.mktemp("xdg-data")
+    saved = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        if saved is None:
+            os.environ.pop("XDG_DATA_HOME", None)
+        else:
+            os.environ["XDG_DATA_HOME"] = saved
+
+
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of the session's server: external when QT_TEST_REDIS_URL is set, else a private Valkey."""

@@ -96,7 +96,11 @@ async def paper_reset(redis: Redis, balances: dict[str, Decimal], streams: Strea
     orders = [name async for name in redis.scan_iter(match=keys.paper_order_pattern(), count=1000)]
     async with redis.pipeline(transaction=True) as pipe:
         for stream in streams.journaled():
-            if await redis.exists(stream):
+            # Only a group that exists: creating one for a journal never deployed would hold every
+            # outcome from now on (retention keeps what a group has not acknowledged).
+            if await redis.exists(stream) and any(
+                group["name"] == streams.journal_group for group in await redis.xinfo_groups(stream)
+            ):
                 pipe.xgroup_destroy(stream, streams.journal_group)
                 pipe.xgroup_create(stream, streams.journal_group, id="$")
         pipe.delete(*_PAPER_STATE, keys.BOOK_RECONCILED, *orders)

@@ -111,6 +111,16 @@ async def test_paper_reset_empties_the_account_the_book_and_the_journal_and_fund
     assert json.loads(balance.stdout)["BTC"] == {"balance": "0.501", "book_flow": "0.001"}
 
 
+async def test_paper_reset_creates_no_journal_group_where_no_journal_ran(
+    r: Redis, clean_url: str, tmp_path: Path
+) -> None:
+    """A group nobody reads would hold every outcome from then on: the streams would grow for ever."""
+    await r.xadd("quantum:stream:execution.result", {"n": "1"})
+    done = cli(clean_url, "paper", "reset", "--yes", QT_DATABASE_URL=f"sqlite:///{tmp_path / 'journal.sqlite3'}")
+    assert done.returncode == 0, done.stderr
+    assert await r.xinfo_groups("quantum:stream:execution.result") == []
+
+
 async def test_paper_reset_refuses_while_execution_runs_and_bad_balances(r: Redis, clean_url: str) -> None:
     await r.set(keys.heartbeat(keys.JOURNAL, "journal-1"), json.dumps({"at": time.time()}), ex=30)
     busy = cli(clean_url, "paper", "reset", "--yes")
@@ -177,7 +187,7 @@ def test_bad_trade_and_pnl_arguments_are_one_line(clean_url: str, tmp_path: Path
     for args, message in (
         (("trades", "--since", "yesterday"), "--since 'yesterday'"),
         (("trades", "--status", "WON"), "--status 'WON'"),
-        (("trades", "--limit", "0"), "limit 0"),
+        (("trades", "--limit", "0"), "--limit 0"),
         (("trades", "--json", "--csv"), "choose one"),
         (("pnl", "--by", "week"), "--by 'week'"),
     ):

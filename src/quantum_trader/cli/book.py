@@ -181,6 +181,8 @@ def trades(
         raise ConfigError(f"--status {status!r}: choose one of {', '.join(STATUSES)}")
     if as_json and as_csv:
         raise ConfigError("--json and --csv: choose one")
+    if limit <= 0:
+        raise ConfigError(f"--limit {limit}: give a number of trades above 0")
     start, end = parse_moment(since, "--since"), parse_moment(until, "--until")
     db = _journal(cfg)
     try:
