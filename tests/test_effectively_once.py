@@ -6,7 +6,9 @@ with SIGKILL every fraction of a second and starts it again. In one variant the
 Valkey server itself is killed and restarted from its AOF. At the end every
 decision must have exactly one terminal outcome, no order may exist twice or
 without a result, balances must equal the sum of fills and the daily counter the
-approvals. A deliberately broken execution (ack before the order) must fail it.
+approvals. A deliberately broken execution (ack before the order) must fail it. In one variant
+a journal process is killed with the rest: every result and rejection must then be in SQL
+exactly once, in stream order, and its positions must equal the live book.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from quantum_trader import keys
+from quantum_trader import keys, portfolio
 from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.embedded import EmbeddedValkey
 from quantum_trader.bus.streams import publish
@@ -35,7 +37,7 @@ START = {"USDT": Decimal(1_000_000), "ETH": Decimal(1_000)}
 class Fleet:
     """The stage processes of one run, restartable by name."""
 
-    def __init__(self, r: Redis, url: str, execution: str) -> None:
+    def __init__(self, r: Redis, url: str, execution: str, database_url: str | None = None) -> None:
         self.r = r
         self.env = os.environ | {
             "QT_REDIS_URL": url,
@@ -49,12 +51,15 @@ class Fleet:
             "PYTHONPATH": str(Path(__file__).parents[1]),
         }
         self.stages = {"router-0": "router", "exec-0": execution, "exec-1": execution}
+        if database_url is not None:  # the journal too, killed like the rest
+            self.stages["journal-0"] = "journal"
+            self.env["QT_DATABASE_URL"] = database_url
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.kills = 0
         self.kills_holding_work = 0
 
     def _service(self, name: str) -> str:
-        return "router" if name.startswith("router") else "execution"
+        return self.stages[name] if self.stages[name] in ("router", "journal") else "execution"
 
     async def start(self, name: str) -> None:
         await self.r.delete(keys.heartbeat(self._service(name), name))
@@ -75,11 +80,10 @@ class Fleet:
     async def kill(self, name: str) -> None:
         proc = self.procs[name]
         if proc.returncode is None:
-            stream, group = (
-                ("quantum:stream:ai.decision", "quantum:group:router:ai.decision")
-                if name.startswith("router")
-                else ("quantum:stream:trade.intent", "quantum:group:execution:trade.intent")
-            )
+            stream, group = {
+                "router": ("quantum:stream:ai.decision", "quantum:group:router:ai.decision"),
+                "journal": ("quantum:stream:execution.result", "quantum:group:journal"),
+            }.get(self._service(name), ("quantum:stream:trade.intent", "quantum:group:execution:trade.intent"))
             proc.send_signal(signal.SIGKILL)
             self.kills += 1
             await proc.wait()
@@ -110,6 +114,48 @@ async def outcome_count(r: Redis) -> tuple[int, int]:
     return await r.xlen("quantum:stream:ai.decision"), routed + done
 
 
+JOURNALED = ("quantum:stream:execution.result", "quantum:stream:decision.rejected")
+
+
+async def journal_caught_up(r: Redis, deadline: float) -> None:
+    """Wait until the journal has read and acknowledged every result and rejection."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        behind = 0
+        for stream in JOURNALED:
+            for group in await r.xinfo_groups(stream):
+                if group["name"] == "quantum:group:journal":
+                    behind += int(group["pending"]) + int(group.get("lag") or 0)
+        if behind == 0:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def journal_violations(r: Redis, database_url: str) -> list[str]:
+    """Every way the journal disagrees with the streams and the live book."""
+    from quantum_trader.journal import queries
+    from quantum_trader.journal.database import open_database
+    from tests.journal.helpers import rejection_rows, replayed_from_rows, result_rows
+
+    problems = []
+    db = open_database(database_url)
+    try:
+        results, rejections = result_rows(db), rejection_rows(db)
+        stored = queries.positions(db)
+    finally:
+        db.close()
+    streams = {stream: [entry_id for entry_id, _ in await r.xrange(stream)] for stream in JOURNALED}
+    for stream, rows in zip(JOURNALED, (results, rejections), strict=True):
+        if [row["entry_id"] for row in rows] != streams[stream]:
+            problems.append(
+                f"journal: {stream} rows {len(rows)} != entries {len(streams[stream])} (each once, in order)"
+            )
+    book = {symbol: portfolio.decode(raw) for symbol, raw in (await r.hgetall(keys.BOOK_POSITIONS)).items()}
+    if stored != book or replayed_from_rows(results) != book:
+        problems.append(f"journal: positions {stored} != the live book {book}")
+    return problems
+
+
 def burst(rng: random.Random, first: int, size: int) -> list[dict[str, str]]:
     """``size`` decisions numbered from ``first``: some malformed, some published twice."""
     out = []
@@ -125,12 +171,17 @@ def burst(rng: random.Random, first: int, size: int) -> list[dict[str, str]]:
 
 
 async def chaos_run(
-    server: EmbeddedValkey, *, execution: str = "execution", kill_server: bool = False, rounds: int = 20
+    server: EmbeddedValkey,
+    *,
+    execution: str = "execution",
+    kill_server: bool = False,
+    rounds: int = 20,
+    database_url: str | None = None,
 ) -> list[str]:
-    """Run the fleet under fire and return the ledger's violations."""
+    """Run the fleet under fire and return the ledger's violations (and the journal's, with ``database_url``)."""
     rng = random.Random(20260117)
     r = client(server.url)
-    fleet = Fleet(r, server.url, execution)
+    fleet = Fleet(r, server.url, execution, database_url)
     try:
         await r.set(keys.KILL_SWITCH, "0")
         await r.hset(keys.PRICE_HASH, mapping={"ETHUSDT": "3000", "BTCUSDT": "60000"})
@@ -161,12 +212,17 @@ async def chaos_run(
                 break  # no progress for 5 s: whatever is missing is lost
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)  # anything still in flight lands (or shows up as a duplicate)
+        if database_url is not None:
+            await journal_caught_up(r, deadline=loop.time() + 60)
         await fleet.stop()
         assert fleet.kills >= rounds // 2, "the chaos loop must really have killed processes"
         if execution == "execution":
             assert fleet.kills_holding_work >= 3, "some kills must land while a process holds unfinished entries"
         day_key = keys.daily_trades(datetime.now(UTC).date())
-        return violations(await read_ledger(r, day_key), START)
+        problems = violations(await read_ledger(r, day_key), START)
+        if database_url is not None:
+            problems += await journal_violations(r, database_url)
+        return problems
     finally:
         await fleet.stop()
         await r.aclose()
@@ -185,6 +241,14 @@ async def test_server_killed_and_restarted_from_its_aof_loses_and_duplicates_not
     # appendfsync always: every acknowledged write is on disk before the reply, so a
     # SIGKILL of the server loses nothing the pipeline was told had been written.
     problems = await chaos_run(valkey_factory(appendfsync="always"), kill_server=True)
+    assert problems == []
+
+
+async def test_the_journal_killed_with_the_rest_records_every_outcome_once_and_agrees_with_the_book(
+    valkey_factory: Callable[..., EmbeddedValkey], tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
+    problems = await chaos_run(valkey_factory(), database_url=url)
     assert problems == []
 
 
