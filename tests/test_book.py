@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from quantum_trader import keys, portfolio
+from quantum_trader.book import read_positions as book_positions
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, ensure_group, publish
 from quantum_trader.commit import Committer, Job
@@ -28,10 +29,6 @@ __all__ = ["make_pipeline"]  # the fixture, used by name
 STREAMS = StreamNames()
 
 
-async def positions(r: Redis) -> dict[str, portfolio.Position]:
-    return {symbol: portfolio.decode(raw) for symbol, raw in (await r.hgetall(keys.BOOK_POSITIONS)).items()}
-
-
 async def test_positions_follow_the_fills_of_a_run(r: Redis, make_pipeline: Callable[..., Pipeline]) -> None:
     await allow(r)
     await r.hset(keys.PRICE_HASH, mapping={"ETHUSDT": "3000", "BTCUSDT": "60000"})
@@ -47,7 +44,7 @@ async def test_positions_follow_the_fills_of_a_run(r: Redis, make_pipeline: Call
         ("ETHUSDT", "SELL", "FILLED"),
         ("ETHUSDT", "SELL", "REJECTED"),  # more than the paper account holds: no fill, no move
     ]
-    book = await positions(r)
+    book = await book_positions(r)
     # ETH: bought 1 @ 3000 + 3 fee = cost 3003; 0.4 sold @ 3100 - 1.24 fee realises 1238.76 - 1201.2.
     eth = book["ETHUSDT"]
     assert (eth.qty, eth.cost, eth.realised) == (D("0.6"), D("1801.8"), D("37.56"))
@@ -117,7 +114,7 @@ async def test_a_position_another_process_moved_meanwhile_is_recomputed_from_the
     written = await committer(r, Raced).commit(done, {job.entry.id for job in jobs}, datetime.now(UTC))
 
     assert (written, Raced.reads) == (2, 2)
-    eth = (await positions(r))["ETHUSDT"]
+    eth = (await book_positions(r))["ETHUSDT"]
     assert (eth.qty, eth.cost) == (D(5), D(270) + D("100.1") + D("110.1"))
     assert eth.fills == 3
 

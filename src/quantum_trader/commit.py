@@ -164,8 +164,7 @@ def _id_range(ids: Sequence[str]) -> tuple[str, str]:
     """The lowest and highest of stream ids (``"0-0"`` twice for none)."""
     if not ids:
         return "0-0", "0-0"
-    ordered = sorted(ids, key=parse_id)
-    return ordered[0], ordered[-1]
+    return min(ids, key=parse_id), max(ids, key=parse_id)
 
 
 def _outcome_record(job: Job, result: ExecutionResult) -> dict[str, object]:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from quantum_trader import keys, portfolio
 from quantum_trader.bus.connection import Redis
@@ -17,6 +18,9 @@ from quantum_trader.journal.stage import Journal
 from quantum_trader.portfolio import Fill
 from quantum_trader.settings import Settings
 from tests.cli.test_commands import cli
+from tests.journal.helpers import drain_journal, result_rows
+from tests.pipeline import decision
+from tests.test_execution import Pipeline, allow
 
 
 def answering(url: str, answer: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -30,6 +34,22 @@ def answering(url: str, answer: str, *args: str, **extra: str) -> subprocess.Com
         text=True,
         timeout=60,
     )
+
+
+async def journal_all(r: Redis, settings: Settings) -> list[dict[str, Any]]:
+    """Run a journal until it has recorded everything waiting; its result rows."""
+    journal = await Journal.open(r, settings)
+    try:
+        await drain_journal(journal)
+        return result_rows(journal.database)
+    finally:
+        journal.close()
+
+
+def journaled_settings(settings_for: Callable[..., Settings], url: str, tmp_path: Path) -> tuple[str, Settings]:
+    """A journal in ``tmp_path`` and the settings of a paper pipeline that trades ETHUSDT at 3000."""
+    database = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
+    return database, settings_for(url, block_ms=10, database_url=database, paper_balances={"USDT": Decimal(10_000)})
 
 
 def eth(side: str, qty: str, price: str) -> Fill:
@@ -68,21 +88,11 @@ async def test_a_damaged_position_is_one_line_with_the_fix(r: Redis, clean_url: 
 async def test_paper_reset_empties_the_account_the_book_and_the_journal_and_funds_it(
     r: Redis, clean_url: str, settings_for: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    from tests.journal.helpers import drain_journal, result_rows
-    from tests.pipeline import decision
-    from tests.test_execution import Pipeline, allow
-
-    url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
-    settings = settings_for(clean_url, block_ms=10, database_url=url, paper_balances={"USDT": Decimal(10_000)})
+    url, settings = journaled_settings(settings_for, clean_url, tmp_path)
     await allow(r)
     await r.hset(keys.PRICE_HASH, "ETHUSDT", "3000")
     await Pipeline(r, settings).run(decision(qty="1"))
-    journal = await Journal.open(r, settings)
-    try:
-        await drain_journal(journal)
-        assert len(result_rows(journal.database)) == 1
-    finally:
-        journal.database.close()
+    assert len(await journal_all(r, settings)) == 1
     await Pipeline(r, settings).run(decision(qty="2"))  # a result the journal has not read yet
     assert (await r.hgetall(keys.BOOK_POSITIONS)).keys() == {"ETHUSDT"}
 
@@ -100,12 +110,7 @@ async def test_paper_reset_empties_the_account_the_book_and_the_journal_and_fund
     # The old account's last result is never journaled into the new one; a new result is.
     await r.hset(keys.PRICE_HASH, "BTCUSDT", "60000")
     await Pipeline(r, settings).run(decision(symbol="BTCUSDT", qty="0.001", price="60000"))
-    journal = await Journal.open(r, settings)
-    try:
-        await drain_journal(journal)
-        assert [row["symbol"] for row in result_rows(journal.database)] == ["BTCUSDT"]
-    finally:
-        journal.database.close()
+    assert [row["symbol"] for row in await journal_all(r, settings)] == ["BTCUSDT"]
 
     balance = cli(clean_url, "balance", "--json")
     assert json.loads(balance.stdout)["BTC"] == {"balance": "0.501", "book_flow": "0.001"}
@@ -139,23 +144,14 @@ async def test_paper_reset_refuses_while_execution_runs_and_bad_balances(r: Redi
 async def test_trades_and_pnl_read_what_the_journal_recorded(
     r: Redis, clean_url: str, settings_for: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    from tests.journal.helpers import drain_journal
-    from tests.pipeline import decision
-    from tests.test_execution import Pipeline, allow
-
-    url = f"sqlite:///{tmp_path / 'journal.sqlite3'}"
-    settings = settings_for(clean_url, block_ms=10, database_url=url, paper_balances={"USDT": Decimal(10_000)})
+    url, settings = journaled_settings(settings_for, clean_url, tmp_path)
     await allow(r)
     await r.hset(keys.PRICE_HASH, "ETHUSDT", "3000")
     pipeline = Pipeline(r, settings)
     await pipeline.run(decision(qty="1", strategy="trend"), decision(qty="9", strategy="trend"))
     await r.hset(keys.PRICE_HASH, "ETHUSDT", "3300")
     await pipeline.run(decision(side="SELL", qty="0.5", price="3300", strategy="trend"))
-    journal = await Journal.open(r, settings)
-    try:
-        await drain_journal(journal)
-    finally:
-        journal.database.close()
+    await journal_all(r, settings)
 
     done = cli(clean_url, "trades", "--json", QT_DATABASE_URL=url)
     assert done.returncode == 0, done.stderr

@@ -8,11 +8,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from quantum_trader import keys, portfolio
+from quantum_trader import book, portfolio
 from quantum_trader.bus.connection import Redis
+from quantum_trader.journal import ledger
 from quantum_trader.journal.database import Database
 from quantum_trader.journal.schema import dead_letters, rejections, results
-from quantum_trader.portfolio import Fill, Position
+from quantum_trader.portfolio import Position
 
 JOURNAL_GROUP = "quantum:group:journal"
 
@@ -52,26 +53,12 @@ def dead_letter_rows(db: Database) -> list[dict[str, Any]]:
 
 def replayed_from_rows(rows: list[dict[str, Any]]) -> dict[str, Position]:
     """The book recomputed from the database's fills in result order (the check's side of the equation)."""
-    fills = [
-        Fill(
-            symbol=row["symbol"],
-            base=row["base"],
-            quote=row["quote"],
-            side=row["side"],
-            qty=row["filled_qty"],
-            price=row["avg_price"],
-            fee=row["fee"],
-            fee_asset=row["fee_asset"],
-        )
-        for row in rows
-        if row["is_fill"]
-    ]
-    return portfolio.replay(fills, strict=False)
+    return portfolio.replay([ledger.fill_from(row) for row in rows if row["is_fill"]], strict=False)
 
 
 async def redis_book(r: Redis) -> dict[str, Position]:
     """The live book execution keeps in Redis (quantum:book:positions)."""
-    return {symbol: portfolio.decode(raw) for symbol, raw in (await r.hgetall(keys.BOOK_POSITIONS)).items()}
+    return await book.read_positions(r)
 
 
 async def pending(r: Redis, stream: str, group: str = JOURNAL_GROUP) -> int:

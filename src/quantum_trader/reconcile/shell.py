@@ -94,12 +94,9 @@ async def read_book(redis: Redis) -> tuple[dict[str, Position], dict[str, Decima
     book = {}
     for symbol, text in raw_positions.items():
         try:
-            book[symbol] = portfolio.decode(text)
+            book[symbol] = portfolio.decode_stored(symbol, text)
         except portfolio.PortfolioError as exc:
-            raise QuantumTraderError(
-                f"{exc}; the position of {symbol} in {keys.BOOK_POSITIONS} is unreadable: fix or delete it "
-                f"(HDEL {keys.BOOK_POSITIONS} {symbol})"
-            ) from None
+            raise QuantumTraderError(str(exc)) from None
     baseline = {asset: _decimal(value) for asset, value in raw_baseline.items()} if raw_baseline else None
     return book, baseline
 

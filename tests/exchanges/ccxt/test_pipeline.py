@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,12 +13,7 @@ import pytest
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.streams import publish
-from quantum_trader.exchanges.base import Exchange
 from quantum_trader.exchanges.ccxt import CcxtExchange
-from quantum_trader.execution import Execution
-from quantum_trader.router import Router
-from quantum_trader.runner import build_stage
-from quantum_trader.settings import Settings
 from tests.exchanges.conftest import LogTrap, write_secrets
 from tests.exchanges.fake_binance import FakeBinance
 from tests.pipeline import decision, drain, results
@@ -27,39 +21,6 @@ from tests.pipeline import decision, drain, results
 DECISIONS = "quantum:stream:ai.decision"
 INTENTS = "quantum:stream:trade.intent"
 GROUP = "quantum:group:execution:trade.intent"
-
-
-@dataclass
-class Pipeline:
-    """Router and execution built by ``runner.build_stage``, as ``quantum-trader run`` builds them."""
-
-    r: Redis
-    settings: Settings
-    router: Router
-    execution: Execution
-
-    async def run(self, *decisions: dict[str, str]) -> list[dict[str, Any]]:
-        await publish(self.r, DECISIONS, list(decisions))
-        await drain(self.router)
-        await drain(self.execution)
-        return await results(self.r, self.settings.result_stream)
-
-
-@pytest.fixture
-async def make_pipeline(r: Redis, exchange_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
-    exchanges: list[Exchange] = []
-
-    async def make(**overrides: Any) -> Pipeline:
-        settings = exchange_settings(**overrides)
-        router, execution = await build_stage(keys.ROUTER, r, settings), await build_stage(keys.EXECUTION, r, settings)
-        assert isinstance(router, Router)
-        assert isinstance(execution, Execution)
-        exchanges.append(execution.exchange)
-        return Pipeline(r, settings, router, execution)
-
-    yield make
-    for exchange in exchanges:
-        await exchange.close()
 
 
 async def test_decision_is_filled_on_the_exchange_with_its_price_and_fee(

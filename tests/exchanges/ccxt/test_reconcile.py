@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-import pytest
-
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.bus.streams import publish
-from quantum_trader.exchanges.base import Exchange
-from quantum_trader.execution import Execution
 from quantum_trader.reconcile import Kind, decode_report, keep_reconciling, reconcile
-from quantum_trader.router import Router
-from quantum_trader.runner import build_stage
-from quantum_trader.settings import Settings
+from tests.exchanges.ccxt.conftest import Pipeline
 from tests.exchanges.conftest import LogTrap
 from tests.exchanges.fake_binance import FakeBinance
-from tests.pipeline import decision, drain, results
+from tests.pipeline import decision
 
 D = Decimal
 STARTED = {"USDT": D(10_000), "ETH": D(1), "BTC": D("0.1")}  # the fake account's balances
@@ -31,40 +23,11 @@ async def no_wait(_seconds: float) -> None:
     return None
 
 
-@dataclass
-class Pipeline:
-    """Router and execution as ``quantum-trader run`` builds them, on the fake Binance."""
-
-    r: Redis
-    settings: Settings
-    router: Router
-    execution: Execution
-
-    async def run(self, *decisions: dict[str, str]) -> list[dict[str, Any]]:
-        await publish(self.r, self.settings.decision_stream, list(decisions))
-        await drain(self.router)
-        await drain(self.execution)
-        return await results(self.r, self.settings.result_stream)
-
-    async def reconcile(self, **options: Any) -> Any:
-        return await reconcile(self.r, self.execution.exchange, self.settings, settle_s=0, sleep=no_wait, **options)
-
-
-@pytest.fixture
-async def make_pipeline(r: Redis, exchange_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
-    exchanges: list[Exchange] = []
-
-    async def make(**overrides: Any) -> Pipeline:
-        settings = exchange_settings(**overrides)
-        router, execution = await build_stage(keys.ROUTER, r, settings), await build_stage(keys.EXECUTION, r, settings)
-        assert isinstance(router, Router)
-        assert isinstance(execution, Execution)
-        exchanges.append(execution.exchange)
-        return Pipeline(r, settings, router, execution)
-
-    yield make
-    for exchange in exchanges:
-        await exchange.close()
+async def reconciled(pipeline: Pipeline, **options: Any) -> Any:
+    """A reconciliation of the pipeline's exchange, both looks at once."""
+    return await reconcile(
+        pipeline.r, pipeline.execution.exchange, pipeline.settings, settle_s=0, sleep=no_wait, **options
+    )
 
 
 async def test_clean_after_the_pipeline_trades(r: Redis, make_pipeline: Callable[..., Any], fake: FakeBinance) -> None:
@@ -76,13 +39,13 @@ async def test_clean_after_the_pipeline_trades(r: Redis, make_pipeline: Callable
     )
     assert [o["status"] for o in out] == ["FILLED"] * 3
 
-    report = await pipeline.reconcile(halt=True)
+    report = await reconciled(pipeline, halt=True)
     assert report.differences == []
     assert report.baseline_recorded
     assert report.orders == 3  # every order of the book's markets was looked at
     baseline = await r.hgetall(keys.BOOK_BASELINE)
     assert {asset: D(value) for asset, value in baseline.items()} == STARTED
-    assert (await pipeline.reconcile(halt=True)).clean
+    assert (await reconciled(pipeline, halt=True)).clean
     assert await r.get(keys.KILL_SWITCH) == "0"
 
 
@@ -92,10 +55,10 @@ async def test_a_manual_trade_is_reported_with_its_size(
     await r.set(keys.KILL_SWITCH, "0")
     pipeline = await make_pipeline()
     await pipeline.run(decision(qty="0.1"))
-    assert (await pipeline.reconcile()).clean
+    assert (await reconciled(pipeline)).clean
     manual = fake.manual_trade("ETHUSDT", "SELL", "0.2")  # on the exchange's site: 600 USDT, less a 0.6 fee
 
-    report = await pipeline.reconcile()
+    report = await reconciled(pipeline)
     found = {(d.kind, d.subject): d for d in report.differences}
     assert set(found) == {(Kind.FOREIGN_FILL, "ETHUSDT"), (Kind.BALANCE, "ETH"), (Kind.BALANCE, "USDT")}
     trade = found[Kind.FOREIGN_FILL, "ETHUSDT"]
@@ -112,7 +75,7 @@ async def test_a_fill_whose_response_was_lost_is_reported_and_halts_trading(
     pipeline = await make_pipeline()
     assert pipeline.settings.effective_reconcile_halt  # testnet: on unless QT_RECONCILE_HALT=false
     await pipeline.run(decision(qty="0.1"))
-    assert (await pipeline.reconcile()).clean
+    assert (await reconciled(pipeline)).clean
     # The order fills, its response is lost, and the exchange says "no such order" to both lookups:
     # the adapter sends it again and the pipeline records only the second order.
     fake.script("order", "500_after_accept")
@@ -121,7 +84,7 @@ async def test_a_fill_whose_response_was_lost_is_reported_and_halts_trading(
     lost, kept = fake.placed(res["client_order_id"])
     assert (res["status"], res["exchange_order_id"]) == ("FILLED", str(kept.order_id))
 
-    report = await pipeline.reconcile(halt=pipeline.settings.effective_reconcile_halt)
+    report = await reconciled(pipeline, halt=pipeline.settings.effective_reconcile_halt)
     found = {(d.kind, d.subject): d for d in report.differences}
     assert set(found) == {(Kind.UNRECORDED_FILL, "ETHUSDT"), (Kind.BALANCE, "ETH"), (Kind.BALANCE, "USDT")}
     missed = found[Kind.UNRECORDED_FILL, "ETHUSDT"]
@@ -144,7 +107,7 @@ async def test_an_order_of_ours_left_open_is_reported(
 ) -> None:
     pipeline = await make_pipeline(symbol_allowlist=["ETHUSDT"])  # the market is asked about though the book is empty
     resting = fake.rest_order("ETHUSDT", "BUY", "0.1", "2000", "qt-" + "d" * 32)
-    report = await pipeline.reconcile()
+    report = await reconciled(pipeline)
     [left] = report.differences
     assert (left.kind, left.exchange_order_id, left.size) == (Kind.UNKNOWN_OPEN_ORDER, str(resting.order_id), D("0.1"))
 
