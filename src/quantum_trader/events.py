@@ -29,6 +29,7 @@ EXECUTION_RESULT = "execution.result"
 DECISION_REJECTED = "decision.rejected"
 DEAD_LETTER = "dead_letter"
 MARKET_CANDLE = "market.candle"
+RISK_STATE = "risk.state"
 
 Side = Literal["BUY", "SELL"]
 OrderType = Literal["MARKET", "LIMIT"]
@@ -47,6 +48,17 @@ class Reason(StrEnum):
     SYMBOL_NOT_ALLOWED = "SYMBOL_NOT_ALLOWED"
     NO_PRICE = "NO_PRICE"  # also the exchanges': no price to value or fill the order
     EXPIRED = "EXPIRED"
+    # The risk rules (governor): the trading state, the position and exposure limits, the cooldown
+    HALTED = "HALTED"  # the trading state is HALTED: nothing passes
+    REDUCING = "REDUCING"  # the trading state is REDUCING: only orders that reduce a position pass
+    MAX_POSITION = "MAX_POSITION"
+    MAX_EXPOSURE = "MAX_EXPOSURE"
+    COOLDOWN = "COOLDOWN"  # too many losing exits on the symbol lately: no new entries for a while
+    # Why the trading state changed (``risk.state`` events)
+    OPERATOR = "OPERATOR"
+    DAILY_LOSS = "DAILY_LOSS"
+    DRAWDOWN = "DRAWDOWN"
+    DAY_RESET = "DAY_RESET"  # a daily-loss halt ends at the next UTC midnight
     # The router
     INVALID = "INVALID"  # also the exchanges': a LIMIT order without price
     DUPLICATE_SKIP = "DUPLICATE_SKIP"
@@ -83,7 +95,11 @@ RECORD_KEEP_CHARS = 4_096
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
-    """What the AI engine wants traded (payload of ``ai.decision``), already validated."""
+    """What the AI engine wants traded (payload of ``ai.decision``), already validated.
+
+    ``stop_loss`` and ``take_profit``: prices at which the position an entry (BUY) builds is
+    closed by the protect service (see ``protect``); absent, the defaults of the settings apply.
+    """
 
     symbol: str
     side: Side
@@ -93,6 +109,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     confidence: float | None = None
     strategy: str | None = None
     model_version: str | None = None
+    stop_loss: Decimal | None = None
+    take_profit: Decimal | None = None
 
 
 class TradeIntent(Decision, frozen=True, kw_only=True):
@@ -127,6 +145,35 @@ class ExecutionResult(msgspec.Struct, frozen=True, kw_only=True):
     # The decision's, carried through so the journal can book PnL per strategy.
     strategy: str = ""
     confidence: float | None = None
+
+
+class TradingState(StrEnum):
+    """What the governor lets through: everything, only orders that reduce a position, or nothing."""
+
+    ACTIVE = "ACTIVE"
+    REDUCING = "REDUCING"
+    HALTED = "HALTED"
+
+    @property
+    def severity(self) -> int:
+        """0 ACTIVE, 1 REDUCING, 2 HALTED: a breaker only ever moves the state up."""
+        return (TradingState.ACTIVE, TradingState.REDUCING, TradingState.HALTED).index(self)
+
+
+class StateChange(msgspec.Struct, frozen=True, kw_only=True):
+    """One change of the trading state (payload of ``risk.state``): to what, from what, who, why, when.
+
+    ``reason``: OPERATOR, DAILY_LOSS, DRAWDOWN or DAY_RESET; ``by``: the operator's name or the
+    process that tripped the breaker; ``until``: when the state ends by itself ("" never).
+    """
+
+    state: TradingState
+    previous: TradingState
+    reason: str
+    detail: str
+    by: str
+    at: str
+    until: str = ""
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):

@@ -18,13 +18,13 @@ Per batch, in order:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
 from quantum_trader import governor as gov
-from quantum_trader import keys
+from quantum_trader import keys, risk
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.dead_letters import Refusal
 from quantum_trader.bus.streams import Entry, GroupConsumer
@@ -138,8 +138,10 @@ class Execution:
         settings: Settings,
         exchange: Exchange,
         clock: Callable[[], datetime] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.redis = redis
+        self.sleep = sleep  # a backtest's sleep moves its simulated clock instead
         self.settings = settings
         self.exchange = exchange
         self.clock = clock or (lambda: datetime.now(UTC))
@@ -212,14 +214,51 @@ class Execution:
             else:
                 results[job.entry.id] = result_for(job, verdict.status, verdict.reason or "", verdict.detail)
 
-        verdicts = await self.governor.gate([job.entry.id for job in gated], self.clock(), self.consumer.consumer)
-        approved = []
-        for job, answer in zip(gated, verdicts, strict=True):
-            if answer == gov.Gate.APPROVED:
-                approved.append(job)
-            elif answer != gov.Gate.GONE:
-                results[job.entry.id] = result_for(job, "REJECTED", Reason(answer))
+        # Orders found at the exchange by the look-up above reached it; so did those placed below
+        # unless the exchange says they never left (the kill switch, read again right before each
+        # order: turned on since the gate, it stops the rest of an approved batch).
+        sent = {job.entry.id for job in redelivered if job.coid in existing} if redelivered else set()
+        # The rules judge a symbol's intents in publish order: after every earlier batch holding it placed.
+        if earlier:
+            await asyncio.wait([before.placed for before in earlier])
+        while gated:
+            gated = await self._gate_and_place(gated, prices, results, sent)
+        turn.placed.set_result(None)
 
+        if earlier:
+            await asyncio.wait([before.committed for before in earlier])
+        await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results], sent)
+
+    async def _gate_and_place(
+        self, gated: list[Job], prices: Mapping[str, Decimal], results: dict[str, ExecutionResult], sent: set[str]
+    ) -> list[Job]:
+        """Gate the jobs, place the approved orders, note every outcome; the jobs left waiting for the rate.
+
+        Waiting jobs are gated again after the wait the throttle names, unless their decision grows
+        too old meanwhile (EXPIRED). Approved orders leave at once, so the rate holds at the exchange.
+        """
+        now = self.clock()
+        candidates = [
+            risk.Candidate(
+                job.entry.id,
+                job.intent.symbol,
+                job.intent.side,
+                job.intent.qty,
+                job.intent.price
+                if job.intent.order_type == "LIMIT" and job.intent.price is not None
+                else prices.get(job.intent.symbol, job.intent.price or Decimal(0)),
+            )
+            for job in gated
+        ]
+        gate = await self.governor.gate(candidates, now, self.consumer.consumer)
+        approved, waiting = [], []
+        for job, answer in zip(gated, gate.answers, strict=True):
+            if answer.verdict == "APPROVED":
+                approved.append(job)
+            elif answer.verdict == risk.Verdict.THROTTLED:
+                waiting.append(job)
+            elif answer.verdict != gov.GONE:
+                results[job.entry.id] = result_for(job, "REJECTED", Reason(answer.verdict), answer.detail)
         requests = [
             OrderRequest(
                 client_order_id=job.coid,
@@ -232,24 +271,28 @@ class Execution:
             )
             for job in approved
         ]
-        # Orders found at the exchange by the look-up above reached it; so did those placed now
-        # unless the exchange says they never left (the kill switch, read again right before each
-        # order: turned on since the gate, it stops the rest of an approved batch).
-        sent = {job.entry.id for job in redelivered if job.coid in existing} if redelivered else set()
-        if earlier:
-            await asyncio.wait([before.placed for before in earlier])
-        outcomes = await self.exchange.place_orders(requests, guard=gov.SEND_GUARD)
-        turn.placed.set_result(None)
+        outcomes = await self.exchange.place_orders(requests, guard=gov.SEND_GUARD) if requests else []
         for job, outcome in zip(approved, outcomes, strict=True):
             if outcome.sent:
                 sent.add(job.entry.id)
                 results[job.entry.id] = result_from_outcome(job, outcome, self.exchange.name)
             else:
                 results[job.entry.id] = result_not_sent(job, outcome)
-
-        if earlier:
-            await asyncio.wait([before.committed for before in earlier])
-        await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results], sent)
+        if not waiting:
+            return []
+        log.info("throttled", intents=len(waiting), wait_s=gate.wait.total_seconds())
+        await self.sleep(gate.wait.total_seconds())
+        later = self.clock()
+        still = []
+        for job in waiting:
+            if gov.is_expired(job.intent, job.env.timestamp, later, self.limits.max_age):
+                detail = (
+                    f"{gov.expiry_detail(self.limits.max_age)} while waiting for the order rate (QT_MAX_ORDERS_PER_S)"
+                )
+                results[job.entry.id] = result_for(job, "EXPIRED", Reason.EXPIRED, detail)
+            else:
+                still.append(job)
+        return still
 
     async def commit(self, done: list[tuple[Job, ExecutionResult]], sent: Collection[str] = ()) -> None:
         """Commit a batch's results (``Committer.commit``, at this stage's clock) and count them."""

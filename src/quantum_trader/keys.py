@@ -15,6 +15,7 @@ AI_ENGINE = "ai-engine"
 ROUTER = "router"
 EXECUTION = "execution"
 JOURNAL = "journal"
+PROTECT = "protect"
 STAGES = (AI_ENGINE, ROUTER, EXECUTION, JOURNAL)  # pipeline order
 
 KILL_SWITCH = "quantum:kill"
@@ -33,6 +34,15 @@ PROOF_SNAPSHOTS = "quantum:proof:snapshots"
 BOOK_POSITIONS = "quantum:book:positions"  # symbol -> position JSON (portfolio.Position)
 BOOK_BASELINE = "quantum:book:baseline"  # asset -> exchange balance when the book started (decimal)
 BOOK_RECONCILED = "quantum:book:reconciled"  # JSON of the latest reconciliation (differences, when)
+# Risk: the trading state and what the gate's rules read and write (see ``risk`` and ``gate.lua``).
+TRADING_STATE = "quantum:trading_state"  # hash: state, reason, detail, by, at, until, loss_ack_day
+RISK_EPOCH = "quantum:risk:epoch"  # bumped by every write the rules read: a gate's snapshot is current while it holds
+RISK_INFLIGHT = "quantum:risk:inflight"  # intent id -> the order the gate approved, until its result is committed
+RISK_ORDERS = "quantum:risk:orders"  # sorted set: "<intent id>|<symbol>" scored by approval time (ms), the throttle
+RISK_PEAK = "quantum:risk:peak"  # quote asset -> highest equity seen (drawdown)
+RISK_REALISED_PREFIX = "quantum:risk:realised:"
+RISK_LOSSES_PREFIX = "quantum:risk:losses:"
+PROTECT_STOPS = "quantum:protect:stops"  # symbol -> the position's stop-loss and take-profit (JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,8 @@ class StreamNames:
     execution_group: str = "quantum:group:execution:trade.intent"
     ai_group: str = "quantum:group:ai-engine:market.candle"
     journal_group: str = "quantum:group:journal"  # on the result, rejection and dead-letter streams
+    risk_state: str = "quantum:stream:risk.state"  # every change of the trading state
+    protect_group: str = "quantum:group:protect:market.candle"
 
     def journaled(self) -> list[str]:
         """Streams the journal consumes (its group on each), in the order it reads them."""
@@ -58,7 +70,15 @@ class StreamNames:
 
     def pipeline(self) -> list[str]:
         """Streams shown by ``status``, in pipeline order."""
-        streams = [self.candle, self.decision, self.intent, self.result, self.rejected, self.dead_letter]
+        streams = [
+            self.candle,
+            self.decision,
+            self.intent,
+            self.result,
+            self.rejected,
+            self.dead_letter,
+            self.risk_state,
+        ]
         if self.result_legacy:
             streams.append(self.result_legacy)
         return streams
@@ -72,6 +92,16 @@ def daily_trades(day: date) -> str:
 def counted(day: date) -> str:
     """Hash of intent ids already counted against the day's limit (cleared on ack)."""
     return f"{COUNTED_PREFIX}{day:%Y%m%d}"
+
+
+def risk_realised(day: date) -> str:
+    """Hash: quote asset -> PnL realised on one UTC day (the daily loss limit)."""
+    return f"{RISK_REALISED_PREFIX}{day:%Y%m%d}"
+
+
+def risk_losses(symbol: str) -> str:
+    """Sorted set of one symbol's recent losing exits (intent ids scored by time, ms): the cooldown."""
+    return f"{RISK_LOSSES_PREFIX}{symbol}"
 
 
 def dedup(identity: str) -> str:

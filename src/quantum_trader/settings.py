@@ -203,6 +203,44 @@ class Settings(BaseSettings):
         default=Decimal("0.00000001"), ge=0, description="largest difference per asset that is not reported"
     )
 
+    # --- risk: trading states, loss limits, exposure, throttle, protective exits (see ``risk``) ---
+    max_position_qty: Annotated[dict[str, Decimal], NoDecode] = Field(
+        default_factory=dict, description="largest base quantity held per symbol: SYMBOL=QTY pairs (ETHUSDT=1.5)"
+    )
+    max_position_notional: Decimal | None = Field(
+        default=None, gt=0, description="largest quote value held in any one symbol (at the order's price)"
+    )
+    max_gross_exposure: Decimal | None = Field(
+        default=None, gt=0, description="largest quote value held across every symbol (at the last prices)"
+    )
+    daily_loss_limit: Decimal | None = Field(
+        default=None, gt=0, description="realised loss (quote) in one UTC day that trips the breaker"
+    )
+    max_drawdown_pct: Decimal | None = Field(
+        default=None, gt=0, lt=100, description="fall from the equity peak (percent) that trips the breaker"
+    )
+    breaker_state: Literal["reducing", "halted"] = Field(
+        default="reducing", description="the trading state a loss breaker moves to"
+    )
+    risk_capital: Annotated[dict[str, Decimal], NoDecode] = Field(
+        default_factory=dict, description="equity at the start per quote asset (drawdown); default: paper balances"
+    )
+    loss_streak: int = Field(default=0, ge=0, description="losing exits on a symbol that start its cooldown (0 = off)")
+    loss_streak_window_s: float = Field(default=3600.0, gt=0, description="window the losing exits are counted in")
+    cooldown_s: float = Field(default=3600.0, ge=0, description="no new entries on the symbol for this long")
+    max_orders_per_s: int | None = Field(
+        default=100, gt=0, description="orders approved per second, all symbols (empty = no throttle)"
+    )
+    max_orders_per_s_symbol: int | None = Field(
+        default=None, gt=0, description="orders approved per second on one symbol (empty = no throttle)"
+    )
+    stop_loss_pct: Decimal | None = Field(
+        default=None, gt=0, lt=100, description="default stop-loss below an entry's average price (percent)"
+    )
+    take_profit_pct: Decimal | None = Field(
+        default=None, gt=0, description="default take-profit above an entry's average price (percent)"
+    )
+
     # --- operations (doctor, recover, systemd, proof): add fields below this line ---
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -235,7 +273,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown field {bad[0]!r}; allowed: {', '.join(DEDUP_FIELD_CHOICES)}")
         return value
 
-    @field_validator("paper_balances", mode="before")
+    @field_validator("paper_balances", "risk_capital", "max_position_qty", mode="before")
     @classmethod
     def _balances(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -247,6 +285,15 @@ class Settings(BaseSettings):
                 out[asset.strip().upper()] = amount.strip()
             return out
         return value
+
+    @field_validator("max_position_qty", "risk_capital")
+    @classmethod
+    def _positive_amounts(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
+        for name, amount in value.items():
+            if not amount.is_finite() or amount <= 0:
+                raise ValueError(f"{name}={amount}: every amount must be a positive number")
+        # Symbols are compared with the router's normalised ones: ``eth/usdt`` -> ``ETHUSDT``.
+        return {name.replace("/", ""): amount for name, amount in value.items()}
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -351,6 +398,13 @@ class Settings(BaseSettings):
             ai_group=self.ai_group,
             journal_group=self.journal_group,
         )
+
+    @property
+    def effective_risk_capital(self) -> dict[str, Decimal]:
+        """QT_RISK_CAPITAL, or in paper mode the paper balances (the equity the drawdown is measured from)."""
+        if self.risk_capital or self.mode != "paper":
+            return dict(self.risk_capital)
+        return dict(self.paper_balances)
 
     @property
     def effective_reconcile_halt(self) -> bool:

@@ -1,58 +1,98 @@
--- Governor gate for a batch of intents: kill switch and daily limit, atomically.
--- KEYS[1] kill switch, KEYS[2] daily counter, KEYS[3] counted-intents hash, KEYS[4] intent stream
--- ARGV: group, consumer, limit, ttl_s, lowest id, highest id, and the intent ids as one MessagePack array.
--- Trading is allowed only while the kill switch is exactly "0" (a key of another type halts, never errors).
--- An intent is counted once: the counted hash remembers it until its result is committed.
--- The kill switch is checked first, even for counted intents (never approve while it is not "0");
--- commit.lua gives back the count of an intent that then ends without an order.
--- An intent no longer pending on this consumer (finished, or taken over by another consumer)
--- is reported GONE and not counted: whoever holds it now will gate it.
--- Returns one verdict per intent: "APPROVED", "KILL_SWITCH", "DAILY_LIMIT" or "GONE".
+-- Governor gate for a batch of intents: applies the risk rules' plan atomically, if it is still current.
+-- KEYS[1] kill switch, KEYS[2] daily counter, KEYS[3] counted-intents hash, KEYS[4] intent stream,
+-- KEYS[5] risk epoch, KEYS[6] in-flight orders hash, KEYS[7] throttle sorted set, KEYS[8] trading state hash,
+-- KEYS[9] equity peaks hash, KEYS[10] trading-state stream.
+-- ARGV: group, consumer, ttl_s, lowest id, highest id, the epoch the plan was computed at,
+--   one MessagePack array of {intent id, verdict, in-flight text, throttle member} per intent,
+--   now (ms), throttle window (ms), MessagePack flat list of trading-state fields to store (empty: unchanged),
+--   MessagePack flat list of the state change's stream fields (empty: none), MessagePack flat list of
+--   quote asset / new peak pairs, the state stream's MAXLEN.
+-- The plan (``risk.decide``) was computed in the client from a snapshot read at ARGV[6]: every write the
+-- rules read bumps the epoch, so a plan is applied only while the state it saw still stands; otherwise
+-- the reply is "RETRY" and nothing is written (the client reads again).
+-- Trading is allowed only while the kill switch is exactly "0" (a key of another type halts, never errors),
+-- checked here for every intent, even counted ones. An intent is counted once: the counted hash remembers
+-- it until its result is committed (commit.lua gives back the count of one that ends without an order,
+-- and removes its in-flight record).
+-- An intent no longer pending on this consumer (finished, or taken over) is GONE and not counted.
+-- Returns one verdict per intent: APPROVED, GONE, KILL_SWITCH, THROTTLED or a rule's code.
 local group, consumer = ARGV[1], ARGV[2]
-local limit, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-local low, high = ARGV[5], ARGV[6]
-local ids = cmsgpack.unpack(ARGV[7])
+local ttl, low, high = tonumber(ARGV[3]), ARGV[4], ARGV[5]
+if (redis.call('GET', KEYS[5]) or '0') ~= ARGV[6] then return 'RETRY' end
+local items = cmsgpack.unpack(ARGV[7])
+local now, window = tonumber(ARGV[8]), tonumber(ARGV[9])
+local state = cmsgpack.unpack(ARGV[10])
+local change = cmsgpack.unpack(ARGV[11])
+local peaks = cmsgpack.unpack(ARGV[12])
 local out = {}
-if #ids == 0 then return out end
+local changed = false
 
--- Range queries over the batch's ids: which of these are still pending on this consumer. Paged, so
--- a consumer holding many more entries in that range (after an outage) still finds its own.
-local mine = {}
-local page = #ids * 4 + 1000
-local start = low
-while true do
-  local rows = redis.call('XPENDING', KEYS[4], group, start, high, page, consumer)
-  for _, entry in ipairs(rows) do
-    mine[entry[1]] = true
+if #state > 0 then
+  redis.call('DEL', KEYS[8])
+  redis.call('HSET', KEYS[8], unpack(state))
+  changed = true
+end
+if #change > 0 then
+  redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[13], '*', unpack(change))
+end
+if #peaks > 0 then
+  redis.call('HSET', KEYS[9], unpack(peaks))
+  changed = true
+end
+
+if #items > 0 then
+  -- Which of these are still pending on this consumer: paged range queries over the batch's ids, so a
+  -- consumer holding many more entries in that range (after an outage) still finds its own.
+  local mine = {}
+  local page = #items * 4 + 1000
+  local start = low
+  while true do
+    local rows = redis.call('XPENDING', KEYS[4], group, start, high, page, consumer)
+    for _, entry in ipairs(rows) do
+      mine[entry[1]] = true
+    end
+    if #rows < page then break end
+    start = '(' .. rows[#rows][1]
   end
-  if #rows < page then break end
-  start = '(' .. rows[#rows][1]
-end
--- pcall: GET on a list (say) answers an error table instead of failing the batch.
-local kill = redis.pcall('GET', KEYS[1])
-if type(kill) ~= 'string' then kill = false end
-local seen = redis.call('HMGET', KEYS[3], unpack(ids))
-local count = tonumber(redis.call('GET', KEYS[2]) or '0')
-local counted = {}
-for i, id in ipairs(ids) do
-  if not mine[id] then
-    out[i] = 'GONE'
-  elseif kill ~= '0' then
-    out[i] = 'KILL_SWITCH'
-  elseif seen[i] then
-    out[i] = 'APPROVED'
-  elseif count >= limit then
-    out[i] = 'DAILY_LIMIT'
-  else
-    count = count + 1
-    counted[#counted + 1] = id
-    counted[#counted + 1] = '1'
-    out[i] = 'APPROVED'
+  -- pcall: GET on a list (say) answers an error table instead of failing the batch.
+  local kill = redis.pcall('GET', KEYS[1])
+  if type(kill) ~= 'string' then kill = false end
+  local ids = {}
+  for i, item in ipairs(items) do ids[i] = item[1] end
+  local seen = redis.call('HMGET', KEYS[3], unpack(ids))
+  local count = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local counted, inflight, orders = {}, {}, {}
+  for i, item in ipairs(items) do
+    local id, verdict = item[1], item[2]
+    if not mine[id] then
+      out[i] = 'GONE'
+    elseif kill ~= '0' then
+      out[i] = 'KILL_SWITCH'
+    elseif verdict ~= 'APPROVED' then
+      out[i] = verdict
+    else
+      if not seen[i] then
+        count = count + 1
+        counted[#counted + 1] = id
+        counted[#counted + 1] = '1'
+        inflight[#inflight + 1] = id
+        inflight[#inflight + 1] = item[3]
+        orders[#orders + 1] = now
+        orders[#orders + 1] = item[4]
+      end
+      out[i] = 'APPROVED'
+    end
+  end
+  if #counted > 0 then
+    redis.call('HSET', KEYS[3], unpack(counted))
+    redis.call('SET', KEYS[2], count, 'EX', ttl)
+    redis.call('EXPIRE', KEYS[3], ttl)
+    redis.call('HSET', KEYS[6], unpack(inflight))
+    redis.call('ZADD', KEYS[7], unpack(orders))
+    changed = true
   end
 end
-if #counted > 0 then
-  redis.call('HSET', KEYS[3], unpack(counted))
-  redis.call('SET', KEYS[2], count, 'EX', ttl)
-  redis.call('EXPIRE', KEYS[3], ttl)
-end
+-- Orders older than the window leave it (the rules ignore them anyway: no epoch bump needed).
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. (now - window))
+if changed then redis.call('INCR', KEYS[5]) end
 return out
