@@ -103,8 +103,8 @@ async def test_a_position_another_process_moved_meanwhile_is_recomputed_from_the
     class Raced(Committer):
         reads = 0
 
-        async def _book_updates(self, fills: Sequence[tuple[str, Fill]]) -> list[list[object]]:
-            updates = await super()._book_updates(fills)
+        async def _book_updates(self, fills: Sequence[tuple[str, Fill]], *args: Any) -> list[list[object]]:
+            updates = await super()._book_updates(fills, *args)
             Raced.reads += 1
             if Raced.reads == 1:
                 await r.hset(keys.BOOK_POSITIONS, "ETHUSDT", portfolio.encode(other))

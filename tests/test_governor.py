@@ -28,6 +28,7 @@ from quantum_trader.governor import (
     review,
     symbols_to_price,
 )
+from quantum_trader.risk import Candidate
 from quantum_trader.settings import Settings
 from tests.pipeline import results
 
@@ -147,6 +148,12 @@ def test_only_intents_that_are_not_expired_need_a_price() -> None:
     assert symbols_to_price(batch[:1], NOW, LIMITS) == []  # a batch of stale intents asks the exchange nothing
 
 
+async def verdicts_of(governor: Governor, ids: list[str], now: datetime, consumer: str) -> list[str]:
+    """The gate's verdicts for intents of 0.01 ETHUSDT at 3000."""
+    batch = [Candidate(i, "ETHUSDT", "BUY", Decimal("0.01"), Decimal(3000)) for i in ids]
+    return [answer.verdict for answer in (await governor.gate(batch, now, consumer)).answers]
+
+
 async def pending_intents(r: Redis, n: int) -> list[str]:
     await ensure_group(r, INTENTS, GROUP)
     fields = envelope(TRADE_INTENT, intent(), trace_id="t", correlation_id="c", source="test")
@@ -165,7 +172,7 @@ async def test_anything_but_exactly_zero_halts(r: Redis, governor: Governor, kil
     ids = await pending_intents(r, 2)
     if kill is not None:
         await r.set(keys.KILL_SWITCH, kill)
-    assert await governor.gate(ids, NOW, "g") == ["KILL_SWITCH", "KILL_SWITCH"]
+    assert await verdicts_of(governor, ids, NOW, "g") == ["KILL_SWITCH", "KILL_SWITCH"]
     assert await r.get(keys.daily_trades(NOW.date())) is None
 
 
@@ -174,7 +181,7 @@ async def test_a_switch_of_another_type_halts_and_is_reported_not_raised(
 ) -> None:
     ids = await pending_intents(r, 2)
     await r.rpush(keys.KILL_SWITCH, "0")  # a list holding "0" is still not the string "0"
-    assert await governor.gate(ids, NOW, "g") == ["KILL_SWITCH", "KILL_SWITCH"]
+    assert await verdicts_of(governor, ids, NOW, "g") == ["KILL_SWITCH", "KILL_SWITCH"]
     assert await kill_state(r) == ("<a list, not a string>", False)
     state = await governor_state(r, settings_for(clean_url), NOW)
     assert (state.kill_value, state.trading_allowed) == ("<a list, not a string>", False)
@@ -183,9 +190,10 @@ async def test_a_switch_of_another_type_halts_and_is_reported_not_raised(
 async def test_daily_limit_counts_each_intent_once_even_when_redelivered(r: Redis, governor: Governor) -> None:
     await r.set(keys.KILL_SWITCH, "0")
     ids = await pending_intents(r, 5)
-    assert await governor.gate(ids[:2], NOW, "g") == ["APPROVED"] * 2
-    assert await governor.gate(ids[:2], NOW, "g") == ["APPROVED"] * 2  # redelivered: not counted again
-    assert await governor.gate(ids, NOW, "g") == ["APPROVED", "APPROVED", "APPROVED", "DAILY_LIMIT", "DAILY_LIMIT"]
+    assert await verdicts_of(governor, ids[:2], NOW, "g") == ["APPROVED"] * 2
+    assert await verdicts_of(governor, ids[:2], NOW, "g") == ["APPROVED"] * 2  # redelivered: not counted again
+    verdicts = await verdicts_of(governor, ids, NOW, "g")
+    assert verdicts == ["APPROVED", "APPROVED", "APPROVED", "DAILY_LIMIT", "DAILY_LIMIT"]
     key = keys.daily_trades(NOW.date())
     assert await r.get(key) == "3"
     assert key == "quantum:governor:daily_trades:20260117"
@@ -196,7 +204,7 @@ async def test_finished_intent_is_gone_not_counted(r: Redis, governor: Governor)
     await r.set(keys.KILL_SWITCH, "0")
     ids = await pending_intents(r, 1)
     await r.xack(INTENTS, GROUP, ids[0])  # another consumer finished it meanwhile
-    assert await governor.gate(ids, NOW, "g") == ["GONE"]
+    assert await verdicts_of(governor, ids, NOW, "g") == ["GONE"]
     assert await r.get(keys.daily_trades(NOW.date())) is None
 
 
@@ -215,7 +223,7 @@ async def test_unreachable_server_never_approves(
         gov = Governor(redis, settings_for(server.url))
         server.kill()
         with pytest.raises(Exception, match=r"(?i)connect|closed|refused"):
-            await gov.gate(ids, NOW, "g")
+            await verdicts_of(gov, ids, NOW, "g")
     finally:
         await redis.aclose()
 
@@ -293,6 +301,6 @@ async def test_the_gate_finds_its_intents_however_many_others_the_consumer_holds
     await r.set("quantum:kill", "0")
     governor = Governor(r, Settings(redis_url="redis://unused"))
 
-    verdicts = await governor.gate([ids[0], ids[-1]], datetime.now(UTC), "exec-1")
+    verdicts = await verdicts_of(governor, [ids[0], ids[-1]], datetime.now(UTC), "exec-1")
 
     assert verdicts == ["APPROVED", "APPROVED"]

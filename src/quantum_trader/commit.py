@@ -11,11 +11,12 @@ meanwhile is read again and recomputed, so positions never disagree with results
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
-from quantum_trader import keys, portfolio
+from quantum_trader import keys, portfolio, protect
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, parse_id
 from quantum_trader.errors import TransientError
@@ -23,10 +24,12 @@ from quantum_trader.events import EXECUTION_RESULT, Envelope, ExecutionResult, T
 from quantum_trader.keys import StreamNames
 from quantum_trader.logs import emit_outcomes, get_logger, outcomes_enabled
 from quantum_trader.portfolio import Fill, PortfolioError, Position
+from quantum_trader.protect import Levels
 from quantum_trader.scripts import pack, register
 from quantum_trader.settings import DEFAULT_QUOTE_ASSETS
 
 log = get_logger("execution")
+REALISED_KEPT_S = 3 * 86_400  # today's realised PnL (the daily loss limit) outlives its day a little
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +62,11 @@ class Committer:
         keep_s: float,
         paper_records: bool,
         quote_assets: Sequence[str] = DEFAULT_QUOTE_ASSETS,
+        losses_kept_s: float = 2 * 86_400,
+        defaults: protect.Defaults = protect.NO_DEFAULTS,
     ) -> None:
+        self.losses_kept_s = losses_kept_s  # the cooldown's window and length: losing exits older are dropped
+        self.defaults = defaults
         self.redis = redis
         self.streams = streams
         self.keep_s = keep_s
@@ -92,14 +99,23 @@ class Committer:
             keys.daily_trades(day),
             keys.BOOK_POSITIONS,
             keys.paper_unfinished(),
+            keys.RISK_INFLIGHT,
+            keys.RISK_EPOCH,
+            keys.risk_realised(day),
+            keys.RISK_LOSSES,
+            keys.PROTECT_STOPS,
         ]
         if self.streams.result_legacy:
             script_keys.append(self.streams.result_legacy)
         fills = [(job.entry.id, fill) for job, result in done if (fill := portfolio.fill_of(result, self.quote_assets))]
+        levels = {job.entry.id: (job.intent.stop_loss, job.intent.take_profit) for job, _result in done}
         packed_items = pack(items)
+        now_ms = int(now.timestamp() * 1000)
         gone: set[str] = set()
         for _attempt in range(self.MAX_ATTEMPTS):
-            updates = await self._book_updates([(entry_id, f) for entry_id, f in fills if entry_id not in gone])
+            updates = await self._book_updates(
+                [(entry_id, f) for entry_id, f in fills if entry_id not in gone], levels, now
+            )
             args: list[str | bytes] = [
                 self.streams.execution_group,
                 EXECUTION_RESULT,
@@ -109,6 +125,9 @@ class Committer:
                 str(math.ceil(self.keep_s)),
                 pack(updates),
                 *_id_range([entry_id for entry_id, _fill in fills]),
+                str(now_ms),
+                str(now_ms - int(self.losses_kept_s * 1000)),
+                str(REALISED_KEPT_S),
             ]
             reply = await self._script(keys=script_keys, args=args)
             if isinstance(reply, list):
@@ -123,8 +142,11 @@ class Committer:
             " the batch is retried"
         )
 
-    async def _book_updates(self, fills: Sequence[tuple[str, Fill]]) -> list[list[object]]:
-        """Per symbol filled: [symbol, the stored position read now, the position after the fills, their intent ids]."""
+    async def _book_updates(
+        self, fills: Sequence[tuple[str, Fill]], levels: Mapping[str, Levels], now: datetime
+    ) -> list[list[object]]:
+        """Per symbol filled: [symbol, the stored position read now, the position after the fills, their
+        intent ids, the PnL they realised, the quote asset, the losing exits' members, the new stop]."""
         if not fills:
             return []
         symbols = list(dict.fromkeys(fill.symbol for _id, fill in fills))
@@ -144,9 +166,16 @@ class Committer:
         for entry_id, fill in fills:
             runs[fill.symbol].append(fill)
             ids[fill.symbol].append(entry_id)
+        extra: dict[str, list[object]] = {}
         for symbol, run in runs.items():
             was = book.get(symbol) or portfolio.empty(symbol, run[0].base, run[0].quote)
-            book[symbol] = portfolio.apply_all(was, run, strict=False)
+            exits: list[Decimal] = []
+            book[symbol] = portfolio.apply_all(was, run, strict=False, exits=exits)
+            sells = [entry_id for entry_id, fill in zip(ids[symbol], run, strict=True) if fill.side == "SELL"]
+            losing = [f"{entry_id}|{symbol}" for entry_id, gain in zip(sells, exits, strict=True) if gain < 0]
+            buys = [entry_id for entry_id, fill in zip(ids[symbol], run, strict=True) if fill.side == "BUY"]
+            stop = protect.stop_after(book[symbol], [levels.get(i, (None, None)) for i in buys], self.defaults, now)
+            extra[symbol] = [f"{book[symbol].realised - was.realised:f}", book[symbol].quote, losing, stop]
             if book[symbol].unbooked != was.unbooked:
                 log.warning(
                     "sold_beyond_book",
@@ -157,7 +186,9 @@ class Committer:
                     effect="the exchange sold holdings the book did not know; the position stops at zero",
                     fix="run: quantum-trader reconcile",
                 )
-        return [[symbol, before[symbol], portfolio.encode(book[symbol]), ids[symbol]] for symbol in symbols]
+        return [
+            [symbol, before[symbol], portfolio.encode(book[symbol]), ids[symbol], *extra[symbol]] for symbol in symbols
+        ]
 
 
 def _id_range(ids: Sequence[str]) -> tuple[str, str]:

@@ -5,6 +5,9 @@ Every stream entry carries the seed's envelope fields: ``event_type``, ``payload
 Payloads are msgspec structs: frozen, fast to (de)serialise on the hot path, and
 decimal quantities stay decimals (encoded as JSON strings). A refusal carries a code
 (``Reason``) and a detail in words, each in its own field.
+
+One piece: this module is the wire contract every stage and every outside publisher
+shares; split, a reader would have to assemble the format of one entry from several files.
 """
 
 from __future__ import annotations

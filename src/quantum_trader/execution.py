@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from quantum_trader import governor as gov
-from quantum_trader import keys, risk
+from quantum_trader import keys, protect, risk
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.dead_letters import Refusal
 from quantum_trader.bus.streams import Entry, GroupConsumer
@@ -154,6 +154,8 @@ class Execution:
             keep_s=settings.trim_keep_s,
             paper_records=isinstance(exchange, PaperExchange),
             quote_assets=settings.quote_assets,
+            losses_kept_s=settings.loss_streak_window_s + settings.cooldown_s,
+            defaults=protect.Defaults.from_settings(settings),
         )
         self.consumer = GroupConsumer.for_stage(
             redis, settings, keys.EXECUTION, self.streams.intent, self.streams.execution_group

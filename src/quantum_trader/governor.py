@@ -15,20 +15,19 @@ batch already approved: they end REJECTED KILL_SWITCH, not sent, their count giv
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
-from quantum_trader import keys, portfolio, risk
+from quantum_trader import keys, risk, trading
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import parse_id
 from quantum_trader.errors import TransientError
-from quantum_trader.events import RISK_STATE, Reason, StateChange, TradeIntent, envelope, parse_iso
+from quantum_trader.events import Reason, TradeIntent, parse_iso
 from quantum_trader.exchanges.base import SendGuard
 from quantum_trader.logs import get_logger
-from quantum_trader.portfolio import PortfolioError, Position
 from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
 
@@ -191,7 +190,7 @@ class Governor:
             self.state_stream,
         ]
         for _attempt in range(RETRIES):
-            snap = await read_snapshot(self.redis, self.risk, {c.symbol for c in batch}, ids, now)
+            snap = await trading.read_snapshot(self.redis, self.risk, ids, now)
             plan = risk.decide(batch, snap, self.risk, now, by=consumer)
             items = [
                 [
@@ -215,15 +214,15 @@ class Governor:
                     int(now.timestamp() * 1000),
                     risk.THROTTLE_WINDOW_MS,
                     pack(_flat(plan.state.fields()) if plan.change else []),
-                    pack(_flat(state_event(plan.change)) if plan.change else []),
+                    pack(_flat(trading.state_event(plan.change)) if plan.change else []),
                     pack(_flat({quote: str(peak) for quote, peak in plan.peaks.items()})),
-                    STATE_STREAM_MAXLEN,
+                    trading.STATE_STREAM_MAXLEN,
                 ],
             )
             if reply == "RETRY":
                 continue
             if plan.change is not None:
-                log_state_change(plan.change)
+                trading.log_state_change(plan.change)
             answers = [
                 Answer(str(v), j.detail if str(v) == j.verdict.value else "")
                 for v, j in zip(reply, plan.judged, strict=True)
@@ -232,140 +231,13 @@ class Governor:
         raise TransientError(f"the risk state kept changing under the gate ({RETRIES} attempts); the batch is retried")
 
 
-def throttle_member(candidate: risk.Candidate) -> str:
-    """The throttle window's member for an approved intent: its id and its symbol."""
-    return f"{candidate.intent_id}|{candidate.symbol}"
-
-
-STATE_STREAM_MAXLEN = 10_000  # trading-state changes kept on their stream (the journal keeps them all)
-
-
 def _flat(mapping: Mapping[str, str]) -> list[str]:
     return [item for pair in mapping.items() for item in pair]
 
 
-def state_event(change: StateChange) -> dict[str, str]:
-    """The stream fields of one trading-state change."""
-    return envelope(
-        RISK_STATE,
-        change,
-        trace_id=f"state:{change.at}",
-        correlation_id=f"state:{change.state}:{change.at}",
-        source=change.by,
-        timestamp=change.at,
-    )
-
-
-def log_state_change(change: StateChange) -> None:
-    """One clear log line per change of the trading state."""
-    log.warning(
-        "trading_state_changed",
-        state=change.state.value,
-        previous=change.previous.value,
-        reason=change.reason,
-        detail=change.detail,
-        by=change.by,
-        until=change.until or None,
-    )
-
-
-async def read_snapshot(
-    redis: Redis, limits: risk.RiskLimits, symbols: Collection[str], intent_ids: Sequence[str], now: datetime
-) -> risk.Snapshot:
-    """Everything the risk rules read, in one transaction (a consistent view, named by its epoch).
-
-    An unreadable position is a TransientError naming its repair: no order passes on a book nobody can read.
-    """
-    day = now.astimezone(UTC).date()
-    now_ms = int(now.timestamp() * 1000)
-    streak_from = now_ms - int((limits.loss_streak_window + limits.cooldown).total_seconds() * 1000)
-    ordered = sorted(symbols)
-    names = [
-        keys.RISK_EPOCH,
-        keys.TRADING_STATE,
-        keys.TRADING_STATE,
-        keys.BOOK_POSITIONS,
-        keys.RISK_INFLIGHT,
-        keys.RISK_ORDERS,
-        keys.risk_realised(day),
-        keys.RISK_PEAK,
-        keys.daily_trades(day),
-        keys.counted(day),
-        keys.PRICE_HASH,
-        *(keys.risk_losses(symbol) for symbol in ordered),
-    ]
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.get(keys.RISK_EPOCH)
-        pipe.type(keys.TRADING_STATE)
-        pipe.hgetall(keys.TRADING_STATE)
-        pipe.hgetall(keys.BOOK_POSITIONS)
-        pipe.hgetall(keys.RISK_INFLIGHT)
-        pipe.zrangebyscore(keys.RISK_ORDERS, f"({now_ms - risk.THROTTLE_WINDOW_MS}", "+inf", withscores=True)
-        pipe.hgetall(keys.risk_realised(day))
-        pipe.hgetall(keys.RISK_PEAK)
-        pipe.get(keys.daily_trades(day))
-        pipe.hmget(keys.counted(day), list(intent_ids) or ["-"])
-        pipe.hgetall(keys.PRICE_HASH)
-        for symbol in ordered:
-            pipe.zrangebyscore(keys.risk_losses(symbol), streak_from, "+inf", withscores=True)
-        replies = await pipe.execute(raise_on_error=False)
-    for index, (name, reply) in enumerate(zip(names, replies, strict=True)):
-        # The trading state of another type is HALTED (read_state); any other unreadable key: fail closed.
-        if isinstance(reply, Exception) and index != 2:
-            raise TransientError(
-                f"{name} cannot be read ({reply}); the risk rules need it. Inspect it with TYPE {name}"
-            )
-    epoch, kind, state_fields, stored, inflight, orders, realised, peaks, count, counted, prices, *losses = replies
-    if isinstance(state_fields, Exception):
-        state_fields = {}
-    positions: dict[str, Position] = {}
-    for symbol, raw in stored.items():
-        try:
-            positions[symbol] = portfolio.decode_stored(symbol, raw)
-        except PortfolioError as exc:
-            raise TransientError(str(exc)) from None
-    marks: dict[str, Decimal] = {}
-    for symbol, position in positions.items():
-        if position.last_price is not None:
-            marks[symbol] = position.last_price
-    for symbol, text in prices.items():
-        try:
-            price = Decimal(text)
-        except ArithmeticError:
-            continue
-        if price.is_finite() and price > 0:
-            marks[symbol] = price
-    flights: dict[str, risk.InFlight] = {}
-    for intent_id, text in inflight.items():
-        try:
-            flights[intent_id] = risk.InFlight.parse(text)
-        except (ValueError, ArithmeticError):
-            continue
-    return risk.Snapshot(
-        epoch=int(epoch or 0),
-        state=risk.read_state(kind, state_fields),
-        positions=positions,
-        inflight=flights,
-        recent_orders=[(int(score), member.rpartition("|")[2]) for member, score in orders],
-        realised_today=_decimals(realised),
-        peaks=_decimals(peaks),
-        losses={symbol: [int(score) for _m, score in rows] for symbol, rows in zip(ordered, losses, strict=True)},
-        daily_count=int(count or 0),
-        counted=frozenset(i for i, seen in zip(intent_ids, counted, strict=False) if seen is not None),
-        marks=marks,
-    )
-
-
-def _decimals(mapping: Mapping[str, str]) -> dict[str, Decimal]:
-    out = {}
-    for name, text in mapping.items():
-        try:
-            value = Decimal(text)
-        except ArithmeticError:
-            continue
-        if value.is_finite():
-            out[name] = value
-    return out
+def throttle_member(candidate: risk.Candidate) -> str:
+    """The throttle window's member for an approved intent: its id and its symbol."""
+    return f"{candidate.intent_id}|{candidate.symbol}"
 
 
 @dataclass(frozen=True, slots=True)

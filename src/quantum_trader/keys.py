@@ -41,7 +41,7 @@ RISK_INFLIGHT = "quantum:risk:inflight"  # intent id -> the order the gate appro
 RISK_ORDERS = "quantum:risk:orders"  # sorted set: "<intent id>|<symbol>" scored by approval time (ms), the throttle
 RISK_PEAK = "quantum:risk:peak"  # quote asset -> highest equity seen (drawdown)
 RISK_REALISED_PREFIX = "quantum:risk:realised:"
-RISK_LOSSES_PREFIX = "quantum:risk:losses:"
+RISK_LOSSES = "quantum:risk:losses"  # sorted set: "<intent id>|<symbol>" of losing exits scored by time (ms)
 PROTECT_STOPS = "quantum:protect:stops"  # symbol -> the position's stop-loss and take-profit (JSON)
 
 
@@ -97,11 +97,6 @@ def counted(day: date) -> str:
 def risk_realised(day: date) -> str:
     """Hash: quote asset -> PnL realised on one UTC day (the daily loss limit)."""
     return f"{RISK_REALISED_PREFIX}{day:%Y%m%d}"
-
-
-def risk_losses(symbol: str) -> str:
-    """Sorted set of one symbol's recent losing exits (intent ids scored by time, ms): the cooldown."""
-    return f"{RISK_LOSSES_PREFIX}{symbol}"
 
 
 def dedup(identity: str) -> str:

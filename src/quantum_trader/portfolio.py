@@ -110,11 +110,13 @@ def apply(position: Position, fill: Fill, *, strict: bool = True) -> Position:
     return apply_all(position, [fill], strict=strict)
 
 
-def apply_all(position: Position, fills: Iterable[Fill], *, strict: bool = True) -> Position:
+def apply_all(
+    position: Position, fills: Iterable[Fill], *, strict: bool = True, exits: list[Decimal] | None = None
+) -> Position:
     """The position after ``fills`` of its symbol, in order (``apply`` one at a time, without the copies).
 
     Execution books a thousand fills per batch: the figures are carried in locals and the
-    position is built once at the end.
+    position is built once at the end. ``exits``, when given, receives the PnL each sell realised.
     """
     qty, cost, realised, unbooked = position.qty, position.cost, position.realised, position.unbooked
     fees, flows = dict(position.fees), dict(position.flows)
@@ -161,7 +163,10 @@ def apply_all(position: Position, fills: Iterable[Fill], *, strict: bool = True)
             booked = min(leaving, qty)
             basis = cost if booked == qty else cost * booked / qty
             # Proceeds of the booked share only: what was sold from unseen holdings has no known cost.
-            realised += (notional - quote_fee) * booked / leaving - basis
+            gain = (notional - quote_fee) * booked / leaving - basis
+            realised += gain
+            if exits is not None:
+                exits.append(gain)
             unbooked += leaving - booked
             qty -= booked
             cost = cost - basis if qty else ZERO

@@ -24,6 +24,9 @@ QT_BREAKER_STATE; then per intent, in stream order:
    per symbol. An intent over the rate is not rejected: it waits (``THROTTLED``, still pending)
    and is judged again when a slot frees, and so does every later intent of its symbol, so
    per-symbol order holds; it expires only if its decision grows too old meanwhile.
+
+One piece: the rules share their running totals (what the batch has approved so far, per
+symbol and overall), so they are one pass over one snapshot, kept in one file.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
 -- Execution batch commit: acknowledge each intent and write its one result, atomically.
 -- KEYS[1] intent stream, KEYS[2] result stream, KEYS[3] counted-intents hash, KEYS[4] daily counter,
 -- KEYS[5] the book's positions hash, KEYS[6] the paper exchange's set of unfinished order records,
--- KEYS[7] legacy result stream (optional: dual write when present).
+-- KEYS[7] the gate's in-flight orders hash, KEYS[8] the risk epoch, KEYS[9] today's realised PnL hash,
+-- KEYS[10] losing exits sorted set, KEYS[11] protective stops hash,
+-- KEYS[12] legacy result stream (optional: dual write when present).
 -- ARGV: group, event_type, timestamp, source, one MessagePack array holding, per intent:
 --   entry_id, trace_id, correlation_id, payload, placed ("1" when the order reached the exchange),
 --   record (the key of the exchange's record of the order, "" for none);
 -- ARGV[6], the seconds a record is kept once the intent is finished;
--- ARGV[7], one MessagePack array of position updates {symbol, expected, new, {intent ids of its fills}}:
+-- ARGV[7], one MessagePack array of position updates {symbol, expected, new, {intent ids of its fills},
+--   realised PnL of the fills, quote asset, {losing exits' members}, stop} (stop: the position's
+--   protective levels as JSON, "" to remove them, "-" to leave them):
 --   the book's position of each symbol filled in this batch, computed by the client from the value it
 --   read (expected, "" when absent). Written only when every expected value still stands and every
 --   intent with a fill is still pending (its result is written here): the position always agrees
@@ -19,6 +23,8 @@
 -- after a crash between gate and order) gives its count back, so the counter equals orders sent.
 -- A record is needed only while the intent may be delivered again; once it is acknowledged (here
 -- or by whoever finished it first) the record gets an expiry, so finished orders do not pile up.
+-- ARGV[10] now (ms), ARGV[11] oldest losing exit kept (ms), ARGV[12] seconds today's realised PnL is kept.
+-- Every intent's in-flight record (the gate's) goes, and the risk epoch moves: the rules read all of it.
 -- Returns the number of results written (or, above, the ids that stopped a position update).
 local group, event_type, stamp, source = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local items = cmsgpack.unpack(ARGV[5])
@@ -44,16 +50,30 @@ if #book > 0 then
   if stale or #gone > 0 then return gone end
   for _, update in ipairs(book) do
     redis.call('HSET', KEYS[5], update[1], update[3])
+    if update[5] ~= '0' and update[6] ~= '' then
+      redis.call('HINCRBYFLOAT', KEYS[9], update[6], update[5])
+      redis.call('EXPIRE', KEYS[9], ARGV[12])
+    end
+    for _, member in ipairs(update[7]) do
+      redis.call('ZADD', KEYS[10], ARGV[10], member)
+    end
+    if update[8] == '' then
+      redis.call('HDEL', KEYS[11], update[1])
+    elseif update[8] ~= '-' then
+      redis.call('HSET', KEYS[11], update[1], update[8])
+    end
   end
+  redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', '(' .. ARGV[11])
 end
-local written = 0
+local written, finished = 0, {}
 for pos = 1, #items, 6 do
   local id = items[pos]
+  finished[#finished + 1] = id
   if redis.call('XACK', KEYS[1], group, id) == 1 then
     local fields = {'event_type', event_type, 'payload', items[pos + 3], 'trace_id', items[pos + 1],
                     'correlation_id', items[pos + 2], 'timestamp', stamp, 'source', source}
     redis.call('XADD', KEYS[2], '*', unpack(fields))
-    if KEYS[7] then redis.call('XADD', KEYS[7], '*', unpack(fields)) end
+    if KEYS[12] then redis.call('XADD', KEYS[12], '*', unpack(fields)) end
     local was_counted = redis.call('HDEL', KEYS[3], id) == 1
     -- DECR keeps the key's expiry; never below zero (an expired counter is not recreated).
     if was_counted and items[pos + 4] ~= '1' and tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then
@@ -68,4 +88,6 @@ for pos = 1, #items, 6 do
     redis.call('SREM', KEYS[6], record)
   end
 end
+if #finished > 0 then redis.call('HDEL', KEYS[7], unpack(finished)) end
+redis.call('INCR', KEYS[8])
 return written
