@@ -19,7 +19,7 @@ import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from html import escape
 from pathlib import Path
@@ -39,6 +39,7 @@ from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.feed import publish
 from quantum_trader.marketdata import clean, gap_rule
+from quantum_trader.protect import Protect
 from quantum_trader.router import Router
 from quantum_trader.settings import DEFAULT_QUOTE_ASSETS, Settings, load_settings
 from quantum_trader.strategies import Strategy
@@ -229,6 +230,11 @@ async def run(
     gap = gap_rule(base.ai_gap, kept)  # the whole file is known: a market with closures gets a tolerant rule
     now = {"t": datetime.fromtimestamp(kept[0].open_time / 1000, UTC)}
     clock = lambda: now["t"]  # noqa: E731  (the simulated clock every stage shares)
+
+    async def advance(seconds: float) -> None:
+        """Execution waiting for the order rate: simulated time passes, nothing sleeps."""
+        now["t"] += timedelta(seconds=seconds)
+
     with tempfile.TemporaryDirectory(prefix="qt-backtest-") as tmp:
         server = EmbeddedValkey(Path(tmp), port=free_port(), appendfsync="no")
         server.start()
@@ -249,15 +255,17 @@ async def run(
             engine = AiEngine(redis, cfg, strategies, clock=clock, gap=gap)
             router = Router(redis, cfg, clock=clock)
             paper = await build_exchange(redis, cfg)
-            execution = Execution(redis, cfg, paper, clock=clock)
-            for stage in (engine.consumer, router.consumer, execution.consumer):
+            execution = Execution(redis, cfg, paper, clock=clock, sleep=advance)
+            protect = Protect(redis, cfg, clock=clock)
+            for stage in (engine.consumer, protect.consumer, router.consumer, execution.consumer):
                 await stage.setup()
             for index, candle in enumerate(kept):
                 now["t"] = datetime.fromtimestamp(candle.open_time / 1000, UTC)
                 await publish(redis, cfg.candle_stream, [candle])
-                decided = engine.totals["decisions"]
+                decided = engine.totals["decisions"] + protect.totals["exits"]
                 await _drain(engine.consumer, engine.handle)
-                if engine.totals["decisions"] > decided:  # nothing new to route or execute otherwise
+                await _drain(protect.consumer, protect.handle)
+                if engine.totals["decisions"] + protect.totals["exits"] > decided:  # else nothing to route
                     await _drain(router.consumer, router.handle)
                     await _drain(execution.consumer, execution.handle)
                 if progress is not None:

@@ -166,7 +166,7 @@ async def run_demo(
     generator = DecisionGenerator(redis, streams.decision, seed=seed)
     stages = [keys.ROUTER, keys.EXECUTION, keys.JOURNAL]
     if source == "candles":
-        stages.insert(0, keys.AI_ENGINE)
+        stages[:0] = [keys.AI_ENGINE, keys.PROTECT]
         start = datetime.now(UTC) - timedelta(minutes=count)
         candles = synthetic(START_PRICES, count, seed=seed, start=start)
         source_batches = replay(candles, rate=rate, sleep=functools.partial(sleep_or_stop, stop))

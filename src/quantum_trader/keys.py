@@ -16,7 +16,7 @@ ROUTER = "router"
 EXECUTION = "execution"
 JOURNAL = "journal"
 PROTECT = "protect"
-STAGES = (AI_ENGINE, ROUTER, EXECUTION, JOURNAL)  # pipeline order
+STAGES = (AI_ENGINE, ROUTER, EXECUTION, JOURNAL, PROTECT)  # pipeline order (protect watches the candles)
 
 KILL_SWITCH = "quantum:kill"
 DAILY_TRADES_PREFIX = "quantum:governor:daily_trades:"

@@ -27,6 +27,7 @@ from quantum_trader.exchanges.factory import build_exchange
 from quantum_trader.execution import Execution
 from quantum_trader.governor import kill_state, set_kill
 from quantum_trader.logs import get_logger
+from quantum_trader.protect import Protect
 from quantum_trader.reconcile import keep_reconciling
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from quantum_trader.ai_engine import AiEngine
     from quantum_trader.journal.stage import Journal
 
-    Stage = AiEngine | Router | Execution | Journal
+    Stage = AiEngine | Router | Execution | Journal | Protect
 else:
     Stage = object
 
@@ -65,6 +66,8 @@ async def build_stage(name: str, redis: Redis, settings: Settings) -> Stage:
         from quantum_trader.journal.stage import Journal  # SQLAlchemy, Alembic: only when needed
 
         return await Journal.open(redis, settings)
+    if name == keys.PROTECT:
+        return Protect(redis, settings)
     raise ConfigError(f"unknown stage {name!r}; choose from {', '.join(keys.STAGES)}")
 
 

@@ -40,7 +40,7 @@ def test_unit_runs_recover_first_with_the_venv_path_and_separate_secrets(tmp_pat
         assert hardening in lines, hardening
     assert set(render_all(layout(tmp_path))) == {
         "quantum-trader-server.service", "quantum-router.service", "quantum-execution.service",
-        "quantum-ai-engine.service", "quantum-journal.service", "quantum-trader.target",
+        "quantum-ai-engine.service", "quantum-journal.service", "quantum-protect.service", "quantum-trader.target",
     }  # fmt: skip
     assert f"ExecStart={VENV}/bin/quantum-trader journal" in render_unit("journal", layout(tmp_path)).splitlines()
 

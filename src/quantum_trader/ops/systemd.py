@@ -24,6 +24,7 @@ SERVICES = {
     keys.EXECUTION: "gates intents with the governor and places orders",
     keys.AI_ENGINE: "turns market data into trade decisions",
     keys.JOURNAL: "records results, rejections and dead letters in SQL",
+    keys.PROTECT: "fires each position's stop-loss or take-profit exit once",
 }
 TARGET = "quantum-trader.target"
 SERVER_UNIT = "quantum-trader-server.service"
