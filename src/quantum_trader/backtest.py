@@ -90,6 +90,7 @@ class Report:
     times: list[int] = field(default_factory=list)
     rejections: dict[str, int] = field(default_factory=dict)  # reason code -> orders rejected for it
     settings: dict[str, str] = field(default_factory=dict)  # the settings that shaped the trades
+    states: list[dict[str, str]] = field(default_factory=list)  # trading-state changes (breakers), in order
 
     @property
     def rejected(self) -> int:
@@ -120,6 +121,7 @@ class Report:
             "rejections": dict(sorted(self.rejections.items())),
             "settings": self.settings,
             "trade_list": [trade.as_json() for trade in self.trades],
+            "state_changes": self.states,
         }
 
 
@@ -271,11 +273,13 @@ async def run(
                 if progress is not None:
                     progress(index + 1)
             trades, rejections = await _outcomes(redis, cfg)
+            states = [json.loads(f["payload"]) for _id, f in await redis.xrange(cfg.streams.risk_state)]
         finally:
             await redis.aclose()
             server.stop()
     report = evaluate(symbol, kept, trades, float(start))
     report.rejections = rejections
+    report.states = states
     sizing = f"fixed {cfg.ai_notional} {quote}" if cfg.ai_sizing == "fixed" else f"fraction {cfg.ai_fraction}"
     report.settings = {
         "start_quote": f"{start} {quote}",
