@@ -272,3 +272,34 @@ def test_html_rounds_figures_for_display() -> None:
     assert "0.99999999895614" not in page
     assert "<td>1</td>" in page  # the fee
     assert "<td>2000</td>" in page  # the price
+
+
+@dataclass
+class EnterThenExit:
+    """Buys on every odd candle and sells on every even one: a round trip per two candles."""
+
+    name: str = "enter-then-exit"
+    version: str = "1"
+    warmup: int = 1
+
+    def decide(self, closes: Closes) -> Signal | None:
+        return Signal("BUY" if len(closes) % 2 else "SELL", 1.0)
+
+
+async def test_a_falling_market_trips_the_drawdown_limit_and_trading_stops_at_the_crossing() -> None:
+    closes = [100.0, 80.0, 50.0, 40.0, 25.0, 20.0, 12.5, 10.0, 8.0, 6.4]
+    settings = Settings(paper_fee_rate=Decimal(0), max_drawdown_pct=Decimal(5))
+    report = await run(candles(closes), [EnterThenExit()], settings, start_quote=Decimal(1000), notional=Decimal(100))
+    # Each round trip buys 100 USDT's worth and sells it 20 % lower: 1 @ 100 -> 80, 2 @ 50 -> 40, 4 @ 25 -> 20.
+    # Before the third exit the equity is 1000 - 20 - 20 + 4 x (20 - 25) = 940: 6 % below the peak of 1000,
+    # the first look at 5 % or more (960 before it). The state moves to REDUCING there; the exit still passes,
+    # and every entry after it is refused: no trade after the sixth candle.
+    assert [(t.side, float(t.qty), float(t.price)) for t in report.trades] == [
+        ("BUY", 1.0, 100.0), ("SELL", 1.0, 80.0), ("BUY", 2.0, 50.0), ("SELL", 2.0, 40.0),
+        ("BUY", 4.0, 25.0), ("SELL", 4.0, 20.0),
+    ]  # fmt: skip
+    assert report.trades[-1].time == 3_600_000 * 6
+    assert [(s["state"], s["previous"], s["reason"]) for s in report.states] == [("REDUCING", "ACTIVE", "DRAWDOWN")]
+    assert "equity 940.00 USDT is 6.00% below its peak 1000.00" in report.states[0]["detail"]
+    assert report.rejections == {"REDUCING": 2}  # the entries of the 7th and 9th candles
+    assert abs(report.end_equity - 940) < 1e-9

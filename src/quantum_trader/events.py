@@ -306,18 +306,20 @@ def is_decimal_text(text: str) -> bool:
 class _Amounts(msgspec.Struct):
     qty: Any = None
     price: Any = None
+    stop_loss: Any = None
+    take_profit: Any = None
 
 
 _amounts = msgspec.json.Decoder(_Amounts)
 
 
 def check_amount_texts(payload: str) -> None:
-    """DecodeError when ``qty`` or ``price`` is a string that is not ASCII decimal notation.
+    """DecodeError when an amount (``qty``, ``price``, the levels) is a string that is not ASCII decimal notation.
 
     (msgspec reads ``"1_000"`` or Arabic-Indic digits into a Decimal without a word.)
     """
     amounts = _amounts.decode(payload)
-    for name in ("qty", "price"):
+    for name in amounts.__struct_fields__:
         value = getattr(amounts, name)
         if isinstance(value, str) and not is_decimal_text(value):
             raise DecodeError(f"{name} {printable(value, 40)!r} is not a decimal number in ASCII notation", field=name)

@@ -53,8 +53,10 @@ def check_amounts(intent: TradeIntent) -> None:
     """The intent's quantity and price are within the router's bounds (the intent stream is writable by others)."""
     try:
         check_amount(intent.qty, "qty")
-        if intent.price is not None:
-            check_amount(intent.price, "price")
+        for name in ("price", "stop_loss", "take_profit"):
+            value = getattr(intent, name)
+            if value is not None:
+                check_amount(value, name)
     except DecodeError as exc:
         raise DecodeError(f"payload: {exc.reason}", field=exc.field) from None
 

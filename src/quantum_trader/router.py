@@ -138,6 +138,10 @@ def validate(
         qty = _decimal(payload, "qty", required=True)
         order_type = _word(payload, "order_type", ("MARKET", "LIMIT"), "MARKET")
         price = _decimal(payload, "price", required=order_type == "LIMIT")
+        stop_loss = _decimal(payload, "stop_loss", required=False)
+        take_profit = _decimal(payload, "take_profit", required=False)
+        if stop_loss is not None and take_profit is not None and stop_loss >= take_profit:
+            raise DecodeError(f"stop_loss {stop_loss} must be below take_profit {take_profit}", field="stop_loss")
         confidence = payload.get("confidence")
         if confidence is not None:
             if isinstance(confidence, bool) or not isinstance(confidence, (int, Decimal)):
@@ -153,6 +157,8 @@ def validate(
             confidence=None if confidence is None else float(confidence),
             strategy=_label(payload, "strategy"),
             model_version=_label(payload, "model_version"),
+            stop_loss=stop_loss,
+            take_profit=take_profit,
         )
         return env, decision
     except DecodeError as exc:
@@ -185,6 +191,8 @@ def intent_payload(env: Envelope, decision: Decision, entry_id: str) -> str:
         confidence=decision.confidence,
         strategy=decision.strategy,
         model_version=decision.model_version,
+        stop_loss=decision.stop_loss,
+        take_profit=decision.take_profit,
         decision_id=entry_id,
         decision_ts=env.timestamp,
     )

@@ -1,0 +1,76 @@
+"""The risk rules on a real server: breakers move the trading state, the state is recorded, exits still pass."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from decimal import Decimal
+
+from quantum_trader import keys, trading
+from quantum_trader.bus.connection import Redis
+from quantum_trader.events import TradingState
+from quantum_trader.exchanges.paper import PaperExchange
+from quantum_trader.execution import Execution
+from quantum_trader.router import Router
+from quantum_trader.settings import Settings
+from tests.pipeline import decision, drain, results
+
+DECISIONS = "quantum:stream:ai.decision"
+STATES = "quantum:stream:risk.state"
+
+
+async def pipeline(r: Redis, settings: Settings) -> tuple[Router, Execution]:
+    await r.set(keys.KILL_SWITCH, "0")
+    paper = PaperExchange(r, quote_assets=settings.quote_assets, starting_balances=settings.paper_balances)
+    await paper.fund()
+    return Router(r, settings), Execution(r, settings, paper)
+
+
+async def trade(r: Redis, router: Router, execution: Execution, *entries: dict[str, str]) -> list[dict[str, object]]:
+    """Publish decisions, run them through router and execution; their results."""
+    before = len(await results(r))
+    for fields in entries:
+        await r.xadd(DECISIONS, fields)  # type: ignore[arg-type]
+    await drain(router)
+    await drain(execution)
+    return (await results(r))[before:]
+
+
+async def test_a_drawdown_crossing_moves_the_state_to_reducing_then_an_entry_is_refused_and_the_exit_fills(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(
+        clean_url, paper_balances={"USDT": Decimal(10_000)}, paper_fee_rate=Decimal(0), max_drawdown_pct=Decimal(5)
+    )
+    router, execution = await pipeline(r, settings)
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "2000")
+    [bought] = await trade(r, router, execution, decision(qty="2", price=None))
+    assert (bought["status"], bought["filled_qty"]) == ("FILLED", "2")
+
+    # 2 ETH bought at 2000 from 10,000 USDT. At 1760 the equity is 6,000 + 3,520 = 9,520: 4.8 % down.
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "1760")
+    [still] = await trade(r, router, execution, decision(qty="0.01", price=None))
+    assert still["status"] == "FILLED"
+    assert await r.xlen(STATES) == 0
+    # 2.01 ETH cost 4,017.60; at 1740 the equity is 5,982.40 + 3,497.40 = 9,479.80: 5.2 % down.
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "1740")
+    entry, exit_ = await trade(
+        r, router, execution, decision(qty="0.01", price=None), decision(side="SELL", qty="2.01", price=None)
+    )
+    assert (entry["status"], entry["reason"]) == ("REJECTED", "REDUCING")
+    assert "does not reduce the position" in str(entry["detail"])
+    assert (exit_["status"], exit_["filled_qty"]) == ("FILLED", "2.01")
+
+    [change] = [json.loads(fields["payload"]) for _id, fields in await r.xrange(STATES)]
+    assert (change["state"], change["previous"], change["reason"]) == ("REDUCING", "ACTIVE", "DRAWDOWN")
+    assert "% below its peak 10000.00" in change["detail"]
+    assert (await r.hgetall(keys.TRADING_STATE))["state"] == "REDUCING"
+    assert await r.hget(keys.BOOK_POSITIONS, "ETHUSDT") is not None
+    status = await trading.risk_status(r, settings)
+    assert status.state.state is TradingState.REDUCING
+
+    # The operator resumes: the drawdown is measured from here, and entries pass again.
+    await trading.set_state(r, settings, TradingState.ACTIVE, "reviewed the loss", "ops")
+    [again] = await trade(r, router, execution, decision(qty="0.01", price=None))
+    assert again["status"] == "FILLED"
+    assert [json.loads(f["payload"])["reason"] for _id, f in await r.xrange(STATES)] == ["DRAWDOWN", "OPERATOR"]
