@@ -164,6 +164,11 @@ class Governor:
         self.quote_assets = list(settings.quote_assets)
         self._gate = register(redis, "gate")
 
+    async def watch(self, now: datetime, by: str) -> None:
+        """Look at the loss breakers without an order (the protect stage, on every batch of candles):
+        the state moves, and the equity peak rises, as prices move, not only when an order comes."""
+        await self.gate([], now, by)
+
     async def gate(self, batch: Sequence[risk.Candidate], now: datetime, consumer: str) -> GateResult:
         """One answer per intent, from the risk rules (``risk.decide``) applied atomically by one script call.
 
@@ -173,8 +178,6 @@ class Governor:
         TransientError when the book is unreadable or the state keeps moving: the caller leaves the
         batch pending and retries, so nothing is approved while the state is unknown.
         """
-        if not batch:
-            return GateResult([])
         ids = [c.intent_id for c in batch]
         day = now.astimezone(UTC).date()
         script_keys = [
@@ -192,6 +195,8 @@ class Governor:
         for _attempt in range(RETRIES):
             snap = await trading.read_snapshot(self.redis, self.risk, ids, now)
             plan = risk.decide(batch, snap, self.risk, now, by=consumer)
+            if not batch and plan.change is None and not plan.peaks:
+                return GateResult([])  # a look at the breakers that found nothing to write
             items = [
                 [
                     c.intent_id,
@@ -207,8 +212,8 @@ class Governor:
                     self.group,
                     consumer,
                     counter_ttl(now),
-                    min(ids, key=parse_id),
-                    max(ids, key=parse_id),
+                    min(ids, key=parse_id) if ids else "0-0",
+                    max(ids, key=parse_id) if ids else "0-0",
                     str(snap.epoch),
                     pack(items),
                     int(now.timestamp() * 1000),

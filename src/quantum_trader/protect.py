@@ -17,6 +17,9 @@ twice anyway, the router drops the copy as a duplicate, and execution places an 
 The exit goes through the governor like any order: it reduces a position, so it passes in
 REDUCING; HALTED and the kill switch stop it (the levels stay fired; ``governor status`` shows them).
 
+The same stage looks at the loss breakers after each batch of candles (``Governor.watch``), so
+the trading state moves when prices cross a drawdown limit, not only at the next order.
+
 Why a service, not resting orders at the exchange: it works the same on every venue ccxt
 reaches, in paper mode and in backtests (a stop fires on the candle that crosses it), keeps
 the whole balance free for the strategy, and leaves one path for every order (governor, throttle,
@@ -33,7 +36,7 @@ from decimal import Decimal
 
 import msgspec
 
-from quantum_trader import keys, portfolio
+from quantum_trader import governor, keys, portfolio
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer
 from quantum_trader.errors import DecodeError, TransientError
@@ -159,6 +162,7 @@ class Protect:
         )
         self.consumer.depth = 1  # candles in order: a stop fires on the first candle that crosses it
         self._fire = register(redis, "protect")
+        self.governor = governor.Governor(redis, settings)
         self.totals: dict[str, int] = {"candles": 0, "exits": 0}
 
     async def handle(self, entries: list[Entry]) -> None:
@@ -171,6 +175,7 @@ class Protect:
                 continue  # the AI engine, reading the same stream, records the bad candle in the dead letters
         if candles:
             await self._check(candles)
+            await self.governor.watch(self.clock(), self.consumer.consumer)
         await self.redis.xack(self.streams.candle, self.streams.protect_group, *[e.id for e in entries])
         self.totals["candles"] += len(candles)
 
