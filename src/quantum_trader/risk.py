@@ -94,7 +94,7 @@ class RiskLimits:
             loss_streak=settings.loss_streak,
             loss_streak_window=timedelta(seconds=settings.loss_streak_window_s),
             cooldown=timedelta(seconds=settings.cooldown_s),
-            max_orders_per_s=settings.max_orders_per_s,
+            max_orders_per_s=settings.effective_max_orders_per_s,
             max_orders_per_s_symbol=settings.max_orders_per_s_symbol,
         )
 

@@ -41,6 +41,7 @@ DEDUP_FIELD_CHOICES = ("correlation_id", "trace_id", "msg_id")
 LIVE_CONFIRMATION = "I-ACCEPT-REAL-MONEY-RISK"
 # Daily trade limit when QT_DAILY_LIMIT is not set; the testnet figure is the seed's.
 DEFAULT_DAILY_LIMIT: dict[str, int] = {"paper": 1_000_000, "testnet": 1_000_000, "live": 100}
+DEFAULT_ORDERS_PER_S = 10  # testnet and live: Binance spot allows 100 orders per 10 s per account
 DEFAULT_QUOTE_ASSETS = ("USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "USD")
 # Settings holding a URL that may carry a password: shown redacted in the settings' repr.
 _URL_FIELDS = frozenset({"redis_url", "exchange_api_url", "database_url"})
@@ -229,7 +230,7 @@ class Settings(BaseSettings):
     loss_streak_window_s: float = Field(default=3600.0, gt=0, description="window the losing exits are counted in")
     cooldown_s: float = Field(default=3600.0, ge=0, description="no new entries on the symbol for this long")
     max_orders_per_s: int | None = Field(
-        default=100, gt=0, description="orders approved per second, all symbols (empty = no throttle)"
+        default=None, ge=0, description="orders approved per second, all symbols (0 = off; default by mode)"
     )
     max_orders_per_s_symbol: int | None = Field(
         default=None, gt=0, description="orders approved per second on one symbol (empty = no throttle)"
@@ -398,6 +399,14 @@ class Settings(BaseSettings):
             ai_group=self.ai_group,
             journal_group=self.journal_group,
         )
+
+    @property
+    def effective_max_orders_per_s(self) -> int | None:
+        """QT_MAX_ORDERS_PER_S (0 = no throttle), or the mode's default: none on the paper exchange,
+        10 per second against a real one (below the documented order rates of the major venues)."""
+        if self.max_orders_per_s is not None:
+            return self.max_orders_per_s or None
+        return None if self.mode == "paper" else DEFAULT_ORDERS_PER_S
 
     @property
     def effective_risk_capital(self) -> dict[str, Decimal]:
