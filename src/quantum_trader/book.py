@@ -82,6 +82,12 @@ _PAPER_STATE = (
     keys.BOOK_POSITIONS,
     keys.BOOK_BASELINE,
     keys.AI_POSITIONS,  # the engine's strategies hold nothing either after a reset
+    # What the risk rules knew of the old account: its positions' stops, its peak, its losing exits.
+    # (The trading state and today's realised PnL stay: a reset is no way around a loss limit.)
+    keys.PROTECT_STOPS,
+    keys.RISK_PEAK,
+    keys.RISK_LOSSES,
+    keys.RISK_INFLIGHT,
 )
 
 
@@ -104,6 +110,7 @@ async def paper_reset(redis: Redis, balances: dict[str, Decimal], streams: Strea
                 pipe.xgroup_destroy(stream, streams.journal_group)
                 pipe.xgroup_create(stream, streams.journal_group, id="$")
         pipe.delete(*_PAPER_STATE, keys.BOOK_RECONCILED, *orders)
+        pipe.incr(keys.RISK_EPOCH)  # the rules' snapshots taken before are stale
         if balances:
             pipe.hset(keys.paper_balances(), mapping={asset: str(amount) for asset, amount in balances.items()})
             # The book starts from the funded account: reconciliation expects these plus the fills.
