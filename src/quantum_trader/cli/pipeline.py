@@ -1,13 +1,16 @@
 """Pipeline commands: run the stages, watch them, steer them.
 
 ``run``, ``router``, ``execution``, ``ai-engine``, ``journal``, ``server``, ``status``, ``check``,
-``kill on|off|status``, ``governor status``, ``decide``, ``dlq list|replay``.
+``kill on|off|status``, ``state [show|active|reducing|halted]``, ``governor status``, ``decide``,
+``dlq list|replay``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
+import os
 import signal
 import threading
 import uuid
@@ -18,7 +21,7 @@ from typing import Any
 import typer
 
 from quantum_trader import execution as execution_stage
-from quantum_trader import governor, keys, runner
+from quantum_trader import governor, keys, runner, trading
 from quantum_trader.bus import dead_letters
 from quantum_trader.bus.access import write_url_file
 from quantum_trader.bus.connection import Redis
@@ -26,9 +29,9 @@ from quantum_trader.bus.embedded import EmbeddedValkey
 from quantum_trader.bus.inspect import last_ids, pipeline_status, wait_for_outcome
 from quantum_trader.bus.streams import publish
 from quantum_trader.cli.common import JSON_OPT, configured, console, err, run_stages, with_redis
-from quantum_trader.cli.views import describe_outcome, governor_table, status_table
+from quantum_trader.cli.views import describe_outcome, describe_state, governor_table, status_table
 from quantum_trader.errors import ConfigError, DecodeError
-from quantum_trader.events import DECISION, envelope
+from quantum_trader.events import DECISION, StateChange, TradingState, envelope
 from quantum_trader.redaction import redact_url
 from quantum_trader.router import validate as validate_decision
 
@@ -120,15 +123,80 @@ def kill_status(as_json: bool = JSON_OPT) -> None:
     raise typer.Exit(0 if allowed else 1)
 
 
+STATE_WORDS = tuple(member.value.lower() for member in TradingState)
+
+
+def operator_name() -> str:
+    """Who changes the state (``--by``'s default): the OS user name, else the numeric uid."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (a bare container)
+        return str(os.getuid())
+
+
+def state(
+    word: str | None = typer.Argument(
+        None, metavar="[show|active|reducing|halted]", help="The state to set; leave out (or show) to print it."
+    ),
+    reason: str | None = typer.Option(None, "--reason", help="Why (required for a change; kept with the state)."),
+    by: str | None = typer.Option(None, "--by", help="Who changes it (default: the OS user name)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show or set the trading state: ACTIVE trades, REDUCING only reduces positions, HALTED sends nothing.
+
+    A change is stored, put on the trading-state stream and logged; back to active also accepts
+    the day's losses so far (the loss breakers measure from now).
+    """
+    choice = (word or "show").strip().lower()
+    if choice != "show" and choice not in STATE_WORDS:
+        raise ConfigError(f"unknown trading state {word!r}: choose one of {', '.join(STATE_WORDS)} (or show)")
+    if choice == "show" and (reason is not None or by is not None):
+        raise ConfigError("--reason and --by go with a change: quantum-trader state halted --reason '...'")
+    if choice != "show" and (reason is None or not reason.strip()):
+        raise ConfigError(
+            f"--reason is required to change the trading state: quantum-trader state {choice} --reason '...'"
+        )
+    settings = configured()
+    if choice == "show" or reason is None:
+        status = with_redis(settings, lambda r: trading.risk_status(r, settings))
+        if as_json:
+            print(json.dumps(status.as_dict()["trading_state"]))
+        else:
+            console.print(describe_state(status.state), highlight=False, markup=False, soft_wrap=True)
+        return
+    why, who = reason.strip(), (by or "").strip() or operator_name()
+    target = TradingState(choice.upper())
+
+    async def change(redis: Redis) -> tuple[StateChange, bool]:
+        done = await trading.set_state(redis, settings, target, why, who)
+        _value, allowed = await governor.kill_state(redis)
+        return done, allowed
+
+    done, kill_allows = with_redis(settings, change)
+    if as_json:
+        print(json.dumps({name: str(getattr(done, name)) for name in done.__struct_fields__}))
+        return
+    line = f"trading state {done.state} (was {done.previous}): {done.detail} (by {done.by} at {done.at})"
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if done.state is not TradingState.ACTIVE:
+        console.print("resume with: quantum-trader state active --reason '...'", highlight=False, markup=False)
+    elif not kill_allows:
+        console.print("the kill switch still halts trading: quantum-trader kill off", highlight=False, markup=False)
+
+
 @governor_app.command("status")
 def governor_status(as_json: bool = JSON_OPT) -> None:
-    """Today's count and limit, mode, kill switch, other limits."""
+    """Mode, kill switch, trading state, every risk rule (limit, current, headroom), protective stops."""
     settings = configured()
-    state = with_redis(settings, lambda r: governor.governor_state(r, settings))
+
+    async def read(redis: Redis) -> tuple[governor.GovernorState, trading.RiskStatus]:
+        return await governor.governor_state(redis, settings), await trading.risk_status(redis, settings)
+
+    counters, risk_status = with_redis(settings, read)
     if as_json:
-        print(json.dumps(asdict(state), default=str))
+        print(json.dumps(asdict(counters) | risk_status.as_dict(), default=str))
     else:
-        console.print(governor_table(state))
+        console.print(governor_table(counters, risk_status))
 
 
 def check(service: str = typer.Argument(..., help="router or execution")) -> None:
@@ -257,6 +325,7 @@ def register(app: typer.Typer) -> None:
     app.command()(journal)
     app.command()(status)
     app.add_typer(kill_app, name="kill")
+    app.command()(state)
     app.add_typer(governor_app, name="governor")
     app.command()(check)
     app.command()(decide)

@@ -12,8 +12,11 @@ from rich.text import Text
 from quantum_trader.book import Marked
 from quantum_trader.bus.inspect import StreamStat
 from quantum_trader.demo import DemoProgress
+from quantum_trader.events import TradingState
 from quantum_trader.governor import GovernorState
 from quantum_trader.ops.doctor import Check
+from quantum_trader.risk import StateRecord
+from quantum_trader.trading import RiskStatus
 
 if TYPE_CHECKING:  # SQLAlchemy loads only for the commands that read the journal
     from quantum_trader.journal.queries import PnL, Trade
@@ -61,19 +64,64 @@ def status_table(stats: list[StreamStat], title: str = "Pipeline streams") -> Ta
     return table
 
 
-def governor_table(state: GovernorState) -> Table:
-    """Today's count, limit, mode and kill switch."""
+def describe_state(record: StateRecord) -> str:
+    """One line: ``HALTED: OPERATOR: exchange maintenance (by alice at ..., until ...)``."""
+    why = ": ".join(part for part in (record.reason, record.detail) if part)
+    when = ", ".join(
+        part
+        for part in (
+            f"by {record.by}" if record.by else "",
+            f"at {record.at}" if record.at else "",
+            f"until {record.until}" if record.until else "",
+        )
+        if part
+    )
+    return f"{record.state.value}" + (f": {why}" if why else "") + (f" ({when})" if when else "")
+
+
+def governor_table(state: GovernorState, risk: RiskStatus | None = None) -> Table | Group:
+    """Today's count, limit, mode, kill switch and trading state; then every risk rule and the stops."""
     table = Table(title="Governor", show_header=False, title_justify="left")
     table.add_column("what")
     table.add_column("value")
     kill = "absent" if state.kill_value is None else repr(state.kill_value)
-    table.add_row("trading", "ALLOWED" if state.trading_allowed else "HALTED (fail-closed)")
+    trading = "ALLOWED" if state.trading_allowed else "HALTED (fail-closed)"
+    if state.trading_allowed and risk is not None and risk.state.state is not TradingState.ACTIVE:
+        trading = f"{risk.state.state.value} (trading state)"
+    table.add_row("trading", trading)
     table.add_row("kill switch quantum:kill", kill)
+    if risk is not None:
+        table.add_row("trading state", Text(describe_state(risk.state)))
     table.add_row("mode", state.mode)
     table.add_row(f"daily trades {state.day:%Y-%m-%d} (UTC)", f"{state.count:,} / {state.limit:,}")
     table.add_row("max notional", f"{state.max_notional}")
     table.add_row("symbol allow-list", ", ".join(state.symbol_allowlist) or "(all symbols)")
     table.add_row("max intent age", f"{state.max_intent_age_s:g}s")
+    if risk is None:
+        return table
+    return Group(table, rules_table(risk), stops_table(risk))
+
+
+def rules_table(risk: RiskStatus) -> Table:
+    """One row per risk rule: its setting, limit ("off" when unset), current value and headroom."""
+    table = Table(title="Risk rules", title_justify="left")
+    for name in ("rule", "setting", "limit", "current", "headroom"):
+        table.add_column(name, justify="right" if name in ("limit", "current", "headroom") else "left")
+    for rule in risk.rules:
+        table.add_row(Text(rule.name), rule.setting, rule.limit, Text(rule.current), rule.headroom)
+    return table
+
+
+def stops_table(risk: RiskStatus) -> Table:
+    """One row per position with protective levels: stop, take, when armed, and whether its exit fired."""
+    table = Table(title="Protective stops", title_justify="left")
+    for name in ("symbol", "stop", "take", "armed at", "fired"):
+        table.add_column(name, justify="right" if name in ("stop", "take") else "left")
+    for symbol, stop in sorted(risk.stops.items()):
+        fired = f"{stop.kind or 'yes'} at {stop.fired_at} ({stop.fired})" if stop.fired else "no"
+        table.add_row(symbol, _dec(stop.stop, 8), _dec(stop.take, 8), stop.at or "-", Text(fired))
+    if not risk.stops:
+        table.add_row("(none)", "-", "-", "-", "-")
     return table
 
 

@@ -1,8 +1,9 @@
 """``quantum-trader doctor``: every check an operator needs before and after a deploy.
 
-Pure checks over data (file modes, versions, figures) return a ``Check`` with a
-verdict and the exact fix; ``run_checks`` gathers the data from the filesystem and
-the server. A FAIL makes the command exit non-zero so it can gate a deploy. No
+Pure checks over data (file modes, versions, figures, risk settings) return a ``Check``
+with a verdict and the exact fix; ``run_checks`` gathers the data from the filesystem
+and the server. A FAIL makes the command exit non-zero so it can gate a deploy: real
+money with no loss breaker or no order throttle fails, the same gap on testnet warns. No
 secret value is ever read into a check's text.
 """
 
@@ -14,18 +15,20 @@ import pwd
 import stat
 import time
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
-from quantum_trader import keys
+from quantum_trader import keys, trading
 from quantum_trader.bus.connection import Redis, server_version
 from quantum_trader.bus.inspect import pipeline_status
 from quantum_trader.errors import QuantumTraderError
-from quantum_trader.events import parse_iso
+from quantum_trader.events import TradingState, parse_iso
 from quantum_trader.reconcile import decode_report
 from quantum_trader.redaction import redact_urls
+from quantum_trader.risk import StateRecord
 from quantum_trader.settings import Settings, secrets_file_problem
 
 Verdict = Literal["PASS", "WARN", "FAIL"]
@@ -160,6 +163,76 @@ def check_kill(value: str | None) -> Check:
                  "quantum-trader kill off  (when you mean to trade)")  # fmt: skip
 
 
+def check_loss_limits(mode: str, daily_loss_limit: Decimal | None, max_drawdown_pct: Decimal | None) -> Check:
+    """Real orders need a loss breaker: QT_DAILY_LOSS_LIMIT or QT_MAX_DRAWDOWN_PCT (FAIL live, WARN testnet)."""
+    name = "loss limits"
+    found = [
+        f"{setting}={value}"
+        for setting, value in (("QT_DAILY_LOSS_LIMIT", daily_loss_limit), ("QT_MAX_DRAWDOWN_PCT", max_drawdown_pct))
+        if value is not None
+    ]
+    if found:
+        return Check(name, "PASS", ", ".join(found))
+    if mode == "paper":
+        return Check(name, "PASS", "none set (paper: no real orders)")
+    return Check(name, "FAIL" if mode == "live" else "WARN",
+                 f"mode {mode} with no loss limit: neither QT_DAILY_LOSS_LIMIT nor QT_MAX_DRAWDOWN_PCT is set, "
+                 "so no loss ever stops trading",
+                 "set QT_DAILY_LOSS_LIMIT (quote lost in one UTC day) and/or QT_MAX_DRAWDOWN_PCT")  # fmt: skip
+
+
+def exchange_rate_limit(exchange: str) -> float | None:
+    """Requests per second the exchange documents (ccxt's ``rateLimit``: ms between requests); None if unknown.
+
+    Read from the exchange's ccxt class, built without credentials and without a request.
+    """
+    if exchange == "paper":
+        return None
+    # Imported here: ccxt takes a second to import and every other command loads this module.
+    import ccxt.async_support as ccxt_async  # type: ignore[import-untyped]
+
+    if exchange not in ccxt_async.exchanges:
+        return None
+    spacing = getattr(ccxt_async, exchange)().rateLimit
+    return 1000 / float(spacing) if isinstance(spacing, int | float) and spacing > 0 else None
+
+
+def check_order_rate(mode: str, exchange: str, per_s: int | None, exchange_per_s: float | None) -> Check:
+    """The throttle in force (``per_s``, None when off): on in testnet and live, within the exchange's request rate."""
+    name = "order throttle"
+    if per_s is None:
+        if mode == "paper":
+            return Check(name, "PASS", "off (paper: no exchange limit)")
+        return Check(name, "FAIL" if mode == "live" else "WARN",
+                     f"off in mode {mode} (QT_MAX_ORDERS_PER_S=0): nothing caps the orders a runaway strategy sends",
+                     f"set QT_MAX_ORDERS_PER_S (at most {exchange_per_s:g} on {exchange})" if exchange_per_s
+                     else "set QT_MAX_ORDERS_PER_S")  # fmt: skip
+    if exchange_per_s is None:
+        limit = "no exchange limit" if exchange == "paper" else f"the rate limit of {exchange} is unknown"
+        return Check(name, "PASS", f"QT_MAX_ORDERS_PER_S={per_s} ({limit})")
+    if per_s > exchange_per_s:
+        # ccxt still spaces the requests: the orders queue behind its limiter, age and expire.
+        return Check(name, "WARN",
+                     f"QT_MAX_ORDERS_PER_S={per_s} is above {exchange}'s documented {exchange_per_s:g} requests/s: "
+                     "orders queue behind the exchange's rate limit and may expire",
+                     f"set QT_MAX_ORDERS_PER_S={max(1, int(exchange_per_s))} or lower")  # fmt: skip
+    return Check(name, "PASS", f"QT_MAX_ORDERS_PER_S={per_s} (within {exchange}'s {exchange_per_s:g} requests/s)")
+
+
+def check_trading_state(record: StateRecord) -> Check:
+    """Trading is ACTIVE; REDUCING or HALTED is named with why, by whom, since when, and how to resume."""
+    name = "trading state"
+    if record.state is TradingState.ACTIVE:
+        return Check(name, "PASS", "ACTIVE")
+    why = ": ".join(part for part in (record.reason, record.detail) if part) or "no reason recorded"
+    since = " ".join(part for part in (f"by {record.by}" if record.by else "", f"at {record.at}" if record.at else ""))
+    since = f"; set {since}" if since else ""
+    until = f"; ends by itself at {record.until}" if record.until else ""
+    does = "only orders that reduce a position pass" if record.state is TradingState.REDUCING else "no order passes"
+    return Check(name, "WARN", f"{record.state.value} ({does}): {why}{since}{until}",
+                 "quantum-trader state active --reason '<why trading may resume>'")  # fmt: skip
+
+
 def check_skew(host_s: float, server_s: float, limit_s: float) -> Check:
     """Decision ages and the governor's day are computed from clocks: they must agree."""
     skew = host_s - server_s
@@ -239,6 +312,9 @@ async def run_checks(
 ) -> list[Check]:
     """Every check; ``redis`` is None when the server could not be reached."""
     checks = [Check("configuration", "PASS", f"mode {settings.mode}, exchange {settings.exchange}")]
+    checks.append(check_loss_limits(settings.mode, settings.daily_loss_limit, settings.max_drawdown_pct))
+    checks.append(check_order_rate(settings.mode, settings.exchange, settings.effective_max_orders_per_s,
+                                   exchange_rate_limit(settings.exchange)))  # fmt: skip
     checks += check_file(env_file, secret=False, service_group=service_group)
     checks += check_file(secrets_file or settings.secrets_file, secret=True, service_group=service_group)
     if redis is None:
@@ -248,6 +324,10 @@ async def run_checks(
         server, version = await server_version(redis)
         checks.append(check_version(server, version))
         checks.append(check_kill(await redis.get("quantum:kill")))
+        try:
+            checks.append(check_trading_state((await trading.risk_status(redis, settings)).state))
+        except QuantumTraderError as exc:  # an unreadable book: the gate approves nothing either
+            checks.append(Check("trading state", "FAIL", f"cannot be read: {exc}", "repair the key named here"))
         seconds, micros = await redis.time()
         checks.append(check_skew(time.time(), seconds + micros / 1e6, settings.clock_skew_s))
         streams = settings.streams
