@@ -63,6 +63,11 @@ def journal(duration: float | None = typer.Option(None, envvar="QT_DURATION")) -
     run_stages([keys.JOURNAL], duration)
 
 
+def protect(duration: float | None = typer.Option(None, envvar="QT_DURATION")) -> None:
+    """Run the protect stage alone: each position's stop-loss or take-profit exit, fired once."""
+    run_stages([keys.PROTECT], duration)
+
+
 def ai_engine(
     duration: float | None = typer.Option(None, envvar="QT_DURATION", help="Stop after this many seconds."),
 ) -> None:
@@ -323,6 +328,7 @@ def register(app: typer.Typer) -> None:
     app.command()(execution)
     app.command("ai-engine")(ai_engine)
     app.command()(journal)
+    app.command()(protect)
     app.command()(status)
     app.add_typer(kill_app, name="kill")
     app.command()(state)
