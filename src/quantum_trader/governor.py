@@ -25,7 +25,7 @@ from quantum_trader import keys, risk, trading
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import parse_id
 from quantum_trader.errors import TransientError
-from quantum_trader.events import Reason, TradeIntent, parse_iso
+from quantum_trader.events import Reason, TradeIntent, TradingState, parse_iso
 from quantum_trader.exchanges.base import SendGuard
 from quantum_trader.logs import get_logger
 from quantum_trader.scripts import pack, register
@@ -197,6 +197,10 @@ class Governor:
             plan = risk.decide(batch, snap, self.risk, now, by=consumer)
             if not batch and plan.change is None and not plan.peaks:
                 return GateResult([])  # a look at the breakers that found nothing to write
+            # Verdicts resting on the book, the throttle's window or a breaker hold only while nothing
+            # moved since the snapshot (the epoch); without such a rule they rest on the state and the
+            # daily count alone, which the script checks and enforces itself: racing gates never retry.
+            strict = self.risk.needs_book or self.risk.throttled or snap.state.state is TradingState.REDUCING
             items = [
                 [
                     c.intent_id,
@@ -214,7 +218,7 @@ class Governor:
                     counter_ttl(now),
                     min(ids, key=parse_id) if ids else "0-0",
                     max(ids, key=parse_id) if ids else "0-0",
-                    str(snap.epoch),
+                    str(snap.epoch) if strict else "",
                     pack(items),
                     int(now.timestamp() * 1000),
                     risk.THROTTLE_WINDOW_MS,
@@ -222,6 +226,8 @@ class Governor:
                     pack(_flat(trading.state_event(plan.change)) if plan.change else []),
                     pack(_flat({quote: str(peak) for quote, peak in plan.peaks.items()})),
                     trading.STATE_STREAM_MAXLEN,
+                    snap.state_seen,
+                    self.risk.daily_limit,
                 ],
             )
             if reply == "RETRY":

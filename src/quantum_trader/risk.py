@@ -79,6 +79,24 @@ class RiskLimits:
     max_orders_per_s: int | None = None
     max_orders_per_s_symbol: int | None = None
 
+    @property
+    def needs_book(self) -> bool:
+        """A rule reads the book (positions, orders in flight, PnL, losing exits); without one, the gate
+        reads only the state and the counts, and racing batches cannot together pass what it checks."""
+        return bool(
+            self.max_position_qty
+            or self.max_position_notional is not None
+            or self.max_gross_exposure is not None
+            or self.daily_loss_limit is not None
+            or self.max_drawdown_pct is not None
+            or self.loss_streak > 0
+        )
+
+    @property
+    def throttled(self) -> bool:
+        """An order rate is in force (otherwise the gate keeps no window of approvals)."""
+        return self.max_orders_per_s is not None or self.max_orders_per_s_symbol is not None
+
     @classmethod
     def from_settings(cls, settings: Settings) -> RiskLimits:
         """The limits the settings describe."""
@@ -166,6 +184,7 @@ class Snapshot:
     daily_count: int
     counted: frozenset[str]  # intent ids of the batch already counted (delivered before)
     marks: Mapping[str, Decimal]  # symbol -> the price a position is valued at
+    state_seen: str = ""  # the stored state as read (gate.lua checks it still stands when no epoch is checked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +357,7 @@ def decide(
     """One verdict per candidate, in order, and what to write (see the module docstring for the rules)."""
     record, change = state_in_force(snapshot, limits, now, by)
     figures = breakers(snapshot, limits)
-    peaks = {q: p for q, p in figures.peaks.items() if snapshot.peaks.get(q) != p}
+    peaks = {q: p for q, p in figures.peaks.items() if snapshot.peaks.get(q) != p} if limits.max_drawdown_pct else {}
     now_ms = _ms(now)
 
     # What is already on its way per symbol: the book, plus orders approved and not committed

@@ -9,10 +9,11 @@ journal records) and one log line.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from quantum_trader import keys, portfolio, protect, risk
 from quantum_trader.bus.connection import Redis
@@ -53,12 +54,16 @@ def log_state_change(change: StateChange) -> None:
 
 
 async def read_snapshot(
-    redis: Redis, limits: risk.RiskLimits, intent_ids: Sequence[str], now: datetime
+    redis: Redis, limits: risk.RiskLimits, intent_ids: Sequence[str], now: datetime, *, full: bool | None = None
 ) -> risk.Snapshot:
     """Everything the risk rules read, in one transaction (a consistent view, named by its epoch).
 
+    ``full`` (default: whether a rule of the book is configured, ``RiskLimits.needs_book``) reads the
+    book, the orders in flight, PnL, peaks, prices and losing exits too; without it, only the state
+    and the counts, unless the state is REDUCING (its rule needs the positions: read again, in full).
     An unreadable position is a TransientError naming its repair: no order passes on a book nobody can read.
     """
+    full = limits.needs_book if full is None else full
     day = now.astimezone(UTC).date()
     now_ms = int(now.timestamp() * 1000)
     streak_from = now_ms - int((limits.loss_streak_window + limits.cooldown).total_seconds() * 1000)
@@ -80,15 +85,23 @@ async def read_snapshot(
         pipe.get(keys.RISK_EPOCH)
         pipe.type(keys.TRADING_STATE)
         pipe.hgetall(keys.TRADING_STATE)
-        pipe.hgetall(keys.BOOK_POSITIONS)
-        pipe.hgetall(keys.RISK_INFLIGHT)
-        pipe.zrangebyscore(keys.RISK_ORDERS, f"({now_ms - risk.THROTTLE_WINDOW_MS}", "+inf", withscores=True)
-        pipe.hgetall(keys.risk_realised(day))
-        pipe.hgetall(keys.RISK_PEAK)
+        _read(pipe, full, keys.BOOK_POSITIONS, lambda: pipe.hgetall(keys.BOOK_POSITIONS))
+        _read(pipe, full, keys.RISK_INFLIGHT, lambda: pipe.hgetall(keys.RISK_INFLIGHT))
+        if limits.throttled:
+            pipe.zrangebyscore(keys.RISK_ORDERS, f"({now_ms - risk.THROTTLE_WINDOW_MS}", "+inf", withscores=True)
+        else:
+            pipe.exists(keys.RISK_ORDERS)  # no throttle, no window kept: nothing to read
+        _read(pipe, full, keys.RISK_PEAK, lambda: pipe.hgetall(keys.risk_realised(day)))
+        _read(pipe, full, keys.RISK_PEAK, lambda: pipe.hgetall(keys.RISK_PEAK))
         pipe.get(keys.daily_trades(day))
         pipe.hmget(keys.counted(day), list(intent_ids) or ["-"])
-        pipe.hgetall(keys.PRICE_HASH)
-        pipe.zrangebyscore(keys.RISK_LOSSES, streak_from, "+inf", withscores=True)
+        _read(pipe, full, keys.PRICE_HASH, lambda: pipe.hgetall(keys.PRICE_HASH))
+        _read(
+            pipe,
+            full,
+            keys.RISK_LOSSES,
+            lambda: pipe.zrangebyscore(keys.RISK_LOSSES, streak_from, "+inf", withscores=True),
+        )
         replies = await pipe.execute(raise_on_error=False)
     for index, (name, reply) in enumerate(zip(names, replies, strict=True)):
         # The trading state of another type is HALTED (read_state); any other unreadable key: fail closed.
@@ -96,9 +109,15 @@ async def read_snapshot(
             raise TransientError(
                 f"{name} cannot be read ({reply}); the risk rules need it. Inspect it with TYPE {name}"
             )
-    epoch, kind, state_fields, stored, inflight, orders, realised, peaks, count, counted, prices, losses = replies
+    epoch, kind, state_fields, stored, inflight, orders, realised, peaks, count, counted, prices, losses = (
+        reply if full or index in _ALWAYS else {} for index, reply in enumerate(replies)
+    )
     if isinstance(state_fields, Exception):
         state_fields = {}
+    state = risk.read_state(kind, state_fields)
+    seen = str(state_fields.get("state", "")) if kind == "hash" else f"<{kind}>"
+    if not full and state.state is TradingState.REDUCING:
+        return await read_snapshot(redis, limits, intent_ids, now, full=True)
     positions: dict[str, Position] = {}
     for symbol, raw in stored.items():
         try:
@@ -124,17 +143,29 @@ async def read_snapshot(
             continue
     return risk.Snapshot(
         epoch=int(epoch or 0),
-        state=risk.read_state(kind, state_fields),
+        state=state,
+        state_seen=seen,
         positions=positions,
         inflight=flights,
-        recent_orders=[(int(score), member.rpartition("|")[2]) for member, score in orders],
+        recent_orders=[(int(score), member.rpartition("|")[2]) for member, score in orders] if limits.throttled else [],
         realised_today=_decimals(realised),
         peaks=_decimals(peaks),
-        losses=_by_symbol(losses),
+        losses=_by_symbol(losses or []),
         daily_count=int(count or 0),
         counted=frozenset(i for i, seen in zip(intent_ids, counted, strict=False) if seen is not None),
         marks=marks,
     )
+
+
+_ALWAYS = frozenset({0, 1, 2, 5, 8, 9})  # epoch, state, throttle window, daily count, counted: read every time
+
+
+def _read(pipe: Any, full: bool, key: str, command: Callable[[], object]) -> None:
+    """Queue ``command`` when the snapshot is full; otherwise a cheap placeholder keeps the replies aligned."""
+    if full:
+        command()
+    else:
+        pipe.exists(key)
 
 
 def _by_symbol(rows: Sequence[tuple[str, float]]) -> dict[str, list[int]]:
@@ -165,7 +196,7 @@ async def set_state(redis: Redis, settings: Settings, state: TradingState, reaso
     """
     now = datetime.now(UTC)
     limits = risk.RiskLimits.from_settings(settings)
-    snap = await read_snapshot(redis, limits, [], now)
+    snap = await read_snapshot(redis, limits, [], now, full=True)
     record = risk.StateRecord(
         state=state,
         reason=Reason.OPERATOR,
@@ -175,7 +206,12 @@ async def set_state(redis: Redis, settings: Settings, state: TradingState, reaso
         loss_ack_day=f"{now:%Y%m%d}" if state is TradingState.ACTIVE else snap.state.loss_ack_day,
     )
     change = StateChange(
-        state=state, previous=snap.state.state, reason=Reason.OPERATOR, detail=reason, by=by, at=record.at
+        state=state,
+        previous=snap.state.state,
+        reason=Reason.OPERATOR,
+        detail=reason,
+        by=by,
+        at=record.at,
     )
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.TRADING_STATE)
@@ -310,6 +346,6 @@ async def risk_status(redis: Redis, settings: Settings, now: datetime | None = N
     """The trading state, the rules and the protective levels, as ``governor status`` shows them."""
     moment = now or datetime.now(UTC)
     limits = risk.RiskLimits.from_settings(settings)
-    snap = await read_snapshot(redis, limits, [], moment)
+    snap = await read_snapshot(redis, limits, [], moment, full=True)
     state, _change = risk.state_in_force(snap, limits, moment, "status")
     return RiskStatus(state, rules_status(snap, limits, moment), await protect.read_stops(redis))

@@ -3,10 +3,13 @@
 -- KEYS[5] risk epoch, KEYS[6] in-flight orders hash, KEYS[7] throttle sorted set, KEYS[8] trading state hash,
 -- KEYS[9] equity peaks hash, KEYS[10] trading-state stream.
 -- ARGV: group, consumer, ttl_s, lowest id, highest id, the epoch the plan was computed at,
---   one MessagePack array of {intent id, verdict, in-flight text, throttle member} per intent,
+--   one MessagePack array of {intent id, verdict, in-flight text, throttle member ("" without a throttle)}
+--   per intent,
 --   now (ms), throttle window (ms), MessagePack flat list of trading-state fields to store (empty: unchanged),
 --   MessagePack flat list of the state change's stream fields (empty: none), MessagePack flat list of
---   quote asset / new peak pairs, the state stream's MAXLEN.
+--   quote asset / new peak pairs, the state stream's MAXLEN, the trading state as read (ARGV[14]), the daily limit.
+-- ARGV[6] empty: no rule of the book is configured, so the plan rests on the trading state and the daily count
+-- alone; the state must still be the one read (else RETRY) and the daily limit is enforced here.
 -- The plan (``risk.decide``) was computed in the client from a snapshot read at ARGV[6]: every write the
 -- rules read bumps the epoch, so a plan is applied only while the state it saw still stands; otherwise
 -- the reply is "RETRY" and nothing is written (the client reads again).
@@ -18,7 +21,17 @@
 -- Returns one verdict per intent: APPROVED, GONE, KILL_SWITCH, THROTTLED or a rule's code.
 local group, consumer = ARGV[1], ARGV[2]
 local ttl, low, high = tonumber(ARGV[3]), ARGV[4], ARGV[5]
-if (redis.call('GET', KEYS[5]) or '0') ~= ARGV[6] then return 'RETRY' end
+if ARGV[6] ~= '' then
+  if (redis.call('GET', KEYS[5]) or '0') ~= ARGV[6] then return 'RETRY' end
+else
+  -- No rule of the book: the plan rests on the trading state (checked here) and the daily count
+  -- (enforced below).
+  local kind = redis.call('TYPE', KEYS[8])['ok']
+  local seen = '<' .. kind .. '>'
+  if kind == 'hash' then seen = redis.call('HGET', KEYS[8], 'state') or '' end
+  if seen ~= ARGV[14] then return 'RETRY' end
+end
+local limit = tonumber(ARGV[15])
 local items = cmsgpack.unpack(ARGV[7])
 local now, window = tonumber(ARGV[8]), tonumber(ARGV[9])
 local state = cmsgpack.unpack(ARGV[10])
@@ -70,6 +83,8 @@ if #items > 0 then
       out[i] = 'KILL_SWITCH'
     elseif verdict ~= 'APPROVED' then
       out[i] = verdict
+    elseif not seen[i] and count >= limit then
+      out[i] = 'DAILY_LIMIT'
     else
       if not seen[i] then
         count = count + 1
@@ -77,8 +92,10 @@ if #items > 0 then
         counted[#counted + 1] = '1'
         inflight[#inflight + 1] = id
         inflight[#inflight + 1] = item[3]
-        orders[#orders + 1] = now
-        orders[#orders + 1] = item[4]
+        if item[4] ~= '' then
+          orders[#orders + 1] = now
+          orders[#orders + 1] = item[4]
+        end
       end
       out[i] = 'APPROVED'
     end
@@ -88,11 +105,13 @@ if #items > 0 then
     redis.call('SET', KEYS[2], count, 'EX', ttl)
     redis.call('EXPIRE', KEYS[3], ttl)
     redis.call('HSET', KEYS[6], unpack(inflight))
-    redis.call('ZADD', KEYS[7], unpack(orders))
+    if #orders > 0 then redis.call('ZADD', KEYS[7], unpack(orders)) end
     changed = true
   end
 end
--- Orders older than the window leave it (the rules ignore them anyway: no epoch bump needed).
-redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. (now - window))
+-- Orders leave the set ten windows after they left the window (the rules count only those inside it:
+-- no epoch bump needed). Not at the window itself: a gate that read its clock a few ms before this one
+-- and its snapshot after this call must still find every order of its own window, or it passes the rate.
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. (now - 10 * window))
 if changed then redis.call('INCR', KEYS[5]) end
 return out
