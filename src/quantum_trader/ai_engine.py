@@ -14,7 +14,7 @@ of what it holds; a BUY while holding and a SELL while flat are no decisions. Th
 follows the outcomes: before deciding, the engine reads the results of its own decisions
 that came in since last time, and takes back what did not fill (a rejected entry is not
 held; an exit that did not fill is still held, unless the exchange said the coins are not
-there).
+there). A protective exit that filled (``protect``) closed the symbol for every strategy.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from decimal import ROUND_DOWN, Decimal
 
 import numpy as np
 
-from quantum_trader import keys
+from quantum_trader import keys, protect
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer
 from quantum_trader.errors import ConfigError, DecodeError
@@ -131,6 +131,18 @@ def position_key(strategy: str, symbol: str) -> str:
 def trace_id(candle_entry: str, strategy: str, symbol: str) -> str:
     """Deterministic per (candle, strategy): a replayed candle yields the same decision."""
     return hashlib.blake2b(f"{candle_entry}|{strategy}|{symbol}".encode(), digest_size=16).hexdigest()
+
+
+def closed_by_protect(positions: dict[str, Decimal], fields: dict[str, str]) -> None:
+    """A protective exit that filled sold the whole position: no strategy holds the symbol any more."""
+    try:
+        _env, result = decode_event(fields, ExecutionResult, EXECUTION_RESULT)
+    except DecodeError:
+        return
+    if result.status == "FILLED" and result.side == "SELL" and result.filled_qty > 0:
+        for key in positions:
+            if key.endswith(f":{result.symbol}"):
+                positions[key] = _ZERO
 
 
 class AiEngine:
@@ -291,6 +303,9 @@ class AiEngine:
             for entry_id, fields in page:
                 cursor = entry_id
                 correlation = fields.get("correlation_id", "")
+                if correlation.startswith(protect.IDENTITY_PREFIX):
+                    closed_by_protect(positions, fields)
+                    continue
                 if not correlation.endswith(suffix):
                     continue
                 strategy, _, symbol = correlation.removesuffix(suffix).partition(":")

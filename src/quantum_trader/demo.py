@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from quantum_trader import keys
+from quantum_trader import keys, trading
 from quantum_trader.book import Marked, marked_positions
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.inspect import StreamStat, last_ids, outcome_counts, pipeline_status, stream_stat
@@ -122,6 +122,8 @@ class DemoReport:
     interrupted: bool
     positions: list[Marked] = field(default_factory=list)  # the book's, marked at the last prices
     journaled: dict[str, int] = field(default_factory=dict)  # rows the journal wrote, per table
+    protective_exits: int = 0  # stop-loss or take-profit exits the protect stage fired
+    trading_state: str = "ACTIVE"
 
 
 def _group_done(stat: StreamStat, group: str) -> bool:
@@ -233,4 +235,6 @@ async def run_demo(
         interrupted=interrupted.is_set(),
         positions=await marked_positions(redis),
         journaled=dict(runner.stages[keys.JOURNAL].totals),
+        protective_exits=runner.stages[keys.PROTECT].totals["exits"] if keys.PROTECT in runner.stages else 0,
+        trading_state=(await trading.risk_status(redis, settings)).state.state.value,
     )

@@ -51,6 +51,7 @@ log = get_logger("protect")
 Levels = tuple[Decimal | None, Decimal | None]  # an entry's (stop_loss, take_profit)
 HUNDRED = Decimal(100)
 STRATEGY = "protect"
+IDENTITY_PREFIX = "protect:"  # an exit's trace and correlation ids: protect:<symbol>:<armed at>:<kind>
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +136,7 @@ def crossed(stop: Stop, candle: Candle) -> str | None:
 
 def exit_decision(stop: Stop, position: Position, kind: str, candle: Candle, stamp: str) -> dict[str, str]:
     """The exit's decision entry: a SELL of the whole position, its identity derived from the armed levels."""
-    identity = f"protect:{stop.symbol}:{stop.at}:{kind}"
+    identity = f"{IDENTITY_PREFIX}{stop.symbol}:{stop.at}:{kind}"
     level = stop.stop if kind == "STOP_LOSS" else stop.take
     decision = Decision(symbol=stop.symbol, side="SELL", qty=position.qty, strategy=STRATEGY, confidence=1.0)
     log.warning(

@@ -52,7 +52,13 @@ def demo(
     private = Path(tempfile.mkdtemp(prefix="quantum-trader-demo-"))  # 0700
     if server is None and settings.redis_url:
         console.print("the demo runs on a private server: QT_REDIS_URL is left alone")
-    settings = settings.with_changes(redis_url=server, data_dir=private / "server")
+    # Protective exits show in the demo too: 2 % below and 4 % above each entry unless set otherwise.
+    settings = settings.with_changes(
+        redis_url=server,
+        data_dir=private / "server",
+        stop_loss_pct=settings.stop_loss_pct or DEMO_STOP_LOSS_PCT,
+        take_profit_pct=settings.take_profit_pct or DEMO_TAKE_PROFIT_PCT,
+    )
     log_path = private / "demo.log"
     log_file = log_path.open("a", encoding="utf-8")
     configure(settings.log_level, "json", log_file)  # keep the live table readable; outcomes go to the file
@@ -89,6 +95,11 @@ def demo(
     if report.journaled:
         rows = ", ".join(f"{count:,} {table.replace('_', ' ')}" for table, count in report.journaled.items())
         console.print(f"journal (SQLite, in the demo's private directory): {rows}")
+    if report.source == "candles":
+        console.print(
+            f"risk: trading state {report.trading_state}; protective exits fired: {report.protective_exits:,}"
+            f" (stop-loss {settings.stop_loss_pct}% / take-profit {settings.take_profit_pct}%)"
+        )
     if report.positions:
         console.print(positions_table(report.positions))
         figures = portfolio.totals(
@@ -104,6 +115,10 @@ def demo(
     elif not report.complete:
         err.print("not every decision reached an outcome before the timeout")
         raise typer.Exit(1)
+
+
+DEMO_STOP_LOSS_PCT = Decimal(2)
+DEMO_TAKE_PROFIT_PCT = Decimal(4)
 
 
 def register(app: typer.Typer) -> None:
