@@ -34,7 +34,11 @@ def test_demo_runs_candles_through_strategies_to_results(clean_url: str, tmp_pat
     client = redis.Redis.from_url(clean_url, decode_responses=True)
     made = [json.loads(f["payload"]) for _id, f in client.xrange("quantum:stream:ai.decision")]
     assert len(made) == decisions
-    assert {d["strategy"] for d in made} <= {"ema-cross", "rsi"}
+    assert {d["strategy"] for d in made} <= {"ema-cross", "rsi", "protect"}
+    # Protective exits (the demo's 2 % stop-loss, 4 % take-profit) are decisions too, one per exit fired.
+    exits = re.search(r"risk: trading state ACTIVE; protective exits fired: ([\d,]+)", done.stdout)
+    assert exits, done.stdout
+    assert sum(d["strategy"] == "protect" for d in made) == int(exits.group(1).replace(",", ""))
     results = [json.loads(f["payload"]) for _id, f in client.xrange("quantum:stream:execution.result")]
     client.close()
     assert len(results) == decisions
