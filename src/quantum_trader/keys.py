@@ -65,7 +65,7 @@ class StreamNames:
 
     def journaled(self) -> list[str]:
         """Streams the journal consumes (its group on each), in the order it reads them."""
-        streams = [self.result, self.rejected, self.dead_letter]
+        streams = [self.result, self.rejected, self.dead_letter, self.risk_state]
         return list(dict.fromkeys(streams))
 
     def pipeline(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from decimal import Decimal
 from typing import Any
 
@@ -10,9 +11,10 @@ import sqlalchemy as sa
 
 from quantum_trader import book, portfolio
 from quantum_trader.bus.connection import Redis
+from quantum_trader.events import parse_iso
 from quantum_trader.journal import ledger
 from quantum_trader.journal.database import Database
-from quantum_trader.journal.schema import dead_letters, rejections, results
+from quantum_trader.journal.schema import dead_letters, rejections, results, trading_states
 from quantum_trader.portfolio import Position
 
 JOURNAL_GROUP = "quantum:group:journal"
@@ -51,6 +53,10 @@ def dead_letter_rows(db: Database) -> list[dict[str, Any]]:
     return table_rows(db, dead_letters)
 
 
+def trading_state_rows(db: Database) -> list[dict[str, Any]]:
+    return table_rows(db, trading_states)
+
+
 def replayed_from_rows(rows: list[dict[str, Any]]) -> dict[str, Position]:
     """The book recomputed from the database's fills in result order (the check's side of the equation)."""
     return portfolio.replay([ledger.fill_from(row) for row in rows if row["is_fill"]], strict=False)
@@ -84,6 +90,29 @@ def same_result(row: dict[str, Any], entry_id: str, fields: dict[str, str]) -> l
             problems.append(f"{entry_id} {name}: {row[name]!r} != {payload.get(name)!r}")
     if row["confidence"] != payload.get("confidence"):
         problems.append(f"{entry_id} confidence: {row['confidence']} != {payload.get('confidence')}")
+    for name in ("trace_id", "correlation_id", "source"):
+        if row[name] != fields[name]:
+            problems.append(f"{entry_id} {name}: {row[name]!r} != {fields[name]!r}")
+    stamp = row["timestamp"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if stamp != fields["timestamp"]:
+        problems.append(f"{entry_id} timestamp: {stamp} != {fields['timestamp']}")
+    return problems
+
+
+def same_state_change(row: dict[str, Any], entry_id: str, fields: dict[str, str]) -> list[str]:
+    """How a trading_states row differs from the ``risk.state`` entry it records (empty when it holds every field)."""
+    payload = json.loads(fields["payload"])
+    problems = []
+    if row["entry_id"] != entry_id:
+        problems.append(f"entry id {row['entry_id']} != {entry_id}")
+    for name in ("state", "previous", "reason", "detail", "by"):
+        if row[name] != payload[name]:
+            problems.append(f"{entry_id} {name}: {row[name]!r} != {payload[name]!r}")
+    for name in ("at", "until"):
+        wanted = parse_iso(payload[name]) if payload.get(name) else None
+        stored = row[name] if row[name] is None or row[name].tzinfo else row[name].replace(tzinfo=UTC)
+        if stored != wanted:
+            problems.append(f"{entry_id} {name}: {stored} != {payload.get(name)!r}")
     for name in ("trace_id", "correlation_id", "source"):
         if row[name] != fields[name]:
             problems.append(f"{entry_id} {name}: {row[name]!r} != {fields[name]!r}")

@@ -1,4 +1,4 @@
-"""The journal's database: migrations from nothing and from the previous revision, a newer schema
+"""The journal's database: migrations from nothing and from each earlier revision, a newer schema
 refused, exact decimals on both backends, and the shipped schema equal to the tables the code writes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from quantum_trader.errors import ConfigError, TransientError
 from quantum_trader.journal import ledger
 from quantum_trader.journal.database import current_revision, head_revision, known_revisions, migrate, open_database
-from quantum_trader.journal.schema import metadata, results
+from quantum_trader.journal.schema import metadata, results, trading_states
 
 NOW = datetime(2026, 1, 20, 12, 0, tzinfo=UTC)
 
@@ -44,6 +44,7 @@ def test_an_empty_database_is_migrated_to_the_newest_revision(database_url: str)
                 "rejections",
                 "dead_letters",
                 "positions",
+                "trading_states",
             }
         open_database(database_url).close()  # a second start changes nothing
     finally:
@@ -60,9 +61,9 @@ def test_the_shipped_migrations_build_exactly_the_tables_the_code_writes(databas
         db.close()
 
 
-def test_a_database_at_the_previous_revision_is_upgraded_and_its_positions_rebuilt(database_url: str) -> None:
-    assert len(known_revisions()) >= 2
-    previous = known_revisions()[-2]
+def test_a_database_before_the_positions_revision_is_upgraded_and_its_positions_rebuilt(database_url: str) -> None:
+    previous = "0001"
+    assert known_revisions().index("0002") == known_revisions().index(previous) + 1
     db = open_database(database_url, upgrade=False)
     try:
         migrate(db, previous)
@@ -87,6 +88,38 @@ def test_a_database_at_the_previous_revision_is_upgraded_and_its_positions_rebui
         assert position.realised == Decimal("124") - Decimal("0.3") - Decimal("300.3") * Decimal("0.04") / Decimal(
             "0.1"
         )
+    finally:
+        db.close()
+
+
+def test_a_database_at_0002_gains_the_trading_states_its_rows_kept_and_the_schema_agrees(database_url: str) -> None:
+    assert known_revisions()[:3] == ["0001", "0002", "0003"]
+    db = open_database(database_url, upgrade=False)
+    try:
+        migrate(db, "0002")
+        with db.engine.begin() as connection:
+            assert current_revision(connection) == "0002"
+            assert "trading_states" not in sa.inspect(connection).get_table_names()
+            ledger.record_results(connection, [result_row("1-0")], NOW)
+        migrate(db)
+        with db.engine.begin() as connection:
+            assert current_revision(connection) == head_revision()
+            context = MigrationContext.configure(connection, opts={"compare_type": False})
+            assert compare_metadata(context, metadata) == []
+            assert connection.execute(sa.select(results.c.entry_id)).scalars().all() == ["1-0"]
+            assert ledger.stored_positions(connection)["ETHUSDT"].qty == Decimal("0.1")
+            change = {
+                "entry_id": "5-1", "entry_ms": 5, "entry_seq": 1, "state": "HALTED", "previous": "ACTIVE",
+                "reason": "DAILY_LOSS", "detail": "lost 510 USDT today", "by": "execution-0", "at": NOW,
+                "until": NOW.replace(day=21, hour=0), "trace_id": "t", "correlation_id": "c", "timestamp": NOW,
+                "source": "execution-0",
+            }  # fmt: skip
+            assert ledger.record_trading_states(connection, [change]) == {"5-1"}
+            assert ledger.record_trading_states(connection, [change]) == set()
+            [row] = connection.execute(sa.select(trading_states)).all()
+        assert (row.state, row.previous, row.reason, row.by) == ("HALTED", "ACTIVE", "DAILY_LOSS", "execution-0")
+        until = row.until if row.until.tzinfo else row.until.replace(tzinfo=UTC)  # SQLite: naive, in UTC
+        assert until == datetime(2026, 1, 21, tzinfo=UTC)
     finally:
         db.close()
 

@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from quantum_trader import portfolio
 from quantum_trader.journal.rows import Row
-from quantum_trader.journal.schema import dead_letters, positions, rejections, results
+from quantum_trader.journal.schema import dead_letters, positions, rejections, results, trading_states
 from quantum_trader.portfolio import Fill, Position
 
 # Serialises position updates of journals sharing one PostgreSQL database ("qtbook").
@@ -129,6 +129,11 @@ def record_rejections(connection: sa.Connection, rows: Sequence[Row]) -> set[str
 def record_dead_letters(connection: sa.Connection, rows: Sequence[Row]) -> set[str]:
     """Record dead-letter rows; the entry ids added."""
     return insert_new(connection, dead_letters, rows)
+
+
+def record_trading_states(connection: sa.Connection, rows: Sequence[Row]) -> set[str]:
+    """Record trading-state change rows; the entry ids added."""
+    return insert_new(connection, trading_states, rows)
 
 
 def fill_from(row: Mapping[str, Any]) -> Fill:
@@ -256,7 +261,11 @@ def stored_positions(connection: sa.Connection) -> dict[str, Position]:
 
 
 def wipe(connection: sa.Connection) -> dict[str, int]:
-    """Delete every row of the journal (``paper reset``: the account starts over); rows deleted per table."""
+    """Delete the account's rows (``paper reset``: the account starts over); rows deleted per table.
+
+    The trading-state changes stay: a reset leaves the trading state as it is, and its history
+    is what explains it.
+    """
     deleted = {}
     for table in (results, rejections, dead_letters, positions):
         deleted[table.name] = connection.execute(sa.delete(table)).rowcount

@@ -5,6 +5,7 @@ and returns plain frozen structs, decimals exact.
 
 - ``trades(db, symbol=, since=, until=, status=, strategy=, limit=50)``: results, newest first.
 - ``positions(db)``: the stored positions by symbol (``portfolio.Position``).
+- ``state_changes(db, limit=50)``: changes of the trading state, newest first.
 - ``pnl(db, by="day" | "symbol" | "strategy", since=, until=, prices=)``: realised PnL, fees,
   fills and volume per group and quote asset, replayed from every fill in stream order (the
   cost basis needs the whole history even when only a window is reported). By strategy, each
@@ -25,7 +26,7 @@ from quantum_trader import portfolio
 from quantum_trader.errors import ConfigError
 from quantum_trader.journal.database import Database, guarded
 from quantum_trader.journal.ledger import fill_from, fill_rows, stored_positions
-from quantum_trader.journal.schema import results
+from quantum_trader.journal.schema import results, trading_states
 from quantum_trader.portfolio import Position
 
 ZERO = Decimal(0)
@@ -60,6 +61,27 @@ class Trade:
     trace_id: str
     correlation_id: str
     source: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateChangeRecord:
+    """One change of the trading state as the journal recorded it (``events.StateChange`` and its entry).
+
+    ``state``, ``previous`` and ``reason`` are the wire codes as text; ``until`` is None when the
+    state lasts until someone changes it.
+    """
+
+    entry_id: str
+    at: datetime
+    state: str
+    previous: str
+    reason: str
+    detail: str
+    by: str
+    until: datetime | None
+    source: str
+    trace_id: str
+    correlation_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +150,26 @@ def trades(
         values = dict(row._mapping)
         values["timestamp"] = _aware(values["timestamp"])
         out.append(Trade(**values))
+    return out
+
+
+def state_changes(db: Database, *, limit: int = DEFAULT_LIMIT) -> list[StateChangeRecord]:
+    """Changes of the trading state newest first (stream order: the order the server made them), at most ``limit``."""
+    if limit <= 0:
+        raise ConfigError(f"limit {limit}: give a number of state changes above 0")
+    query = (
+        sa.select(*(trading_states.c[name] for name in StateChangeRecord.__slots__))
+        .order_by(trading_states.c.entry_ms.desc(), trading_states.c.entry_seq.desc())
+        .limit(limit)
+    )
+    with guarded(db.shown), db.engine.connect() as connection:
+        rows = connection.execute(query).all()
+    out = []
+    for row in rows:
+        values = dict(row._mapping)
+        values["at"] = _aware(values["at"])
+        values["until"] = _aware(values["until"])
+        out.append(StateChangeRecord(**values))
     return out
 
 

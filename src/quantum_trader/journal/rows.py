@@ -1,9 +1,10 @@
-"""Stream entries as journal rows (pure): results, rejections and dead letters.
+"""Stream entries as journal rows (pure): results, rejections, dead letters and trading-state changes.
 
-A result or rejection that does not decode is not a row: the stage sets it aside on the
-dead-letter stream with its raw fields, like every stage does (``dlq list`` shows it, and the
-journal then records that dead letter as a row). A dead letter always becomes a row, decoded
-or not, so nothing the journal reads from the dead-letter stream ever goes back to it.
+A result, rejection or trading-state change that does not decode is not a row: the stage sets
+it aside on the dead-letter stream with its raw fields, like every stage does (``dlq list``
+shows it, and the journal then records that dead letter as a row). A dead letter always
+becomes a row, decoded or not, so nothing the journal reads from the dead-letter stream ever
+goes back to it.
 
 Text is stored as the entry held it, made safe for any database: bytes that were not UTF-8
 as ``\\xNN`` and NUL characters (which PostgreSQL text refuses) as ``\\x00``.
@@ -24,11 +25,13 @@ from quantum_trader.events import (
     DECISION_REJECTED,
     ENVELOPE_FIELDS,
     EXECUTION_RESULT,
+    RISK_STATE,
     DeadLetter,
     Envelope,
     ExecutionResult,
     Fields,
     Rejection,
+    StateChange,
     decode_payload,
     parse_iso,
     printable,
@@ -75,11 +78,11 @@ def _envelope(raw: Fields, expected: str) -> Envelope:
     return Envelope(**{name: raw[name] for name in ENVELOPE_FIELDS})
 
 
-def _timestamp(text: str) -> datetime:
+def _timestamp(text: str, name: str = "timestamp") -> datetime:
     try:
         return parse_iso(text).astimezone(UTC)  # SQLite keeps no offset: every time is stored in UTC
     except ValueError:
-        raise DecodeError(f"timestamp {clean(text, 64)!r} is not an ISO-8601 time", field="timestamp") from None
+        raise DecodeError(f"{name} {clean(text, 64)!r} is not an ISO-8601 time", field=name) from None
 
 
 def _envelope_columns(env: Envelope, moment: datetime | None) -> Row:
@@ -159,6 +162,33 @@ def rejection_row(entry: Entry) -> Row:
         }
 
     return _decoding(entry, "rejection", build)
+
+
+def trading_state_row(entry: Entry) -> Row:
+    """One ``risk.state`` entry as a ``trading_states`` row; DecodeError when it is not one.
+
+    ``state`` and ``previous`` must be states this version knows and ``at`` a time: a change the
+    journal cannot place is set aside whole rather than recorded half. ``reason`` is kept as
+    written (a newer breaker's code is still a change).
+    """
+
+    def build() -> Row:
+        env = _envelope(entry.fields, RISK_STATE)
+        moment = _timestamp(env.timestamp)
+        change = decode_payload(entry.fields, StateChange)
+        return {
+            **entry_key(entry.id),
+            "state": change.state.value,
+            "previous": change.previous.value,
+            "reason": clean(change.reason),
+            "detail": clean(change.detail),
+            "by": clean(change.by),
+            "at": _timestamp(change.at, "at"),
+            "until": _timestamp(change.until, "until") if change.until else None,
+            **_envelope_columns(env, moment),
+        }
+
+    return _decoding(entry, "trading-state change", build)
 
 
 def dead_letter_row(entry: Entry) -> Row:

@@ -129,6 +129,22 @@ dead_letters = sa.Table(
     sa.Index("ix_dead_letters_order", "entry_ms", "entry_seq"),
 )
 
+# One row per change of the trading state (``risk.state``): by the operator or by a loss breaker.
+trading_states = sa.Table(
+    "trading_states",
+    metadata,
+    *_entry_columns(),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("previous", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),  # OPERATOR, DAILY_LOSS, DRAWDOWN, DAY_RESET
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("by", sa.Text, nullable=False),  # the operator's name, or the process whose breaker tripped
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("until", sa.DateTime(timezone=True), nullable=True),  # when the state ends by itself (None: never)
+    *_envelope_columns(),
+    sa.Index("ix_trading_states_order", "entry_ms", "entry_seq"),
+)
+
 positions = sa.Table(
     "positions",
     metadata,

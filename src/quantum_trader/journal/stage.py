@@ -1,13 +1,13 @@
-"""The journal stage: results, rejections and dead letters into SQL, then acknowledged.
+"""The journal stage: results, rejections, dead letters and trading-state changes into SQL, then acknowledged.
 
-It reads three streams in its own group (``QT_JOURNAL_GROUP`` on ``StreamNames.journaled()``),
+It reads four streams in its own group (``QT_JOURNAL_GROUP`` on ``StreamNames.journaled()``),
 one consumer each. Per batch: decode (pure), write every row in one transaction, and only
 then XACK the batch. Nothing acknowledged is missing from the database; a crash between the
 commit and the XACK redelivers the batch and the entry-id keys absorb it.
 
-- A result or rejection that does not decode goes to the dead-letter stream with its raw
-  fields (the bus's atomic dead-letter script, as in every stage), and comes back to the
-  journal from there as a ``dead_letters`` row.
+- A result, rejection or trading-state change that does not decode goes to the dead-letter
+  stream with its raw fields (the bus's atomic dead-letter script, as in every stage), and
+  comes back to the journal from there as a ``dead_letters`` row.
 - A dead letter always becomes a row. The dead-letter consumer never writes to the stream it
   reads: an entry that fails even alone is recorded by its raw fields instead, so a bad dead
   letter cannot feed itself back forever.
@@ -32,7 +32,14 @@ from quantum_trader.bus.streams import Entry, GroupConsumer, Handler
 from quantum_trader.errors import DecodeError, TransientError
 from quantum_trader.journal import ledger
 from quantum_trader.journal.database import Database, guarded, open_database
-from quantum_trader.journal.rows import Row, dead_letter_row, rejection_row, result_row, unreadable_dead_letter_row
+from quantum_trader.journal.rows import (
+    Row,
+    dead_letter_row,
+    rejection_row,
+    result_row,
+    trading_state_row,
+    unreadable_dead_letter_row,
+)
 from quantum_trader.logs import get_logger
 from quantum_trader.settings import Settings
 
@@ -73,13 +80,14 @@ class Journal:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.streams = settings.streams
         self.group = settings.journal_group
-        self.totals: dict[str, int] = {"results": 0, "rejections": 0, "dead_letters": 0}
+        self.totals: dict[str, int] = {"results": 0, "rejections": 0, "dead_letters": 0, "trading_states": 0}
         self._lock = asyncio.Lock()  # one batch writes at a time (SQLite has one writer; positions move in order)
         self._down = False
         handlers: dict[str, Handler] = {
             self.streams.result: self.handle_results,
             self.streams.rejected: self.handle_rejections,
             self.streams.dead_letter: self.handle_dead_letters,
+            self.streams.risk_state: self.handle_trading_states,
         }
         self.consumers: list[tuple[GroupConsumer, Handler]] = []
         for stream in self.streams.journaled():
@@ -168,6 +176,15 @@ class Journal:
             await self._acknowledge(self.streams.rejected, rows)
             self.totals["rejections"] += len(rows)
         await self._set_aside(self.streams.rejected, bad)
+
+    async def handle_trading_states(self, entries: list[Entry]) -> None:
+        """Record a batch of trading-state changes, then acknowledge it."""
+        rows, bad = _decode(entries, trading_state_row)
+        if rows:
+            await self.write(lambda conn: ledger.record_trading_states(conn, rows))
+            await self._acknowledge(self.streams.risk_state, rows)
+            self.totals["trading_states"] += len(rows)
+        await self._set_aside(self.streams.risk_state, bad)
 
     async def handle_dead_letters(self, entries: list[Entry]) -> None:
         """Record a batch of dead letters (each one, decoded or by its raw fields), then acknowledge it."""
