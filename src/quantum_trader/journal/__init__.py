@@ -1,4 +1,4 @@
-"""The journal: every result, rejection and dead letter as a row in SQL, and the book's positions.
+"""The journal: every result, rejection, dead letter and trading-state change as a row in SQL, and positions.
 
 ``stage`` consumes the outcome streams in its own group and writes one transaction per batch
 before acknowledging it; ``rows`` decodes entries (pure); ``ledger`` writes them idempotently
