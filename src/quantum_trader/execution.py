@@ -222,11 +222,16 @@ class Execution:
         # unless the exchange says they never left (the kill switch, read again right before each
         # order: turned on since the gate, it stops the rest of an approved batch).
         sent = {job.entry.id for job in redelivered if job.coid in existing} if redelivered else set()
-        # The rules judge a symbol's intents in publish order: after every earlier batch holding it placed.
-        if earlier:
-            await asyncio.wait([before.placed for before in earlier])
+        # Rules of the book and the throttle judge a symbol's intents in publish order: after every
+        # earlier batch holding it placed. The other rules do not depend on order: the gate overlaps
+        # the earlier batches' placing, and only this batch's own placing waits for them.
+        placed_before = [before.placed for before in earlier]
+        if placed_before and self.governor.ordered:
+            await asyncio.wait(placed_before)
+            placed_before = []
         while gated:
-            gated = await self._gate_and_place(gated, prices, results, sent)
+            gated = await self._gate_and_place(gated, prices, results, sent, placed_before)
+            placed_before = []
         turn.placed.set_result(None)
 
         if earlier:
@@ -234,7 +239,12 @@ class Execution:
         await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results], sent)
 
     async def _gate_and_place(
-        self, gated: list[Job], prices: Mapping[str, Decimal], results: dict[str, ExecutionResult], sent: set[str]
+        self,
+        gated: list[Job],
+        prices: Mapping[str, Decimal],
+        results: dict[str, ExecutionResult],
+        sent: set[str],
+        placed_before: list[asyncio.Future[None]],
     ) -> list[Job]:
         """Gate the jobs, place the approved orders, note every outcome; the jobs left waiting for the rate.
 
@@ -275,6 +285,8 @@ class Execution:
             )
             for job in approved
         ]
+        if placed_before:
+            await asyncio.wait(placed_before)
         outcomes = await self.exchange.place_orders(requests, guard=gov.SEND_GUARD) if requests else []
         for job, outcome in zip(approved, outcomes, strict=True):
             if outcome.sent:

@@ -164,6 +164,11 @@ class Governor:
         self.quote_assets = list(settings.quote_assets)
         self._gate = register(redis, "gate")
 
+    @property
+    def ordered(self) -> bool:
+        """The configured rules depend on the order intents are judged in (the book's, the throttle)."""
+        return self.risk.needs_book or self.risk.throttled
+
     async def watch(self, now: datetime, by: str) -> None:
         """Look at the loss breakers without an order (the protect stage, on every batch of candles):
         the state moves, and the equity peak rises, as prices move, not only when an order comes."""
