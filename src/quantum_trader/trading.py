@@ -88,7 +88,11 @@ async def read_snapshot(
         _read(pipe, full, keys.BOOK_POSITIONS, lambda: pipe.hgetall(keys.BOOK_POSITIONS))
         _read(pipe, full, keys.RISK_INFLIGHT, lambda: pipe.hgetall(keys.RISK_INFLIGHT))
         if limits.throttled:
-            pipe.zrangebyscore(keys.RISK_ORDERS, f"({now_ms - risk.THROTTLE_WINDOW_MS}", "+inf", withscores=True)
+            # The newest N approvals of the window are all the overall rate needs (at N the window is
+            # full, whatever else it holds); fewer than N are the whole window, exact per symbol too.
+            cap = limits.max_orders_per_s
+            window = (f"({now_ms - risk.THROTTLE_WINDOW_MS}",)
+            pipe.zrevrangebyscore(keys.RISK_ORDERS, "+inf", *window, start=0 if cap else None, num=cap, withscores=True)
         else:
             pipe.exists(keys.RISK_ORDERS)  # no throttle, no window kept: nothing to read
         _read(pipe, full, keys.RISK_PEAK, lambda: pipe.hgetall(keys.risk_realised(day)))
