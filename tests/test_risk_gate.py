@@ -6,14 +6,16 @@ import json
 from collections.abc import Callable
 from decimal import Decimal
 
-from quantum_trader import keys, trading
+from quantum_trader import keys, portfolio, protect, trading
 from quantum_trader.bus.connection import Redis
-from quantum_trader.events import TradingState
+from quantum_trader.events import Candle, TradingState
 from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.execution import Execution
+from quantum_trader.feed import publish
+from quantum_trader.protect import Protect
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
-from tests.pipeline import decision, drain, results
+from tests.pipeline import decision, drain, payloads, results
 
 DECISIONS = "quantum:stream:ai.decision"
 STATES = "quantum:stream:risk.state"
@@ -74,3 +76,44 @@ async def test_a_drawdown_crossing_moves_the_state_to_reducing_then_an_entry_is_
     [again] = await trade(r, router, execution, decision(qty="0.01", price=None))
     assert again["status"] == "FILLED"
     assert [json.loads(f["payload"])["reason"] for _id, f in await r.xrange(STATES)] == ["DRAWDOWN", "OPERATOR"]
+
+
+def candle(n: int, low: float, close: float, high: float | None = None) -> Candle:
+    return Candle(
+        symbol="ETHUSDT", interval="1m", open_time=1_800_000_000_000 + n * 60_000, open=close, high=high or close,
+        low=low, close=close, volume=1.0,
+    )  # fmt: skip
+
+
+async def test_a_refused_protective_exit_arms_the_stop_again_and_the_next_crossing_sells(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, paper_balances={"USDT": Decimal(10_000)}, paper_fee_rate=Decimal(0))
+    router, execution = await pipeline(r, settings)
+    guard = Protect(r, settings)
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "2000")
+    [bought] = await trade(r, router, execution, decision(qty="1", price=None, stop_loss="1900", take_profit="2400"))
+    assert bought["status"] == "FILLED"
+    stop = protect.decode(await r.hget(keys.PROTECT_STOPS, "ETHUSDT"))
+    assert (stop.stop, stop.take, stop.fired) == (Decimal(1900), Decimal(2400), "")
+
+    # The operator halts; the next candle crosses the stop: the exit fires and is refused.
+    await trading.set_state(r, settings, TradingState.HALTED, "maintenance", "ops")
+    await publish(r, settings.candle_stream, [candle(1, low=1950, close=1960), candle(2, low=1890, close=1895)])
+    await drain(guard)  # type: ignore[arg-type]
+    [refused] = await trade(r, router, execution)
+    assert (refused["side"], refused["status"], refused["reason"]) == ("SELL", "REJECTED", "HALTED")
+    again = protect.decode(await r.hget(keys.PROTECT_STOPS, "ETHUSDT"))
+    assert (again.fired, again.attempts) == ("", 1)  # armed again: that exit can sell nothing more
+
+    # A candle delivered again changes nothing; once trading resumes, the next crossing sells it all.
+    await trading.set_state(r, settings, TradingState.ACTIVE, "done", "ops")
+    await publish(r, settings.candle_stream, [candle(3, low=1880, close=1885)])
+    await drain(guard)  # type: ignore[arg-type]
+    await drain(guard)  # type: ignore[arg-type]
+    [sold] = await trade(r, router, execution)
+    assert (sold["side"], sold["status"], sold["filled_qty"]) == ("SELL", "FILLED", "1")
+    exits = [d for d in await payloads(r, DECISIONS) if d.get("strategy") == "protect"]
+    assert [d["_env"]["correlation_id"].rsplit(":", 2)[1:] for d in exits] == [["STOP_LOSS", "1"], ["STOP_LOSS", "2"]]
+    assert await r.hget(keys.PROTECT_STOPS, "ETHUSDT") is None  # the position closed: no levels left
+    assert portfolio.decode(await r.hget(keys.BOOK_POSITIONS, "ETHUSDT")).qty == 0

@@ -110,6 +110,15 @@ class Committer:
         fills = [(job.entry.id, fill) for job, result in done if (fill := portfolio.fill_of(result, self.quote_assets))]
         levels = {job.entry.id: (job.intent.stop_loss, job.intent.take_profit) for job, _result in done}
         packed_items = pack(items)
+        # A protective exit that did not fill all it was to sell (refused, expired, partly filled) can
+        # no longer sell more: its position's levels are armed again, so the next crossing fires anew.
+        packed_rearm = pack(
+            [
+                [job.intent.symbol, job.env.correlation_id]
+                for job, result in done
+                if job.env.correlation_id.startswith(protect.IDENTITY_PREFIX) and result.filled_qty < job.intent.qty
+            ]
+        )
         now_ms = int(now.timestamp() * 1000)
         gone: set[str] = set()
         for _attempt in range(self.MAX_ATTEMPTS):
@@ -128,6 +137,7 @@ class Committer:
                 str(now_ms),
                 str(now_ms - int(self.losses_kept_s * 1000)),
                 str(REALISED_KEPT_S),
+                packed_rearm,
             ]
             reply = await self._script(keys=script_keys, args=args)
             if isinstance(reply, list):

@@ -15,7 +15,9 @@ call that runs only while the position and the levels are still those it read. A
 delivered again finds the levels fired: the exit is published once; and should it be published
 twice anyway, the router drops the copy as a duplicate, and execution places an intent once.
 The exit goes through the governor like any order: it reduces a position, so it passes in
-REDUCING; HALTED and the kill switch stop it (the levels stay fired; ``governor status`` shows them).
+REDUCING; HALTED and the kill switch stop it. An exit that ends without selling all it was to
+sell (refused, expired, partly filled) can sell nothing more: execution's commit arms the levels
+again, so the next candle that crosses them fires a new exit (its own identity, attempt n + 1).
 
 The same stage looks at the loss breakers after each batch of candles (``Governor.watch``), so
 the trading state moves when prices cross a drawdown limit, not only at the next order.
@@ -51,7 +53,7 @@ log = get_logger("protect")
 Levels = tuple[Decimal | None, Decimal | None]  # an entry's (stop_loss, take_profit)
 HUNDRED = Decimal(100)
 STRATEGY = "protect"
-IDENTITY_PREFIX = "protect:"  # an exit's trace and correlation ids: protect:<symbol>:<armed at>:<kind>
+IDENTITY_PREFIX = "protect:"  # an exit's trace and correlation ids: protect:<symbol>:<armed at>:<kind>:<attempt>
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True):
     fired: str = ""
     fired_at: str = ""
     kind: str = ""  # STOP_LOSS or TAKE_PROFIT, once fired
+    attempts: int = 0  # exits fired for these levels (an exit that did not fill re-arms them)
 
 
 _encoder = msgspec.json.Encoder(decimal_format="string")
@@ -136,7 +139,7 @@ def crossed(stop: Stop, candle: Candle) -> str | None:
 
 def exit_decision(stop: Stop, position: Position, kind: str, candle: Candle, stamp: str) -> dict[str, str]:
     """The exit's decision entry: a SELL of the whole position, its identity derived from the armed levels."""
-    identity = f"{IDENTITY_PREFIX}{stop.symbol}:{stop.at}:{kind}"
+    identity = f"{IDENTITY_PREFIX}{stop.symbol}:{stop.at}:{kind}:{stop.attempts + 1}"
     level = stop.stop if kind == "STOP_LOSS" else stop.take
     decision = Decision(symbol=stop.symbol, side="SELL", qty=position.qty, strategy=STRATEGY, confidence=1.0)
     log.warning(
@@ -220,7 +223,9 @@ class Protect:
                 return None
             stamp = now_iso(self.clock())
             decision = exit_decision(current, position, kind, candle, stamp)
-            fired = msgspec.structs.replace(current, fired=decision["correlation_id"], fired_at=stamp, kind=kind)
+            fired = msgspec.structs.replace(
+                current, fired=decision["correlation_id"], fired_at=stamp, kind=kind, attempts=current.attempts + 1
+            )
             fields = [item for pair in decision.items() for item in pair]
             done = await self._fire(
                 keys=[keys.PROTECT_STOPS, keys.BOOK_POSITIONS, self.streams.decision],

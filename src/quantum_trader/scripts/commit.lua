@@ -23,7 +23,9 @@
 -- after a crash between gate and order) gives its count back, so the counter equals orders sent.
 -- A record is needed only while the intent may be delivered again; once it is acknowledged (here
 -- or by whoever finished it first) the record gets an expiry, so finished orders do not pile up.
--- ARGV[10] now (ms), ARGV[11] oldest losing exit kept (ms), ARGV[12] seconds today's realised PnL is kept.
+-- ARGV[10] now (ms), ARGV[11] oldest losing exit kept (ms), ARGV[12] seconds today's realised PnL is kept,
+-- ARGV[13] MessagePack array of {symbol, exit identity}: protective exits that ended without selling all they
+-- were to sell; the symbol's levels, if still fired by that exit, are armed again.
 -- Every intent's in-flight record (the gate's) goes, and the risk epoch moves: the rules read all of it.
 -- Returns the number of results written (or, above, the ids that stopped a position update).
 local group, event_type, stamp, source = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -89,5 +91,15 @@ for pos = 1, #items, 6 do
   end
 end
 if #finished > 0 then redis.call('HDEL', KEYS[7], unpack(finished)) end
+for _, rearm in ipairs(cmsgpack.unpack(ARGV[13])) do
+  local raw = redis.call('HGET', KEYS[11], rearm[1])
+  if raw then
+    local ok, stop = pcall(cjson.decode, raw)
+    if ok and type(stop) == 'table' and stop.fired == rearm[2] then
+      stop.fired, stop.fired_at, stop.kind = '', '', ''
+      redis.call('HSET', KEYS[11], rearm[1], cjson.encode(stop))
+    end
+  end
+end
 redis.call('INCR', KEYS[8])
 return written
