@@ -274,8 +274,8 @@ def deep(draw: st.DrawFn, event: str) -> Case:
 
 @st.composite
 def odd_number(draw: st.DrawFn, event: str) -> Case:
-    """A quantity or price that is not a positive finite ASCII decimal (or a debatable notation)."""
-    target = draw(st.sampled_from(["qty", "price"]))
+    """An amount (quantity, price, a protective level) not a positive finite ASCII decimal (or debatable)."""
+    target = draw(st.sampled_from(["qty", "price", "stop_loss", "take_profit"]))
     kind = draw(st.sampled_from(["string", "token", "odd"]))
     fields = frozenset({target})
     # The router validates both; execution trades an intent's quantity, its MARKET price is only a hint.
@@ -348,7 +348,7 @@ _json_values = st.recursive(
     max_leaves=8,
 )
 _known_keys = {"symbol", "side", "qty", "price", "order_type", "confidence", "strategy", "model_version"}
-_known_keys |= {"decision_id", "decision_ts"}
+_known_keys |= {"decision_id", "decision_ts", "stop_loss", "take_profit"}
 
 
 @st.composite
