@@ -117,3 +117,23 @@ async def test_a_refused_protective_exit_arms_the_stop_again_and_the_next_crossi
     assert [d["_env"]["correlation_id"].rsplit(":", 2)[1:] for d in exits] == [["STOP_LOSS", "1"], ["STOP_LOSS", "2"]]
     assert await r.hget(keys.PROTECT_STOPS, "ETHUSDT") is None  # the position closed: no levels left
     assert portfolio.decode(await r.hget(keys.BOOK_POSITIONS, "ETHUSDT")).qty == 0
+
+
+async def test_losing_exits_booked_by_the_commit_start_the_symbols_cooldown(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(
+        clean_url, paper_balances={"USDT": Decimal(10_000)}, paper_fee_rate=Decimal(0), loss_streak=2, cooldown_s=600
+    )
+    router, execution = await pipeline(r, settings)
+    for price_in, price_out in (("2000", "1990"), ("2000", "1995")):
+        await r.hset(keys.PRICE_HASH, "ETHUSDT", price_in)
+        await trade(r, router, execution, decision(qty="1", price=None))
+        await r.hset(keys.PRICE_HASH, "ETHUSDT", price_out)
+        [sold] = await trade(r, router, execution, decision(side="SELL", qty="1", price=None))
+        assert sold["status"] == "FILLED"
+    assert await r.zcard(keys.RISK_LOSSES) == 2  # each exit realised a loss, booked with the position
+    entry, other = await trade(r, router, execution, decision(qty="1", price=None), decision("BTCUSDT", qty="0.01"))
+    assert (entry["status"], entry["reason"]) == ("REJECTED", "COOLDOWN")
+    assert "ETHUSDT had 2 losing exits" in str(entry["detail"])
+    assert other["status"] == "FILLED"  # another symbol trades on
