@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from quantum_trader import keys, portfolio, protect, trading
@@ -133,6 +134,8 @@ async def test_losing_exits_booked_by_the_commit_start_the_symbols_cooldown(
         [sold] = await trade(r, router, execution, decision(side="SELL", qty="1", price=None))
         assert sold["status"] == "FILLED"
     assert await r.zcard(keys.RISK_LOSSES) == 2  # each exit realised a loss, booked with the position
+    today = keys.risk_realised(datetime.now(UTC).date())
+    assert Decimal(await r.hget(today, "USDT")) == Decimal(-15)  # the daily loss limit's figure: -10 - 5
     entry, other = await trade(r, router, execution, decision(qty="1", price=None), decision("BTCUSDT", qty="0.01"))
     assert (entry["status"], entry["reason"]) == ("REJECTED", "COOLDOWN")
     assert "ETHUSDT had 2 losing exits" in str(entry["detail"])
