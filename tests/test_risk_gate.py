@@ -24,7 +24,12 @@ STATES = "quantum:stream:risk.state"
 
 async def pipeline(r: Redis, settings: Settings) -> tuple[Router, Execution]:
     await r.set(keys.KILL_SWITCH, "0")
-    paper = PaperExchange(r, quote_assets=settings.quote_assets, starting_balances=settings.paper_balances)
+    paper = PaperExchange(
+        r,
+        fee_rate=settings.paper_fee_rate,
+        quote_assets=settings.quote_assets,
+        starting_balances=settings.paper_balances,
+    )
     await paper.fund()
     return Router(r, settings), Execution(r, settings, paper)
 
