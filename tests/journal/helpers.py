@@ -90,9 +90,16 @@ def same_result(row: dict[str, Any], entry_id: str, fields: dict[str, str]) -> l
             problems.append(f"{entry_id} {name}: {row[name]!r} != {payload.get(name)!r}")
     if row["confidence"] != payload.get("confidence"):
         problems.append(f"{entry_id} confidence: {row['confidence']} != {payload.get('confidence')}")
-    for name in ("trace_id", "correlation_id", "source"):
-        if row[name] != fields[name]:
-            problems.append(f"{entry_id} {name}: {row[name]!r} != {fields[name]!r}")
+    return problems + envelope_problems(row, entry_id, fields)
+
+
+def envelope_problems(row: dict[str, Any], entry_id: str, fields: dict[str, str]) -> list[str]:
+    """How a row's envelope columns differ from the entry's fields."""
+    problems = [
+        f"{entry_id} {name}: {row[name]!r} != {fields[name]!r}"
+        for name in ("trace_id", "correlation_id", "source")
+        if row[name] != fields[name]
+    ]
     stamp = row["timestamp"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     if stamp != fields["timestamp"]:
         problems.append(f"{entry_id} timestamp: {stamp} != {fields['timestamp']}")
@@ -113,10 +120,4 @@ def same_state_change(row: dict[str, Any], entry_id: str, fields: dict[str, str]
         stored = row[name] if row[name] is None or row[name].tzinfo else row[name].replace(tzinfo=UTC)
         if stored != wanted:
             problems.append(f"{entry_id} {name}: {stored} != {payload.get(name)!r}")
-    for name in ("trace_id", "correlation_id", "source"):
-        if row[name] != fields[name]:
-            problems.append(f"{entry_id} {name}: {row[name]!r} != {fields[name]!r}")
-    stamp = row["timestamp"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    if stamp != fields["timestamp"]:
-        problems.append(f"{entry_id} timestamp: {stamp} != {fields['timestamp']}")
-    return problems
+    return problems + envelope_problems(row, entry_id, fields)
