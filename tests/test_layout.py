@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "journal": 4,
     "book": 4,
     "reconcile": 4,
+    "web": 5,
     "runner": 5,
     "backtest": 5,
     "demo": 5,

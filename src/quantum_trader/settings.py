@@ -242,6 +242,21 @@ class Settings(BaseSettings):
         default=None, gt=0, description="default take-profit above an entry's average price (percent)"
     )
 
+    # --- what the operator sees and hears: web dashboard and API, metrics, alerts ---
+    # (The web token QT_WEB_TOKEN and the alert URLs QT_ALERT_URLS are secrets: secrets file only.)
+    web_host: str = Field(default="127.0.0.1", description="address the web dashboard and API listen on")
+    web_port: int = Field(default=8080, ge=1, le=65535, description="port of the web dashboard and API")
+    run_web: bool = Field(default=False, description="`run` also serves the web dashboard and API")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Prometheus metrics of each process on this port (empty = off)"
+    )
+    alert_interval_s: float = Field(
+        default=300.0, ge=0, description="the same alert is sent at most once in this many seconds"
+    )
+    alert_timeout_s: float = Field(default=10.0, gt=0, description="one delivery to an alert endpoint")
+    alert_lag: int = Field(default=10_000, ge=1, description="entries waiting in a group that raise a lag alert")
+    alert_check_s: float = Field(default=5.0, gt=0, description="seconds between two looks for alert events")
+
     # --- operations (doctor, recover, systemd, proof): add fields below this line ---
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,0 +1,35 @@
+"""The web application: the JSON API (``api``), the live page and its event stream (``live``), the static files.
+
+``create_app`` builds it around one Redis client; the caller (``quantum-trader web``, or ``run``
+with QT_RUN_WEB) owns the client and the server. Reading is open (the server binds to loopback
+by default); every state-changing endpoint needs the bearer token from the secrets file.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from pydantic import SecretStr
+
+from quantum_trader import __version__
+from quantum_trader.bus.connection import Redis
+from quantum_trader.settings import Settings
+
+STATIC = Path(str(files("quantum_trader.web").joinpath("static")))
+
+
+def create_app(redis: Redis, settings: Settings, token: SecretStr | None) -> FastAPI:
+    """The application: API under ``/api``, the page at ``/``, static files under ``/static``."""
+    from quantum_trader.web import api, live  # the routes, each in its own module
+
+    app = FastAPI(title="Quantum Trader", version=__version__, docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app.state.redis = redis
+    app.state.settings = settings
+    app.state.token = token
+    app.include_router(api.router, prefix="/api")
+    app.include_router(live.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
