@@ -86,3 +86,22 @@ async def test_an_intent_whose_order_may_exist_is_not_replayed(r: Redis) -> None
 
     assert await r.xlen(INTENTS) == 0
     assert await r.xlen(DEAD_LETTERS) == 1  # kept, for the operator to settle by hand
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ("not json", "does not hold the origin stream"),
+        ('{"stream": "s"}', "does not hold the origin stream"),
+        ('{"stream": "s", "raw": {"a": "b"}, "raw_base64": {"a": "%%%"}}', "raw_base64 is not base64"),
+    ],
+)
+async def test_a_dead_letter_that_does_not_decode_or_an_impossible_id_is_refused_by_name(
+    r: Redis, payload: str, problem: str
+) -> None:
+    dead_id = str(await r.xadd(DEAD_LETTERS, {"payload": payload}))
+    with pytest.raises(LookupError, match=problem):
+        await replay(r, DEAD_LETTERS, [dead_id])
+    with pytest.raises(LookupError, match="is not a stream entry id"):
+        await replay(r, DEAD_LETTERS, [f"{2**64}-0"])  # the server would refuse it with an error
+    assert await r.xlen(DEAD_LETTERS) == 1  # nothing removed

@@ -31,6 +31,13 @@ async def newest(redis: Redis, stream: str, count: int) -> list[dict[str, Any]]:
     return out
 
 
+def _is_entry_id(text: str) -> bool:
+    """``<ms>-<seq>``, each part below 2**64 (the server refuses larger ones)."""
+    if not _ENTRY_ID.match(text):
+        return False
+    return all(int(part) < 2**64 for part in text.split("-"))
+
+
 async def replay(
     redis: Redis, stream: str, ids: list[str], refuse: Refusal | None = None
 ) -> list[tuple[str, str, str]]:
@@ -41,7 +48,7 @@ async def replay(
     LookupError, naming the id and what to do, for an id that is malformed, missing or refused.
     """
     replayed = []
-    malformed = [dead_id for dead_id in ids if not _ENTRY_ID.match(dead_id)]
+    malformed = [dead_id for dead_id in ids if not _is_entry_id(dead_id)]
     if malformed:
         raise LookupError(
             f"{malformed[0]!r} is not a stream entry id (like 1700000000000-0); see: quantum-trader dlq list"
@@ -50,13 +57,25 @@ async def replay(
         found = await redis.xrange(stream, min=dead_id, max=dead_id)
         if not found:
             raise LookupError(f"no dead-letter entry {dead_id} on {stream}; list them with: quantum-trader dlq list")
-        payload = json.loads(found[0][1]["payload"])
-        origin, raw = payload["stream"], dict(payload["raw"])
+        try:
+            payload = json.loads(found[0][1]["payload"])
+            origin, raw = str(payload["stream"]), {str(k): str(v) for k, v in dict(payload["raw"]).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LookupError(
+                f"dead-letter entry {dead_id} cannot be replayed: its payload does not hold the origin stream and"
+                f" fields ({type(exc).__name__}: {str(exc)[:80]}); inspect it with: quantum-trader dlq list"
+            ) from None
         if refuse is not None and (reason := await refuse(dead_id, payload)) is not None:
             raise LookupError(reason)
         # Fields that were not UTF-8 go back as the exact bytes they held.
-        for name, data in payload.get("raw_base64", {}).items():
-            raw[name] = base64.b64decode(data).decode("utf-8", "surrogateescape")
+        try:
+            for name, data in dict(payload.get("raw_base64") or {}).items():
+                raw[str(name)] = base64.b64decode(str(data), validate=True).decode("utf-8", "surrogateescape")
+        except (TypeError, ValueError):
+            raise LookupError(
+                f"dead-letter entry {dead_id} cannot be replayed: its raw_base64 is not base64; "
+                "inspect it with: quantum-trader dlq list"
+            ) from None
         new_id = await redis.register_script(_REPLAY)(
             keys=[stream, origin], args=[dead_id, *[item for pair in raw.items() for item in pair]]
         )

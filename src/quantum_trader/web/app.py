@@ -25,7 +25,10 @@ def create_app(redis: Redis, settings: Settings, token: SecretStr | None) -> Fas
     """The application: API under ``/api``, the page at ``/``, static files under ``/static``."""
     from quantum_trader.web import api, live  # the routes, each in its own module
 
-    app = FastAPI(title="Quantum Trader", version=__version__, docs_url="/api/docs", openapi_url="/api/openapi.json")
+    # No interactive docs page: it loads its scripts from a CDN, and the machine may be offline.
+    app = FastAPI(
+        title="Quantum Trader", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json"
+    )
     app.state.redis = redis
     app.state.settings = settings
     app.state.token = token
