@@ -209,7 +209,7 @@ async def test_a_replay_stops_at_the_first_missing_or_refused_id_naming_what_wen
     garbage = await r.xadd(DEAD_LETTERS, {"payload": "[1, 2]"})  # anyone can XADD
     refused = await api.post("/api/dead-letters/replay", json={"ids": [garbage]}, headers=AUTH)
     assert refused.status_code == 409
-    assert f"dead-letter entry {garbage} does not decode" in refused.json()["detail"]
+    assert f"dead-letter entry {garbage} cannot be replayed" in refused.json()["detail"]
     assert await r.xlen(DEAD_LETTERS) == 2
 
 

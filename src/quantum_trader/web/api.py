@@ -305,15 +305,8 @@ async def replay_dead_letters(
     for dead_id in ask.ids:
         try:
             [(_id, origin, new_id)] = await dead_letters.replay(redis, settings.dead_letter_stream, [dead_id], refuse)
-        except LookupError as exc:
+        except LookupError as exc:  # missing, refused, or not a dead letter the pipeline wrote
             raise _stopped(by, dead_id, str(exc), done) from None
-        except (ValueError, KeyError, TypeError):
-            # Not a dead letter the pipeline wrote (anyone can XADD): nothing to put back.
-            problem = (
-                f"dead-letter entry {dead_id} does not decode (no origin stream and raw fields); "
-                f"inspect it with XRANGE {settings.dead_letter_stream} {dead_id} {dead_id} and remove it with XDEL"
-            )
-            raise _stopped(by, dead_id, problem, done) from None
         done.append(models.Replayed(id=dead_id, origin=origin, new_id=new_id))
         log.warning("dead_letter_replayed", by=by, id=dead_id, origin=origin, new_id=new_id)
     return models.Replay(replayed=done)
