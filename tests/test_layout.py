@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "book": 4,
     "reconcile": 4,
     "web": 5,
+    "alerts": 5,  # reads what the stages write (trading state, results, reconciliation, journal); runner starts it
     "runner": 5,
     "backtest": 5,
     "demo": 5,

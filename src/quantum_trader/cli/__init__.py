@@ -1,7 +1,7 @@
 """The ``quantum-trader`` command: parses, calls the package, prints. No logic of its own.
 
-One module per command family (``pipeline``, ``demo``, ``market``, ``ops``, ``book``, ``reconcile``, ``web``),
-each with ``register(app)``; everything drawn with rich lives in ``views``.
+One module per command family (``pipeline``, ``demo``, ``market``, ``ops``, ``book``, ``reconcile``, ``web``,
+``alerts``), each with ``register(app)``; everything drawn with rich lives in ``views``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from quantum_trader.cli import book, demo, market, ops, pipeline, reconcile, web
+from quantum_trader.cli import alerts, book, demo, market, ops, pipeline, reconcile, web
 from quantum_trader.cli.common import err, state
 from quantum_trader.errors import ConfigError, QuantumTraderError
 from quantum_trader.redaction import redact_urls
@@ -31,7 +31,7 @@ def _root(
     state["env_file"] = env_file
 
 
-for _family in (pipeline, demo, ops, market, book, reconcile, web):
+for _family in (pipeline, demo, ops, market, book, reconcile, web, alerts):
     _family.register(app)
 
 
