@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "feed": 3,
     "portfolio": 3,
     "risk": 3,
+    "metrics": 3,  # counted by the stages, so below them; reads the server and wraps an exchange
     "governor": 4,
     "router": 4,
     "execution": 4,

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from quantum_trader import governor as gov
 from quantum_trader import keys, protect, risk
@@ -45,6 +46,9 @@ from quantum_trader.exchanges.base import Exchange, OrderOutcome, OrderRequest, 
 from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.logs import get_logger
 from quantum_trader.settings import Settings
+
+if TYPE_CHECKING:
+    from quantum_trader.metrics import Metrics
 
 log = get_logger("execution")
 
@@ -141,11 +145,14 @@ class Execution:
         exchange: Exchange,
         clock: Callable[[], datetime] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        metrics: Metrics | None = None,
     ) -> None:
         self.redis = redis
         self.sleep = sleep  # a backtest's sleep moves its simulated clock instead
         self.settings = settings
-        self.exchange = exchange
+        # With metrics, the exchange's calls are timed (the adapter itself is wrapped, not changed).
+        self.exchange: Exchange = metrics.instrument(exchange) if metrics is not None else exchange
+        self.metrics = metrics
         self.clock = clock or (lambda: datetime.now(UTC))
         self.streams = settings.streams
         self.governor = gov.Governor(redis, settings)
@@ -317,6 +324,12 @@ class Execution:
         await self.committer.commit(done, sent, self.clock())
         for _job, result in done:
             self.totals[result.status] += 1
+        if self.metrics is not None:
+            self.metrics.results(
+                keys.EXECUTION,
+                [(result.status, result.reason, job.intent.decision_ts or job.env.timestamp) for job, result in done],
+                self.clock().timestamp(),
+            )
 
 
 async def orders_may_exist(redis: Redis, exchange: str, client_order_ids: list[str]) -> list[bool]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -53,6 +53,9 @@ from quantum_trader.exchanges.base import split_symbol
 from quantum_trader.logs import emit_outcomes
 from quantum_trader.scripts import pack, register
 from quantum_trader.settings import DEFAULT_QUOTE_ASSETS, Settings
+
+if TYPE_CHECKING:
+    from quantum_trader.metrics import Metrics
 
 _json = msgspec.json.Decoder(float_hook=Decimal)
 MAX_LABEL_CHARS = 128  # strategy, model_version
@@ -288,8 +291,15 @@ def _flat(fields: Fields) -> list[str]:
 class Router:
     """The router service: consumes decisions, produces intents and rejections."""
 
-    def __init__(self, redis: Redis, settings: Settings, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        clock: Callable[[], datetime] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.redis = redis
+        self.metrics = metrics
         self.settings = settings
         self.clock = clock or (lambda: datetime.now(UTC))
         self.streams = settings.streams
@@ -337,6 +347,10 @@ class Router:
         reply = await self._route(keys=script_keys, args=args)
         for name, count in zip(self.totals, reply[:4], strict=True):
             self.totals[name] += int(count)
+        if self.metrics is not None:  # what the script wrote: an entry another router finished is not ours
+            self.metrics.count(keys.ROUTER, "ROUTED", "", int(reply[0]))
+            self.metrics.count(keys.ROUTER, "REJECTED", Reason.DUPLICATE_SKIP.value, int(reply[1]))
+            self.metrics.count(keys.ROUTER, "REJECTED", Reason.INVALID.value, int(reply[2]))
         records = []
         for entry_id, rej, detail in plan.invalid:
             records.append(

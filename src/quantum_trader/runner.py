@@ -2,7 +2,8 @@
 
 ``serve`` runs any set of stages in one asyncio process (``quantum-trader run``) or
 one stage alone (one systemd unit per stage). SIGTERM/SIGINT finish the batch in
-hand, then exit.
+hand, then exit. With QT_METRICS_PORT set, the process serves its Prometheus metrics
+there (``metrics``) while it runs; off by default.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = get_logger("runner")
 if TYPE_CHECKING:
     from quantum_trader.ai_engine import AiEngine
     from quantum_trader.journal.stage import Journal
+    from quantum_trader.metrics import Metrics
 
     Stage = AiEngine | Router | Execution | Journal | Protect
 else:
@@ -51,17 +53,17 @@ def halt_trading(redis: Redis) -> Callable[[str], Awaitable[None]]:
     return halt
 
 
-async def build_stage(name: str, redis: Redis, settings: Settings) -> Stage:
-    """One stage, ready to run."""
+async def build_stage(name: str, redis: Redis, settings: Settings, metrics: Metrics | None = None) -> Stage:
+    """One stage, ready to run; with ``metrics``, the router and execution count their outcomes there."""
     if name == keys.AI_ENGINE:
         from quantum_trader.ai_engine import AiEngine  # numpy, pandas, scikit-learn: only when needed
 
         return AiEngine(redis, settings)
     if name == keys.ROUTER:
-        return Router(redis, settings)
+        return Router(redis, settings, metrics=metrics)
     if name == keys.EXECUTION:
         exchange = await build_exchange(redis, settings, on_auth_failure=halt_trading(redis))
-        return Execution(redis, settings, exchange)
+        return Execution(redis, settings, exchange, metrics=metrics)
     if name == keys.JOURNAL:
         from quantum_trader.journal.stage import Journal  # SQLAlchemy, Alembic: only when needed
 
@@ -219,14 +221,28 @@ async def serve(
     duration: float | None = None,
     on_start: Callable[[Runner], Awaitable[None]] | None = None,
 ) -> Runner:
-    """Build and run the named stages until stopped (or ``duration`` seconds)."""
-    stages = {name: await build_stage(name, redis, settings) for name in stage_names}
-    runner = Runner(redis, settings, stages, stop)
-    if duration is not None:
-        asyncio.get_running_loop().call_later(duration, stop.set)
-    if on_start is not None:
-        await on_start(runner)
-    await runner.run()
+    """Build and run the named stages until stopped (or ``duration`` seconds).
+
+    With QT_METRICS_PORT, the process's metrics are served there (one port per process: two
+    processes on one host need two ports) from before the stages start until they have stopped.
+    """
+    metrics, exporter = None, None
+    if settings.metrics_port is not None:
+        from quantum_trader import metrics as exported  # prometheus-client: only when asked
+
+        metrics = exported.Metrics.for_process(settings)
+        exporter = exported.start_exporter(settings, metrics)  # a port in use stops here, before any stage
+    try:
+        stages = {name: await build_stage(name, redis, settings, metrics) for name in stage_names}
+        runner = Runner(redis, settings, stages, stop)
+        if duration is not None:
+            asyncio.get_running_loop().call_later(duration, stop.set)
+        if on_start is not None:
+            await on_start(runner)
+        await runner.run()
+    finally:
+        if exporter is not None:
+            await asyncio.to_thread(exporter.close)
     return runner
 
 
