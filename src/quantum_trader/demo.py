@@ -219,7 +219,8 @@ async def run_demo(
 
         watcher.append(asyncio.create_task(loop()))
 
-    runner = await serve(redis, settings, stages, stop, on_start=watch)
+    # The dashboard with QT_RUN_WEB (on the demo's server); no alerts from a private demo server.
+    runner = await serve(redis, settings, stages, stop, on_start=watch, web=settings.run_web, alerting=False)
     await asyncio.gather(*watcher)
     counts = await outcome_counts(redis, streams, since)
     decided = (await stream_stat(redis, streams.decision)).entries_added - decisions_before

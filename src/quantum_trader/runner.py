@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from quantum_trader import keys
+from quantum_trader import alerts, keys
 from quantum_trader.bus.connection import Redis, server_version
 from quantum_trader.bus.streams import GroupConsumer, Handler, sleep_or_stop
 from quantum_trader.bus.trim import Retention, has_native_acked_trim, trim_consumed, trim_retained
@@ -88,6 +88,9 @@ class Runner:
     settings: Settings
     stages: dict[str, Stage]
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    web: bool = False  # also serve the dashboard and API (``run`` with QT_RUN_WEB)
+    alerting: bool = True  # send alerts when QT_ALERT_URLS are configured (not the demo's private server)
+    metrics: Metrics | None = None
 
     async def heartbeat(self) -> None:
         """Refresh one key per stage with an expiry; ``quantum-trader check`` reads it."""
@@ -140,13 +143,23 @@ class Runner:
     async def run(self) -> None:
         """Run every stage, the heartbeat, the trimmer and reconciliation; return once stopped."""
         await announce_kill_state(self.redis)
+        # QT_ALERT_URLS from the secrets file: a file that is unsafe or a URL that is unusable stops the
+        # start here, in one line, rather than inside a task where the error would go unseen.
+        alert_urls = alerts.alert_urls(self.settings) if self.alerting else []
         tasks = [
             asyncio.create_task(consumer.run(handler, self.stop), name=name)
             for name, stage in self.stages.items()
             for consumer, handler in consumers_of(stage)
         ]
+        if self.web:
+            from quantum_trader.web.server import serve_web  # FastAPI, uvicorn: only when asked
+
+            # A web server that cannot start (port in use, refused bind) stops the process like a stage.
+            tasks.append(asyncio.create_task(serve_web(self.redis, self.settings, self.stop, self.metrics), name="web"))
         consuming = len(tasks)
         tasks += [asyncio.create_task(t) for t in (self.heartbeat(), self.trim(), self.reconcile())]
+        if alert_urls:  # every process may look; one at a time sends (a lease on the server)
+            tasks.append(asyncio.create_task(alerts.watch(self.redis, self.settings, self.stop, urls=alert_urls)))
         try:
             done, _ = await asyncio.wait(tasks[:consuming], return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -220,11 +233,15 @@ async def serve(
     *,
     duration: float | None = None,
     on_start: Callable[[Runner], Awaitable[None]] | None = None,
+    web: bool = False,
+    alerting: bool = True,
 ) -> Runner:
     """Build and run the named stages until stopped (or ``duration`` seconds).
 
     With QT_METRICS_PORT, the process's metrics are served there (one port per process: two
     processes on one host need two ports) from before the stages start until they have stopped.
+    ``web``: serve the dashboard and API too (``run`` passes QT_RUN_WEB), with this process's metrics;
+    ``alerting``: send the alerts QT_ALERT_URLS asks for (the demo, on its private server, does not).
     """
     metrics, exporter = None, None
     if settings.metrics_port is not None:
@@ -234,7 +251,7 @@ async def serve(
         exporter = exported.start_exporter(settings, metrics)  # a port in use stops here, before any stage
     try:
         stages = {name: await build_stage(name, redis, settings, metrics) for name in stage_names}
-        runner = Runner(redis, settings, stages, stop)
+        runner = Runner(redis, settings, stages, stop, web=web, alerting=alerting, metrics=metrics)
         if duration is not None:
             asyncio.get_running_loop().call_later(duration, stop.set)
         if on_start is not None:

@@ -45,8 +45,8 @@ def with_redis(cfg: Settings, action: Callable[[Redis], Awaitable[T]]) -> T:
         return asyncio.run(main(url))
 
 
-def run_stages(stage_names: list[str], duration: float | None) -> None:
-    """Run the named stages in this process until stopped (or ``duration`` seconds)."""
+def run_stages(stage_names: list[str], duration: float | None, *, web: bool = False) -> None:
+    """Run the named stages in this process until stopped (or ``duration`` seconds); ``web``: the dashboard too."""
     cfg = configured()
     if duration is not None and duration <= 0:
         raise ConfigError(
@@ -57,7 +57,7 @@ def run_stages(stage_names: list[str], duration: float | None) -> None:
         async with connected(url) as redis:
             stop = asyncio.Event()
             runner.install_signal_handlers(stop)
-            await runner.serve(redis, cfg, stage_names, stop, duration=duration)
+            await runner.serve(redis, cfg, stage_names, stop, duration=duration, web=web)
 
     with server_url(cfg) as url:
         asyncio.run(main(url))

@@ -44,8 +44,8 @@ def run(
     stages: str = typer.Option(",".join(keys.STAGES), envvar="QT_STAGES", help="Comma-separated stages."),
     duration: float | None = typer.Option(None, envvar="QT_DURATION", help="Stop after this many seconds."),
 ) -> None:
-    """Run the whole pipeline (or the named stages) in one process."""
-    run_stages([name.strip() for name in stages.split(",") if name.strip()], duration)
+    """Run the whole pipeline (or the named stages) in one process; with QT_RUN_WEB, the dashboard too."""
+    run_stages([name.strip() for name in stages.split(",") if name.strip()], duration, web=configured().run_web)
 
 
 def router(duration: float | None = typer.Option(None, envvar="QT_DURATION")) -> None:

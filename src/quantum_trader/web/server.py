@@ -16,12 +16,16 @@ import contextlib
 import ipaddress
 import socket
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import SecretStr
 
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError, QuantumTraderError
+
+if TYPE_CHECKING:
+    from quantum_trader.metrics import Metrics
 from quantum_trader.logs import get_logger
 from quantum_trader.settings import Settings
 from quantum_trader.web.app import create_app
@@ -59,7 +63,7 @@ def url_of(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-async def serve_web(redis: Redis, settings: Settings, stop: asyncio.Event) -> None:
+async def serve_web(redis: Redis, settings: Settings, stop: asyncio.Event, metrics: Metrics | None = None) -> None:
     """Serve the dashboard and API on QT_WEB_HOST:QT_WEB_PORT until ``stop`` is set.
 
     The token is read from the secrets file here. Raises ``ConfigError`` (one line) for a refused
@@ -71,7 +75,7 @@ async def serve_web(redis: Redis, settings: Settings, stop: asyncio.Event) -> No
     listener = _listen(settings.web_host, settings.web_port)
     url = url_of(settings.web_host, settings.web_port)
     config = uvicorn.Config(
-        create_app(redis, settings, token),
+        create_app(redis, settings, token, metrics),
         log_config=None,  # the product's logging stays as configured
         access_log=False,
         proxy_headers=False,  # the audit log names the real peer, never a forwarded header anyone can send
@@ -82,7 +86,9 @@ async def serve_web(redis: Redis, settings: Settings, stop: asyncio.Event) -> No
     server = _Server(config)
     serving = asyncio.create_task(server.serve(sockets=[listener]))
     stopping = asyncio.create_task(stop.wait())
-    log.info("web_serving", url=url, docs=f"{url}/api/docs", controls="on" if token else f"off (no {TOKEN_NAME})")
+    log.info(
+        "web_serving", url=url, api=f"{url}/api/openapi.json", controls="on" if token else f"off (no {TOKEN_NAME})"
+    )
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
