@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "logs": 0,
     "events": 0,
     "settings": 1,
+    "secrets_file": 1,
     "bus": 2,
     "scripts": 2,  # Lua scripts registered on a client
     "exchanges": 3,

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 from quantum_trader.alerts.core import Message
 from quantum_trader.alerts.urls import HTTP_LOGGERS, SCRUBBED, AlertURL, scrub, split_urls
-from quantum_trader.envfile import read_env_file
 from quantum_trader.errors import ConfigError
 from quantum_trader.logs import get_logger
-from quantum_trader.settings import Settings, secrets_file_problem
+from quantum_trader.secrets_file import check_private, read_secrets
+from quantum_trader.settings import Settings
 
 if TYPE_CHECKING:
     from apprise.plugins.base import NotifyBase
@@ -52,24 +52,11 @@ def alert_urls(settings: Settings) -> list[AlertURL]:
     path = settings.secrets_file
     if path is None:
         return []
-    try:
-        info = path.stat()
-        values = read_env_file(path, "secrets file")
-    except FileNotFoundError:
-        raise ConfigError(f"secrets file {path} (QT_SECRETS_FILE) does not exist; create it, mode 0640") from None
-    except PermissionError:
-        raise ConfigError(
-            f"secrets file {path} is not readable by this user; run: chgrp <service-group> {path} && chmod 0640 {path}"
-        ) from None
+    values, st_mode = read_secrets(path)
     urls = split_urls(values.get(SECRET_NAME, ""))
     if not urls:
         return []
-    problem = secrets_file_problem(info.st_mode)
-    if problem is not None:
-        fix = f"run: chmod 0640 {path}"
-        if settings.mode != "paper":
-            raise ConfigError(f"secrets file {path} is {problem}, so QT_MODE={settings.mode} will not start; {fix}")
-        log.warning("secrets_file_world_readable", path=str(path), problem=problem, fix=fix)
+    check_private(path, st_mode, settings.mode)
     chosen = [AlertURL(index, url) for index, url in enumerate(urls, start=1)]
     for target in chosen:
         if _plugin(target.url, 1.0) is None:

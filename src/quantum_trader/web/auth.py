@@ -9,8 +9,6 @@ is one log line with the client's address, the method and the path; the token ne
 
 from __future__ import annotations
 
-import grp
-import os
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -19,10 +17,10 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from quantum_trader.envfile import read_env_file
 from quantum_trader.errors import ConfigError
 from quantum_trader.logs import get_logger
-from quantum_trader.settings import Mode, secrets_file_problem
+from quantum_trader.secrets_file import check_private, read_secrets
+from quantum_trader.settings import Mode
 
 log = get_logger("web")
 
@@ -46,24 +44,10 @@ def load_token(path: Path | None, mode: Mode = "live") -> SecretStr | None:
     """
     if path is None:
         return None
-    try:
-        info = path.stat()
-        values = read_env_file(path, "secrets file")
-    except FileNotFoundError:
-        raise ConfigError(f"secrets file {path} (QT_SECRETS_FILE) does not exist; create it, mode 0640") from None
-    except PermissionError:
-        raise ConfigError(
-            f"secrets file {path} is not readable by this user (uid {os.getuid()}); "
-            f"run: chgrp <service-group> {path} && chmod 0640 {path}"
-        ) from None
+    values, st_mode = read_secrets(path)
     if TOKEN_NAME not in values:
         return None
-    problem = secrets_file_problem(info.st_mode)
-    if problem is not None:
-        fix = f"run: chown root:{_own_group()} {path} && chmod 0640 {path}"
-        if mode != "paper":
-            raise ConfigError(f"secrets file {path} is {problem}, so QT_MODE={mode} will not start; {fix}")
-        log.warning("secrets_file_world_readable", path=str(path), problem=problem, fix=fix)
+    check_private(path, st_mode, mode)
     token = values[TOKEN_NAME]
     # A header carries printable ASCII without spaces reliably; anything else is a copy-paste accident.
     if len(token) < MIN_TOKEN_CHARS or not all("!" <= char <= "~" for char in token):
@@ -123,11 +107,3 @@ def _audit(request: Request, source: str, refused: str = "") -> None:
         method=request.method,
         path=request.url.path,
     )
-
-
-def _own_group() -> str:
-    """This process's group: the one that must be able to read the secrets file."""
-    try:
-        return grp.getgrgid(os.getgid()).gr_name
-    except KeyError:
-        return str(os.getgid())

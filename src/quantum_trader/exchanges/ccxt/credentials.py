@@ -6,7 +6,6 @@ The file is in systemd ``EnvironmentFile`` syntax (``BINANCE_API_KEY=…`` like 
 
 from __future__ import annotations
 
-import grp
 import os
 import re
 from dataclasses import dataclass
@@ -14,10 +13,10 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from quantum_trader.envfile import read_env_file
 from quantum_trader.errors import ConfigError
 from quantum_trader.logs import get_logger
-from quantum_trader.settings import Mode, secrets_file_problem
+from quantum_trader.secrets_file import check_private, read_secrets
+from quantum_trader.settings import Mode
 
 log = get_logger("exchange")
 
@@ -57,22 +56,8 @@ def load_credentials(path: Path | None, exchange: str, mode: Mode = "live") -> C
             f"QT_EXCHANGE={exchange} needs API credentials{hint}: set QT_SECRETS_FILE to a file with "
             f"{key_name}=... and {secret_name}=..., owned by the service user, mode 0640"
         )
-    try:
-        info = path.stat()
-        values = read_env_file(path, "secrets file")
-    except FileNotFoundError:
-        raise ConfigError(f"secrets file {path} (QT_SECRETS_FILE) does not exist; create it, mode 0640") from None
-    except PermissionError:
-        raise ConfigError(
-            f"secrets file {path} is not readable by this user (uid {os.getuid()}); "
-            f"run: chgrp <service-group> {path} && chmod 0640 {path}"
-        ) from None
-    problem = secrets_file_problem(info.st_mode)
-    if problem is not None:
-        fix = f"run: chown root:{_own_group()} {path} && chmod 0640 {path}"
-        if mode != "paper":
-            raise ConfigError(f"secrets file {path} is {problem}, so QT_MODE={mode} will not start; {fix}")
-        log.warning("secrets_file_world_readable", path=str(path), problem=problem, fix=fix)
+    values, st_mode = read_secrets(path)
+    check_private(path, st_mode, mode)
     missing = [name for name in (key_name, secret_name) if not values.get(name)]
     if missing:
         raise ConfigError(f"secrets file {path} has no {' or '.join(missing)}; add {missing[0]}=... to it")
@@ -82,11 +67,3 @@ def load_credentials(path: Path | None, exchange: str, mode: Mode = "live") -> C
         secret=SecretStr(values[secret_name]),
         password=SecretStr(password) if password else None,
     )
-
-
-def _own_group() -> str:
-    """This process's group: the one that must be able to read the secrets file."""
-    try:
-        return grp.getgrgid(os.getgid()).gr_name
-    except KeyError:
-        return str(os.getgid())
