@@ -53,6 +53,8 @@ def test_testnet_daily_limit_defaults_to_the_seeds_million(monkeypatch: pytest.M
         ("QT_DEDUP_FIELDS", "symbol", "allowed: correlation_id, trace_id, msg_id"),
         ("QT_PAPER_BALANCES", "USDT:5", "ASSET=AMOUNT"),
         ("QT_MAX_NOTINAL", "5", "did you mean QT_MAX_NOTIONAL"),
+        ("QT_WEB_TOKEN", "s3cr3t-s3cr3t-s3cr3t", "QT_WEB_TOKEN is a secret: it is read from the secrets file"),
+        ("QT_ALERT_URLS", "tgram://1:zq9zq/2", "QT_ALERT_URLS is a secret: it is read from the secrets file"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_fix(
@@ -64,6 +66,8 @@ def test_bad_values_name_the_variable_and_the_fix(
     message = str(caught.value)
     assert expected in message
     assert "\n" not in message
+    assert "s3cr3t" not in message
+    assert "zq9zq" not in message
 
 
 def test_live_mode_refuses_without_confirmation(monkeypatch: pytest.MonkeyPatch) -> None:

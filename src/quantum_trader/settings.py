@@ -490,12 +490,20 @@ def env_name(field: str) -> str:
     return _SEED_NAMES.get(field, f"QT_{field.upper()}")
 
 
+SECRETS_FILE_ONLY = frozenset({"QT_WEB_TOKEN", "QT_ALERT_URLS"})  # the exchange keys have their own names
+
+
 def _unknown_variables(names: list[str]) -> list[str]:
     known = {env_name(name) for name in Settings.model_fields} | COMMAND_VARIABLES
     known |= {f"QT_{name.upper()}" for name in _SEED_NAMES}
     problems = []
     for name in sorted(set(names)):
-        if name.startswith("QT_") and not name.startswith("QT_TEST_") and name not in known:
+        if name in SECRETS_FILE_ONLY:
+            problems.append(
+                f"{name} is a secret: it is read from the secrets file (QT_SECRETS_FILE, mode 0640) only, never"
+                " from the environment or the settings file; move it there"
+            )
+        elif name.startswith("QT_") and not name.startswith("QT_TEST_") and name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"unknown setting {name}{hint}; remove it or fix its name")
