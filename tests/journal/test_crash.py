@@ -71,6 +71,19 @@ class JournalProcess:
         )
         self.kills_holding_work += bool(held)
 
+    async def kill_once_holding(self, within_s: float) -> None:
+        """SIGKILL the journal the moment it holds entries read and not acknowledged (mid-batch), or after
+        ``within_s`` seconds: run beside the writers, so kills land mid-batch whatever the machine's speed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while loop.time() < deadline:
+            if await self.r.xpending_range(
+                self.watched, JOURNAL_GROUP, min="-", max="+", count=1, consumername=CONSUMER
+            ):
+                break
+            await asyncio.sleep(0.001)
+        await self.kill()
+
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
@@ -120,11 +133,11 @@ async def test_journal_killed_mid_batch_records_every_result_once_and_the_book_a
                 symbol, side = rng.choice(["ETHUSDT", "BTCUSDT"]), rng.choice(["BUY", "BUY", "SELL"])
                 qty = rng.choice(["0.01", "0.02", "0.5"])
                 burst.append(decision(symbol, side, qty, None, corr=f"c{n}", trace=f"t{n}", strategy=f"s{n % 3}"))
+            killing = asyncio.create_task(journal.kill_once_holding(rng.uniform(0.5, 2.0)))
             await publish(r, settings.decision_stream, burst)
             await drain(router)
             await drain(execution)  # the journal is reading these results meanwhile
-            await asyncio.sleep(rng.uniform(0.0, 0.15))
-            await journal.kill()
+            await killing
         await journal.start()
         total = await r.xlen(RESULTS)
         await journal.caught_up(RESULTS)
@@ -175,9 +188,9 @@ async def test_journal_killed_mid_batch_records_every_state_change_once(
     try:
         for round_no in range(rounds):
             await journal.start()
-            await publish(r, STATES, state_changes(round_no * per_round, per_round))
-            await asyncio.sleep(rng.uniform(0.0, 0.15))  # the journal is reading them meanwhile
-            await journal.kill()
+            killing = asyncio.create_task(journal.kill_once_holding(rng.uniform(0.5, 2.0)))
+            await publish(r, STATES, state_changes(round_no * per_round, per_round))  # read meanwhile
+            await killing
         await journal.start()
         await journal.caught_up(STATES)
         await journal.stop()
