@@ -738,7 +738,8 @@ def test_batch_failing_on_server_outages_is_retried_whole_never_dead_lettered(
     """
     server = valkey_factory(appendfsync="always")
     settings = Settings(redis_url=server.url)
-    decisions, max_deliveries, outages = 1000, 2, 4
+    # The largest batch (QT_BATCH_SIZE <= 5000): routing it takes long enough that the freeze lands before it ends.
+    decisions, max_deliveries, outages = 5000, 2, 4
     client = redis.Redis.from_url(server.url, socket_timeout=2, decode_responses=True)
     with client.pipeline(transaction=False) as pipe:
         for _ in range(decisions):
