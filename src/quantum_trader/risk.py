@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -216,11 +216,6 @@ class Plan:
     peaks: dict[str, Decimal] = field(default_factory=dict)  # new peaks to store
     wait: timedelta = timedelta(0)  # until a throttled intent may pass
 
-    @property
-    def throttled(self) -> bool:
-        """Some intent waits for the rate."""
-        return any(j.verdict is Verdict.THROTTLED for j in self.judged)
-
 
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
@@ -287,9 +282,12 @@ def _tripped(snapshot: Snapshot, limits: RiskLimits, figures: Breakers, now: dat
 
 
 def state_in_force(
-    snapshot: Snapshot, limits: RiskLimits, now: datetime, by: str
+    snapshot: Snapshot, limits: RiskLimits, now: datetime, by: str, figures: Breakers | None = None
 ) -> tuple[StateRecord, StateChange | None]:
-    """The trading state after the day reset and the breakers, and the change to record (if any)."""
+    """The trading state after the day reset and the breakers, and the change to record (if any).
+
+    ``figures``: the breakers' figures when the caller has them already (``breakers(snapshot, limits)``).
+    """
     record = snapshot.state
     change: StateChange | None = None
     stamp = now_iso(now)
@@ -310,7 +308,7 @@ def state_in_force(
             record = StateRecord(
                 state=TradingState.ACTIVE, reason=Reason.DAY_RESET, detail=change.detail, by=by, at=stamp
             )
-    tripped = _tripped(snapshot, limits, breakers(snapshot, limits), now)
+    tripped = _tripped(snapshot, limits, figures or breakers(snapshot, limits), now)
     if tripped is not None and limits.breaker_state.severity > record.state.severity:
         reason, detail = tripped
         until = now_iso(next_midnight(now)) if reason == Reason.DAILY_LOSS else ""
@@ -355,8 +353,8 @@ def decide(
     batch: Sequence[Candidate], snapshot: Snapshot, limits: RiskLimits, now: datetime, *, by: str = "governor"
 ) -> Plan:
     """One verdict per candidate, in order, and what to write (see the module docstring for the rules)."""
-    record, change = state_in_force(snapshot, limits, now, by)
     figures = breakers(snapshot, limits)
+    record, change = state_in_force(snapshot, limits, now, by, figures)
     peaks = {q: p for q, p in figures.peaks.items() if snapshot.peaks.get(q) != p} if limits.max_drawdown_pct else {}
     now_ms = _ms(now)
 
@@ -495,8 +493,3 @@ def _entry_refusal(
                 f"{_fmt(limits.max_gross_exposure)} (QT_MAX_GROSS_EXPOSURE)",
             )
     return None
-
-
-def day_of(now: datetime) -> date:
-    """The UTC day of ``now``."""
-    return now.astimezone(UTC).date()
