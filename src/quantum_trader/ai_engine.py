@@ -48,6 +48,7 @@ from quantum_trader.logs import get_logger
 from quantum_trader.marketdata import GapRule, clean, gap_rule
 from quantum_trader.settings import Settings
 from quantum_trader.strategies import BUILT_IN, Signal, Strategy
+from quantum_trader.strategies.base import Stepper, stepper_of
 
 log = get_logger("ai_engine")
 _QTY_STEP = Decimal("0.000001")
@@ -145,6 +146,109 @@ def closed_by_protect(positions: dict[str, Decimal], fields: dict[str, str]) -> 
                 positions[key] = _ZERO
 
 
+Found = tuple[str, Candle, Strategy, Signal]  # (candle entry id, candle, strategy, its signal)
+
+
+class Signals:
+    """Each symbol's history and strategy state: candles in, signals out (pure, shared with the backtest).
+
+    A strategy with a ``Stepper`` is fed each close once and keeps running indicators; any other
+    gets the window of the last ``history`` closes. A gap (``GapRule``) starts the symbol's
+    warm-up again: indicators across a hole would mix two markets.
+    """
+
+    def __init__(self, strategies: list[Strategy], gap: GapRule, history: int, min_confidence: float) -> None:
+        self.strategies = strategies
+        self.gap = gap
+        self.size = history
+        self.min_confidence = min_confidence
+        self.windowed = any(stepper_of(strategy) is None for strategy in strategies)
+        self.history: dict[str, deque[float]] = {}
+        self.steppers: dict[str, list[Stepper | None]] = {}
+        self.previous: dict[str, int] = {}
+        self.since: dict[str, int] = {}  # per symbol: candles fed since its warm-up began
+
+    def feed(self, entry_id: str, candle: Candle, out: list[Found]) -> None:
+        """Take one candle (in order); append each strategy's signal on it to ``out``."""
+        symbol = candle.symbol
+        previous = self.previous.get(symbol)
+        steppers = self.steppers.get(symbol)
+        if steppers is None or (previous is not None and self.gap(previous, candle)):
+            if steppers is not None:
+                log.warning("candle_gap", symbol=symbol, after_open_time=previous, open_time=candle.open_time,
+                            rule=str(self.gap), action="history reset, warm-up again")  # fmt: skip
+            steppers = self.steppers[symbol] = [stepper_of(strategy) for strategy in self.strategies]
+            self.history[symbol] = deque(maxlen=self.size)
+            self.since[symbol] = 0
+        self.previous[symbol] = candle.open_time
+        self.since[symbol] += 1
+        close = candle.close
+        array = None
+        if self.windowed:
+            closes = self.history[symbol]
+            closes.append(close)
+            array = np.fromiter(closes, dtype=np.float64, count=len(closes))
+        for strategy, stepper in zip(self.strategies, steppers, strict=True):
+            if stepper is not None:
+                signal = stepper.step(close)
+            elif array is not None and len(array) >= strategy.warmup:
+                signal = strategy.decide(array)
+            else:
+                continue
+            if signal is not None and signal.confidence >= self.min_confidence:
+                out.append((entry_id, candle, strategy, signal))
+
+
+def decisions(
+    found: list[Found],
+    positions: dict[str, Decimal],
+    balance: dict[str, Decimal] | None,
+    settings: Settings,
+    stamp: str,
+    run_id: str,
+    totals: dict[str, int],
+) -> list[Fields]:
+    """The decision entries for the signals, in order, each against the position the ones before it left (pure).
+
+    ``positions`` moves with each decision; ``balance`` (the paper balances) sizes entries under
+    ``QT_AI_SIZING=fraction``; ``totals["signals_ignored"]`` counts signals that decide nothing.
+    """
+    out: list[Fields] = []
+    for entry_id, candle, strategy, signal in found:
+        key = position_key(strategy.name, candle.symbol)
+        held = positions.get(key, _ZERO)
+        entry = _ZERO
+        if signal.side == "BUY" and held <= 0:
+            quote = split_symbol(candle.symbol, settings.quote_assets)[1] if balance is not None else ""
+            entry = size(candle.close, balance.get(quote) if balance is not None else None, settings)
+        qty, why = order_qty(signal.side, held, entry, settings.ai_exit_fraction)
+        if qty <= 0:
+            totals["signals_ignored"] += 1
+            log.debug("signal_ignored", strategy=strategy.name, symbol=candle.symbol, side=signal.side, reason=why)
+            continue
+        positions[key] = held + qty if signal.side == "BUY" else held - qty
+        payload = {
+            "symbol": candle.symbol,
+            "side": signal.side,
+            "qty": str(qty),
+            "price": repr(candle.close),
+            "confidence": round(float(signal.confidence), 4),
+            "strategy": strategy.name,
+            "model_version": strategy.version,
+        }
+        out.append(
+            envelope(
+                DECISION,
+                payload,
+                trace_id=trace_id(entry_id, strategy.name, candle.symbol),
+                correlation_id=f"{strategy.name}:{candle.symbol}:{run_id}",
+                source=keys.AI_ENGINE,
+                timestamp=stamp,
+            )
+        )
+    return out
+
+
 class AiEngine:
     """The AI engine stage."""
 
@@ -165,35 +269,19 @@ class AiEngine:
         self.clock = clock or (lambda: datetime.now(UTC))
         # Stable across restarts (the consumer name), so a replayed candle repeats the same identity.
         self.run_id = settings.consumer_name(keys.AI_ENGINE)
-        self.history: dict[str, deque[float]] = {}
+        self.minds = Signals(self.strategies, self.gap, settings.ai_history, settings.ai_min_confidence)
         self.last_time: dict[str, int] = {}
-        self.previous: dict[str, int] = {}
         self.consumer = GroupConsumer.for_stage(
             redis, settings, keys.AI_ENGINE, settings.candle_stream, settings.ai_group
         )
         self.consumer.depth = 1  # candles feed each symbol's history in order: one batch at a time
         self.totals: dict[str, int] = {"candles": 0, "decisions": 0, "skipped": 0, "signals_ignored": 0}
 
-    def signals(self, candles: list[tuple[str, Candle]]) -> list[tuple[str, Candle, Strategy, Signal]]:
+    def signals(self, candles: list[tuple[str, Candle]]) -> list[Found]:
         """Feed candles into the per-symbol history and collect every strategy's signal (pure)."""
-        out = []
+        out: list[Found] = []
         for entry_id, candle in candles:
-            closes = self.history.setdefault(candle.symbol, deque(maxlen=self.settings.ai_history))
-            previous = self.previous.get(candle.symbol)
-            if previous is not None and self.gap(previous, candle):
-                # Indicators across a hole would mix two markets: warm up again from here.
-                log.warning("candle_gap", symbol=candle.symbol, after_open_time=previous, open_time=candle.open_time,
-                            rule=str(self.gap), action="history reset, warm-up again")  # fmt: skip
-                closes.clear()
-            self.previous[candle.symbol] = candle.open_time
-            closes.append(candle.close)
-            array = np.fromiter(closes, dtype=np.float64, count=len(closes))
-            for strategy in self.strategies:
-                if len(array) < strategy.warmup:
-                    continue
-                signal = strategy.decide(array)
-                if signal is not None and signal.confidence >= self.settings.ai_min_confidence:
-                    out.append((entry_id, candle, strategy, signal))
+            self.minds.feed(entry_id, candle, out)
         return out
 
     async def handle(self, entries: list[Entry]) -> None:
@@ -233,49 +321,13 @@ class AiEngine:
         self.totals["decisions"] += len(decisions)
         self.totals["skipped"] += len(skipped)
 
-    async def _decide(
-        self, found: list[tuple[str, Candle, Strategy, Signal]], positions: dict[str, Decimal]
-    ) -> list[Fields]:
+    async def _decide(self, found: list[Found], positions: dict[str, Decimal]) -> list[Fields]:
         """Decisions for the signals, in order, each against the position the ones before it left."""
         balance = None
         if self.settings.ai_sizing == "fraction":
             raw = await self.redis.hgetall(keys.paper_balances())
             balance = {asset: Decimal(value) for asset, value in raw.items()}
-        stamp = now_iso(self.clock())
-        decisions: list[Fields] = []
-        for entry_id, candle, strategy, signal in found:
-            key = position_key(strategy.name, candle.symbol)
-            held = positions.get(key, _ZERO)
-            entry = _ZERO
-            if signal.side == "BUY" and held <= 0:
-                quote = split_symbol(candle.symbol, self.settings.quote_assets)[1] if balance is not None else ""
-                entry = size(candle.close, balance.get(quote) if balance is not None else None, self.settings)
-            qty, why = order_qty(signal.side, held, entry, self.settings.ai_exit_fraction)
-            if qty <= 0:
-                self.totals["signals_ignored"] += 1
-                log.debug("signal_ignored", strategy=strategy.name, symbol=candle.symbol, side=signal.side, reason=why)
-                continue
-            positions[key] = held + qty if signal.side == "BUY" else held - qty
-            payload = {
-                "symbol": candle.symbol,
-                "side": signal.side,
-                "qty": str(qty),
-                "price": repr(candle.close),
-                "confidence": round(float(signal.confidence), 4),
-                "strategy": strategy.name,
-                "model_version": strategy.version,
-            }
-            decisions.append(
-                envelope(
-                    DECISION,
-                    payload,
-                    trace_id=trace_id(entry_id, strategy.name, candle.symbol),
-                    correlation_id=f"{strategy.name}:{candle.symbol}:{self.run_id}",
-                    source=keys.AI_ENGINE,
-                    timestamp=stamp,
-                )
-            )
-        return decisions
+        return decisions(found, positions, balance, self.settings, now_iso(self.clock()), self.run_id, self.totals)
 
     async def positions(self) -> tuple[dict[str, Decimal], dict[str, Decimal], str]:
         """The positions on record, the same brought up to date with the outcomes since, and the results cursor.

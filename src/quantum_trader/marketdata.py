@@ -10,6 +10,7 @@ market). Publishing candles, replaying them and polling an exchange: ``feed``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -34,6 +35,7 @@ GAP_INTERVALS = 3  # 24/7 markets: more than this many intervals without a candl
 CLOSURE_GAP_MS = 5 * 86_400_000  # markets with closures: a weekend plus two closed weekdays is not a gap
 
 
+@functools.lru_cache(maxsize=64)  # asked on every candle by the gap rule, of a handful of distinct texts
 def interval_ms(interval: str) -> int | None:
     """``"1m"`` -> 60000, ``"3600s"`` -> 3600000; None when the text is not a known interval."""
     match = re.fullmatch(r"(\d+)([smhdw])", interval.strip())
