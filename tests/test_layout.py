@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "strategies": 3,
     "marketdata": 3,
     "feed": 3,
+    "download": 3,  # an exchange's public candles into Parquet files
     "portfolio": 3,
     "risk": 3,
     "metrics": 3,  # counted by the stages, so below them; reads the server and wraps an exchange

@@ -15,6 +15,10 @@ as when an order is not yet visible); ``limit_fill`` and ``fill_rest_after_queri
 fill partially and (optionally) complete later. ``order_delay_s`` makes each new order take
 that long (like a real exchange's round trip); ``arrivals`` logs when each request arrived.
 
+``klines`` with a ``startTime`` serves a deterministic history (``kline`` says what any candle
+is), at most ``kline_cap`` rows an answer, up to the candle still open at ``now_ms`` (real time
+when None); ``script("klines", "503", ...)`` fails such requests.
+
 Fills move ``balances`` (fees included) as they would on the account. ``manual_trade`` and
 ``rest_order`` act on the account directly, as someone using the exchange's own site would.
 """
@@ -36,6 +40,8 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from quantum_trader.bus.embedded import free_port
+
+_INTERVAL_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 API_KEY = "fake-testnet-key-7f3a9c1e5b2d4f6a8c0e"
 API_SECRET = "fake-testnet-secret-0d9b8a7c6e5f4a3b2c1d"
@@ -128,6 +134,9 @@ class FakeBinance:
         self.order_delay_s = 0.0
         self.order_script: deque[str] = deque()
         self.query_script: deque[str] = deque()
+        self.klines_script: deque[str] = deque()
+        self.kline_cap = 1000  # Binance spot answers at most 1000 klines a request
+        self.now_ms: int | None = None  # the history's clock; None = real time
         self.hang_s = 10.0
         self.limit_fill = Decimal(1)
         self.fill_rest_after_queries: int | None = None
@@ -142,8 +151,8 @@ class FakeBinance:
     # ---- scenario switches -------------------------------------------------------
 
     def script(self, endpoint: str, *behaviours: str) -> None:
-        """Queue behaviours for the next calls to ``order`` (POST) or ``query`` (GET order)."""
-        queue = {"order": self.order_script, "query": self.query_script}[endpoint]
+        """Queue behaviours for the next calls to ``order`` (POST), ``query`` (GET order) or ``klines`` (history)."""
+        queue = {"order": self.order_script, "query": self.query_script, "klines": self.klines_script}[endpoint]
         queue.extend(behaviours)
 
     def manual_trade(self, symbol: str, side: str, qty: str, client_order_id: str = "web_manual1") -> FakeOrder:
@@ -360,10 +369,38 @@ class FakeBinance:
             }
         )
 
+    def kline(self, symbol: str, open_ms: int, interval: str = "1m") -> list[Any]:
+        """The history's candle of ``symbol`` opened at ``open_ms``, as Binance's klines row (prices as text)."""
+        step = _INTERVAL_MS[interval[-1]] * int(interval[:-1])
+        n = open_ms // step
+        open_ = self.markets[symbol].price + Decimal(n % 1000) / 4
+        close = open_ + Decimal(n % 5 - 2) / 2
+        high, low = max(open_, close) + 1, min(open_, close) - 1
+        volume = Decimal(n % 7 + 1) / 8
+        return [open_ms, _s(open_), _s(high), _s(low), _s(close), _s(volume), open_ms + step - 1, "0", 1, "0", "0", "0"]
+
+    def _history(self, symbol: str, query: Any) -> web.Response:
+        """Klines from ``startTime`` (to ``endTime``), oldest first, up to the one open now."""
+        interval = query.get("interval", "1m")
+        if interval[-1:] not in _INTERVAL_MS or not interval[:-1].isdecimal():
+            return self._error(400, -1120, "Invalid interval.")
+        step = _INTERVAL_MS[interval[-1]] * int(interval[:-1])
+        now = self.now_ms if self.now_ms is not None else int(time.time() * 1000)
+        last = min(now, int(query.get("endTime", now)))
+        first = -(-int(query["startTime"]) // step) * step
+        count = min(int(query.get("limit", "500")), self.kline_cap)
+        rows = [self.kline(symbol, t, interval) for t in range(first, last + 1, step)[:count]]
+        return web.json_response(rows)
+
     async def _klines(self, request: web.Request) -> web.Response:
         symbol = request.query.get("symbol", "")
         if symbol not in self.markets:
             return self._error(400, -1121, "Invalid symbol.")
+        if "startTime" in request.query:
+            behaviour = self.klines_script.popleft() if self.klines_script else "ok"
+            if behaviour == "503":
+                return web.Response(status=503, text="Service Unavailable")
+            return self._history(symbol, request.query)
         limit = int(request.query.get("limit", "5"))
         price = self.markets[symbol].price
         start = int(time.time() // 60 * 60_000) - limit * 60_000

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from quantum_trader.cli import alerts, book, demo, market, ops, pipeline, reconcile, web
+from quantum_trader.cli import alerts, book, data, demo, market, ops, pipeline, reconcile, web
 from quantum_trader.cli.common import err, state
 from quantum_trader.errors import ConfigError, QuantumTraderError
 from quantum_trader.redaction import redact_urls
@@ -31,7 +31,7 @@ def _root(
     state["env_file"] = env_file
 
 
-for _family in (pipeline, demo, ops, market, book, reconcile, web, alerts):
+for _family in (pipeline, demo, ops, market, data, book, reconcile, web, alerts):
     _family.register(app)
 
 
