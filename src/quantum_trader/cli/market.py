@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -17,7 +17,10 @@ from quantum_trader.errors import ConfigError, ExchangeError
 from quantum_trader.logs import configure
 
 if TYPE_CHECKING:
+    from decimal import Decimal
+
     from quantum_trader.marketdata import Candle
+    from quantum_trader.settings import Settings
     from quantum_trader.strategies import Strategy
 
 SYMBOLS = {"BTCUSDT": 60_000.0, "ETHUSDT": 3_000.0, "SOLUSDT": 150.0}
@@ -144,7 +147,9 @@ def train(
 
 
 def backtest(
-    data: Path = typer.Option(..., "--data", help="CSV or Parquet candles of one symbol."),
+    data: list[Path] = typer.Option(
+        ..., "--data", help="CSV or Parquet candles; repeat for several files (merged in time order)."
+    ),
     symbol: str | None = typer.Option(None, help="Symbol (default: the file's stem), e.g. ETHUSDT."),
     strategy: str = typer.Option("ema-cross,rsi", help="Comma-separated: ema-cross, rsi, learned."),
     model: Path | None = typer.Option(None, "--model", help="Model for the learned strategy."),
@@ -158,11 +163,43 @@ def backtest(
     end: str | None = UNTIL_OPT,
     html_out: Path | None = typer.Option(None, "--html", help="Write an HTML report with the equity curve."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only (with every trade)."),
+    grid: list[str] | None = typer.Option(
+        None,
+        "--grid",
+        help="Vary a strategy parameter: STRATEGY.PARAM=V1,V2,... or LOW..HIGH[:STEP], e.g. 'ema-cross.fast=8,12,16'; "
+        "repeat for more. Runs every combination and ranks them.",
+    ),
+    optimize: int | None = typer.Option(
+        None,
+        "--optimize",
+        min=1,
+        help="Search the --grid space with N Optuna (TPE) trials instead of every combination.",
+    ),
+    walk_forward: int | None = typer.Option(
+        None,
+        "--walk-forward",
+        min=1,
+        help="Cut the candles into N+1 windows; choose parameters on each, test them on the next; "
+        "report out-of-sample figures only.",
+    ),
+    jobs: int | None = typer.Option(None, "--jobs", min=1, help="Worker processes of a sweep (default: one per CPU)."),
+    rank_by: str = typer.Option(
+        "sharpe", "--rank-by", help="Rank a sweep by sharpe, return, drawdown (lower is better) or calmar."
+    ),
+    seed: int = typer.Option(7, "--seed", help="Seed of the --optimize search: the same seed, the same trials."),
+    top: int = typer.Option(20, "--top", min=0, help="Rows in a sweep's table (0: all; --json prints all)."),
+    through_server: bool = typer.Option(
+        False,
+        "--through-server",
+        help="Run every candle through a private server, as the stages do live (slow; for proving agreement)",
+    ),
 ) -> None:
     """Replay a file through engine, router, governor and paper exchange on a private server.
 
     Uses the same settings as `run` (environment and --env-file): fees, slippage, quote
-    assets, sizing, exit fraction, limits, gap rule.
+    assets, sizing, exit fraction, limits, gap rule. With --grid, a parameter sweep: every
+    combination in parallel processes, ranked (--optimize N: an Optuna search instead;
+    --walk-forward N: parameters chosen on one window, figures from the next one only).
     """
     from decimal import Decimal
 
@@ -172,8 +209,13 @@ def backtest(
     from quantum_trader import marketdata
     from quantum_trader.ai_engine import build_strategies
 
+    sweeping = bool(grid) or optimize is not None or walk_forward is not None
+    if html_out is not None and sweeping:
+        raise ConfigError("--html draws one backtest; leave it out of a sweep (--grid, --optimize, --walk-forward)")
     if html_out is not None:
         _writable_dir(html_out, "--html")
+    if symbol is not None and len(data) > 1:
+        raise ConfigError(f"--symbol names the candles of one file, not {len(data)}; name each file after its symbol")
     update: dict[str, object] = {
         "ai_strategies": [s.strip() for s in strategy.split(",") if s.strip()],
         "ai_model_path": model,
@@ -188,19 +230,33 @@ def backtest(
         strategies = build_strategies(cfg)
     except ConfigError as exc:
         raise ConfigError(f"--strategy/--model: {exc}") from None
-    candles = _window(marketdata.read_file(data, symbol), start, end)
+    candles = [candle for path in data for candle in marketdata.read_file(path, symbol)]
+    if len(data) > 1:
+        candles.sort(key=lambda c: (c.open_time, c.symbol))  # one file's own order is left to run() to judge
+    candles = _window(candles, start, end)
     _warn_if_trained_on(strategies, candles)
+    start_quote = Decimal(str(balance)) if balance is not None else None
+    per_entry = Decimal(str(notional)) if notional is not None else None
+    if sweeping:
+        _sweep(
+            candles, strategies, cfg, grid or [], optimize=optimize, walk_forward=walk_forward, jobs=jobs,
+            rank_by=rank_by, seed=seed, top=top, as_json=as_json, start_quote=start_quote, notional=per_entry,
+            through_server=through_server,
+        )  # fmt: skip
+        return
+    extra: dict[str, Any] = {"through_server": True} if through_server else {}  # today's run() has no such keyword
     # The progress bar goes to stderr: stdout holds the report alone (JSON with --json).
     with Progress(console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task(f"backtest {candles[0].symbol if candles else ''}", total=len(candles))
         report = asyncio.run(
             bt.run(
-                candles,
-                strategies,
-                cfg,
-                start_quote=Decimal(str(balance)) if balance is not None else None,
-                notional=Decimal(str(notional)) if notional is not None else None,
+                candles=candles,
+                strategies=strategies,
+                settings=cfg,
+                start_quote=start_quote,
+                notional=per_entry,
                 progress=lambda n: bar.update(task, completed=n),
+                **extra,
             )
         )
     if html_out is not None:
@@ -215,6 +271,80 @@ def backtest(
     console.print("settings          " + ", ".join(f"{k} {v}" for k, v in report.settings.items()), highlight=False)
     if html_out is not None:
         console.print(f"report: {html_out}")
+
+
+def _sweep(
+    candles: list[Candle],
+    strategies: list[Strategy],
+    cfg: Settings,
+    grid: list[str],
+    *,
+    optimize: int | None,
+    walk_forward: int | None,
+    jobs: int | None,
+    rank_by: str,
+    seed: int,
+    top: int,
+    as_json: bool,
+    start_quote: Decimal | None,
+    notional: Decimal | None,
+    through_server: bool,
+) -> None:
+    """``backtest --grid/--optimize/--walk-forward``: the ranked table, or the folds' out-of-sample figures."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from quantum_trader.backtest import sweep
+
+    ranking = sweep.parse_rank_by(rank_by)
+    if not grid:
+        used = "--optimize" if optimize is not None else "--walk-forward"
+        raise ConfigError(f"{used} needs --grid to say which parameters to vary, e.g. --grid 'ema-cross.fast=8..16:2'")
+    space = sweep.parse_grid(grid, [s.name for s in strategies])
+    runs = optimize or 0  # backtests per window: the trials, or the grid's admissible combinations
+    if optimize is None:
+        # A space with nothing to run fails here, before any worker starts.
+        every = sweep.combinations(space)
+        kept, skipped = sweep.admissible(strategies, every)
+        if not kept:
+            fixed = sweep.left_out(strategies, space)
+            raise ConfigError(f"{sweep.skipped_note(skipped, len(every))}; change the --grid values{fixed}")
+        runs = len(kept)
+    level = "warning" if cfg.log_level == "info" else cfg.log_level
+    runner = sweep.Runner(
+        candles, strategies, cfg, jobs=jobs, start_quote=start_quote, notional=notional,
+        through_server=through_server, log_level=level,
+    )  # fmt: skip
+    total = runs * (walk_forward or 1) + (walk_forward or 0)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with runner, Progress(*columns, console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task("backtests", total=total)
+        advance = functools.partial(bar.advance, task)
+        if walk_forward is not None:
+            result = sweep.walk_forward(
+                runner, space, walk_forward, rank_by=ranking, trials=optimize, seed=seed, done=advance
+            )
+        elif optimize is not None:
+            found = sweep.optimize(runner, space, optimize, seed=seed, rank_by=ranking, done=advance)
+        else:
+            found = sweep.grid(runner, space, rank_by=ranking, done=advance)
+    if walk_forward is not None:
+        if result.skipped:
+            err.print(sweep.skipped_note(result.skipped, result.total), highlight=False)
+        if as_json:
+            print(json.dumps(result.as_json()))
+        else:
+            console.print(sweep.folds_table(result))
+        return
+    if found.skipped:
+        err.print(sweep.skipped_note(found.skipped, found.total), highlight=False)
+    if not found.rows:
+        raise ConfigError("no combination left to run; change the --grid values")
+    if as_json:
+        print(json.dumps([row.as_json(number) for number, row in enumerate(found.rows, start=1)]))
+        return
+    console.print(sweep.rows_table(found.rows, [axis.key for axis in space], ranking, top or None))
+    if top and len(found.rows) > top:
+        console.print(f"… {len(found.rows) - top} more (--top 0 or --json shows them all)", highlight=False)
 
 
 def _warn_if_trained_on(strategies: list[Strategy], candles: list[Candle]) -> None:
