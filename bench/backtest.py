@@ -42,7 +42,7 @@ REFERENCE = Path(__file__).with_name("backtesting_reference.py")
 SYMBOL, FIRST_PRICE = "BTCUSDT", 60_000.0  # the file's stem names the symbol for our command
 YEAR_CANDLES = 365 * 24 * 60
 TIMEOUT_S = 600.0
-ENGINE_BUDGET_S = 60.0  # engine-only: repeat run() while the runs so far took less than this
+ENGINE_BUDGET_S = 60.0  # engine-only: up to 5 runs of run(), none started once the runs so far took this long
 GOAL_RATIO = 2.0  # ours / theirs, whole command
 GOAL_ENGINE = 50_000  # candles/s, run() alone
 GOAL_RSS_MB = 300  # our command on the year file
@@ -201,10 +201,12 @@ def our_trades(stdout: str) -> dict[str, int]:
 
 
 def median(values: list[float]) -> float | None:
+    """The median, None for no values (a side whose every run failed)."""
     return statistics.median(values) if values else None
 
 
 def per_s(candles: int, seconds: float | None) -> int | None:
+    """Candles per second, None without a time."""
     return round(candles / seconds) if seconds else None
 
 
@@ -327,6 +329,7 @@ def backtest_speed(candles: int, pairs: int, year_candles: int) -> dict[str, Any
 
 
 def verdict(met: bool) -> str:
+    """A goal's word in the table."""
     return "met" if met else "NOT met"
 
 
