@@ -155,50 +155,66 @@ class Committer:
     async def _book_updates(
         self, fills: Sequence[tuple[str, Fill]], levels: Mapping[str, Levels], now: datetime
     ) -> list[list[object]]:
-        """Per symbol filled: [symbol, the stored position read now, the position after the fills, their
-        intent ids, the PnL they realised, the quote asset, the losing exits' members, the new stop]."""
+        """The positions of the symbols filled, read now, and ``book_updates`` over them."""
         if not fills:
             return []
         symbols = list(dict.fromkeys(fill.symbol for _id, fill in fills))
         stored = await self.redis.hmget(keys.BOOK_POSITIONS, symbols)
-        book: dict[str, Position] = {}
-        for symbol, raw in zip(symbols, stored, strict=True):
-            if raw is None:
-                continue
-            try:
-                book[symbol] = portfolio.decode_stored(symbol, raw)
-            except PortfolioError as exc:
-                # Fail closed: results wait (pending, orders looked up on retry) until the book is sound.
-                raise TransientError(str(exc)) from None
-        before = {symbol: raw or "" for symbol, raw in zip(symbols, stored, strict=True)}
-        runs: dict[str, list[Fill]] = {symbol: [] for symbol in symbols}
-        ids: dict[str, list[str]] = {symbol: [] for symbol in symbols}
-        for entry_id, fill in fills:
-            runs[fill.symbol].append(fill)
-            ids[fill.symbol].append(entry_id)
-        extra: dict[str, list[object]] = {}
-        for symbol, run in runs.items():
-            was = book.get(symbol) or portfolio.empty(symbol, run[0].base, run[0].quote)
-            exits: list[Decimal] = []
-            book[symbol] = portfolio.apply_all(was, run, strict=False, exits=exits)
-            sells = [entry_id for entry_id, fill in zip(ids[symbol], run, strict=True) if fill.side == "SELL"]
-            losing = [f"{entry_id}|{symbol}" for entry_id, gain in zip(sells, exits, strict=True) if gain < 0]
-            buys = [entry_id for entry_id, fill in zip(ids[symbol], run, strict=True) if fill.side == "BUY"]
-            stop = protect.stop_after(book[symbol], [levels.get(i, (None, None)) for i in buys], self.defaults, now)
-            extra[symbol] = [f"{book[symbol].realised - was.realised:f}", book[symbol].quote, losing, stop]
-            if book[symbol].unbooked != was.unbooked:
-                log.warning(
-                    "sold_beyond_book",
-                    symbol=symbol,
-                    intents=len(ids[symbol]),
-                    first_intent_id=ids[symbol][0],
-                    unbooked=str(book[symbol].unbooked),
-                    effect="the exchange sold holdings the book did not know; the position stops at zero",
-                    fix="run: quantum-trader reconcile",
-                )
-        return [
-            [symbol, before[symbol], portfolio.encode(book[symbol]), ids[symbol], *extra[symbol]] for symbol in symbols
-        ]
+        return book_updates(fills, dict(zip(symbols, stored, strict=True)), levels, self.defaults, now)
+
+
+def book_updates(
+    fills: Sequence[tuple[str, Fill]],
+    stored: Mapping[str, str | None],
+    levels: Mapping[str, Levels],
+    defaults: protect.Defaults,
+    now: datetime,
+) -> list[list[object]]:
+    """Per symbol filled: [symbol, its stored position (``stored``, "" when absent), the position after the
+    fills, their intent ids, the PnL they realised, the quote asset, the losing exits' members, the new stop]
+    (pure: ``commit.lua`` applies it; the backtest's twin of the script too).
+
+    An unreadable stored position is a TransientError: results wait until the book is sound (fail closed).
+    """
+    if not fills:
+        return []
+    symbols = list(dict.fromkeys(fill.symbol for _id, fill in fills))
+    book: dict[str, Position] = {}
+    for symbol in symbols:
+        raw = stored.get(symbol)
+        if raw is None:
+            continue
+        try:
+            book[symbol] = portfolio.decode_stored(symbol, raw)
+        except PortfolioError as exc:
+            raise TransientError(str(exc)) from None
+    before = {symbol: stored.get(symbol) or "" for symbol in symbols}
+    runs: dict[str, list[Fill]] = {symbol: [] for symbol in symbols}
+    ids: dict[str, list[str]] = {symbol: [] for symbol in symbols}
+    for entry_id, fill in fills:
+        runs[fill.symbol].append(fill)
+        ids[fill.symbol].append(entry_id)
+    extra: dict[str, list[object]] = {}
+    for symbol, run in runs.items():
+        was = book.get(symbol) or portfolio.empty(symbol, run[0].base, run[0].quote)
+        exits: list[Decimal] = []
+        book[symbol] = portfolio.apply_all(was, run, strict=False, exits=exits)
+        sells = [entry_id for entry_id, fill in zip(ids[symbol], run, strict=True) if fill.side == "SELL"]
+        losing = [f"{entry_id}|{symbol}" for entry_id, gain in zip(sells, exits, strict=True) if gain < 0]
+        buys = [entry_id for entry_id, fill in zip(ids[symbol], run, strict=True) if fill.side == "BUY"]
+        stop = protect.stop_after(book[symbol], [levels.get(i, (None, None)) for i in buys], defaults, now)
+        extra[symbol] = [f"{book[symbol].realised - was.realised:f}", book[symbol].quote, losing, stop]
+        if book[symbol].unbooked != was.unbooked:
+            log.warning(
+                "sold_beyond_book",
+                symbol=symbol,
+                intents=len(ids[symbol]),
+                first_intent_id=ids[symbol][0],
+                unbooked=str(book[symbol].unbooked),
+                effect="the exchange sold holdings the book did not know; the position stops at zero",
+                fix="run: quantum-trader reconcile",
+            )
+    return [[symbol, before[symbol], portfolio.encode(book[symbol]), ids[symbol], *extra[symbol]] for symbol in symbols]
 
 
 def _id_range(ids: Sequence[str]) -> tuple[str, str]:

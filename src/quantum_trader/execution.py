@@ -127,6 +127,35 @@ def result_not_sent(job: Job, outcome: OrderOutcome) -> ExecutionResult:
     return result_for(job, outcome.status, outcome.reason, outcome.detail)
 
 
+def candidate(job: Job, prices: Mapping[str, Decimal]) -> risk.Candidate:
+    """The intent as the risk rules see it: valued at its limit price, else the market's, else its own."""
+    intent = job.intent
+    if intent.order_type == "LIMIT" and intent.price is not None:
+        price = intent.price
+    else:
+        price = prices.get(intent.symbol, intent.price or Decimal(0))
+    return risk.Candidate(job.entry.id, intent.symbol, intent.side, intent.qty, price)
+
+
+def order_request(job: Job) -> OrderRequest:
+    """The order an approved intent places (its client order id makes placing it idempotent)."""
+    intent = job.intent
+    return OrderRequest(
+        client_order_id=job.coid,
+        symbol=intent.symbol,
+        side=intent.side,
+        qty=intent.qty,
+        order_type=intent.order_type,
+        price=intent.price if intent.order_type == "LIMIT" else None,
+        reference_price=intent.price,
+    )
+
+
+def throttle_expiry(limits: gov.Limits) -> str:
+    """The detail of an intent that expired while it waited for the order rate."""
+    return f"{gov.expiry_detail(limits.max_age)} while waiting for the order rate (QT_MAX_ORDERS_PER_S)"
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class _Turn:
     """A batch's place in its symbols' queue: its orders placed, then its results written."""
@@ -259,18 +288,7 @@ class Execution:
         too old meanwhile (EXPIRED). Approved orders leave at once, so the rate holds at the exchange.
         """
         now = self.clock()
-        candidates = [
-            risk.Candidate(
-                job.entry.id,
-                job.intent.symbol,
-                job.intent.side,
-                job.intent.qty,
-                job.intent.price
-                if job.intent.order_type == "LIMIT" and job.intent.price is not None
-                else prices.get(job.intent.symbol, job.intent.price or Decimal(0)),
-            )
-            for job in gated
-        ]
+        candidates = [candidate(job, prices) for job in gated]
         gate = await self.governor.gate(candidates, now, self.consumer.consumer)
         approved, waiting = [], []
         for job, answer in zip(gated, gate.answers, strict=True):
@@ -280,18 +298,7 @@ class Execution:
                 waiting.append(job)
             elif answer.verdict != gov.GONE:
                 results[job.entry.id] = result_for(job, "REJECTED", Reason(answer.verdict), answer.detail)
-        requests = [
-            OrderRequest(
-                client_order_id=job.coid,
-                symbol=job.intent.symbol,
-                side=job.intent.side,
-                qty=job.intent.qty,
-                order_type=job.intent.order_type,
-                price=job.intent.price if job.intent.order_type == "LIMIT" else None,
-                reference_price=job.intent.price,
-            )
-            for job in approved
-        ]
+        requests = [order_request(job) for job in approved]
         if placed_before:
             await asyncio.wait(placed_before)
         outcomes = await self.exchange.place_orders(requests, guard=gov.SEND_GUARD) if requests else []
@@ -309,10 +316,7 @@ class Execution:
         still = []
         for job in waiting:
             if gov.is_expired(job.intent, job.env.timestamp, later, self.limits.max_age):
-                detail = (
-                    f"{gov.expiry_detail(self.limits.max_age)} while waiting for the order rate (QT_MAX_ORDERS_PER_S)"
-                )
-                results[job.entry.id] = result_for(job, "EXPIRED", Reason.EXPIRED, detail)
+                results[job.entry.id] = result_for(job, "EXPIRED", Reason.EXPIRED, throttle_expiry(self.limits))
             else:
                 still.append(job)
         return still

@@ -67,20 +67,6 @@ async def read_snapshot(
     day = now.astimezone(UTC).date()
     now_ms = int(now.timestamp() * 1000)
     streak_from = now_ms - int((limits.loss_streak_window + limits.cooldown).total_seconds() * 1000)
-    names = [
-        keys.RISK_EPOCH,
-        keys.TRADING_STATE,
-        keys.TRADING_STATE,
-        keys.BOOK_POSITIONS,
-        keys.RISK_INFLIGHT,
-        keys.RISK_ORDERS,
-        keys.risk_realised(day),
-        keys.RISK_PEAK,
-        keys.daily_trades(day),
-        keys.counted(day),
-        keys.PRICE_HASH,
-        keys.RISK_LOSSES,
-    ]
     async with redis.pipeline(transaction=True) as pipe:
         pipe.get(keys.RISK_EPOCH)
         pipe.type(keys.TRADING_STATE)
@@ -107,7 +93,33 @@ async def read_snapshot(
             lambda: pipe.zrangebyscore(keys.RISK_LOSSES, streak_from, "+inf", withscores=True),
         )
         replies = await pipe.execute(raise_on_error=False)
-    for index, (name, reply) in enumerate(zip(names, replies, strict=True)):
+    snap = assemble(replies, limits, intent_ids, full)
+    return snap if snap is not None else await read_snapshot(redis, limits, intent_ids, now, full=True)
+
+
+SNAPSHOT_KEYS = (
+    keys.RISK_EPOCH,
+    keys.TRADING_STATE,
+    keys.TRADING_STATE,
+    keys.BOOK_POSITIONS,
+    keys.RISK_INFLIGHT,
+    keys.RISK_ORDERS,
+    f"{keys.RISK_REALISED_PREFIX}<day>",
+    keys.RISK_PEAK,
+    f"{keys.DAILY_TRADES_PREFIX}<day>",
+    f"{keys.COUNTED_PREFIX}<day>",
+    keys.PRICE_HASH,
+    keys.RISK_LOSSES,
+)
+
+
+def assemble(
+    replies: Sequence[Any], limits: risk.RiskLimits, intent_ids: Sequence[str], full: bool
+) -> risk.Snapshot | None:
+    """The snapshot from the replies of ``read_snapshot``'s transaction, in its order (pure; the backtest
+    builds the same replies from its own state). None: the state is REDUCING and the read was not full,
+    so its rule needs the positions: read again, in full."""
+    for index, (name, reply) in enumerate(zip(SNAPSHOT_KEYS, replies, strict=True)):
         # The trading state of another type is HALTED (read_state); any other unreadable key: fail closed.
         if isinstance(reply, Exception) and index != 2:
             raise TransientError(
@@ -121,7 +133,7 @@ async def read_snapshot(
     state = risk.read_state(kind, state_fields)
     seen = str(state_fields.get("state", "")) if kind == "hash" else f"<{kind}>"
     if not full and state.state is TradingState.REDUCING:
-        return await read_snapshot(redis, limits, intent_ids, now, full=True)
+        return None
     positions: dict[str, Position] = {}
     for symbol, raw in stored.items():
         try:

@@ -1,12 +1,16 @@
-"""Backtests through the production code path: engine → router → governor → paper exchange.
+"""Backtests through the production rules: engine → protect → router → governor → paper exchange → commit.
 
-A private Valkey in a temporary directory (a fresh namespace: live keys are never
-touched) runs the same stages as production, with the same settings as ``run`` (fees,
-slippage, quote assets, sizing, limits, gap rule), the paper exchange funded with the
-starting quote balance only. The clock is simulated: each candle is published, then
-the engine, the router and execution each handle what is waiting, with "now" at the
-candle's close, before the next candle. Same data, same strategies, same settings: the
-same trades. The report's figures are pure functions of the trades and the closes.
+Same data, same strategies, same settings as ``run`` (fees, slippage, quote assets, sizing,
+limits, risk rules, gap rule): the same trades. Two transports carry the candles, with one
+outcome (a property test holds them to it):
+
+- in process (the default, ``inprocess``): the stages' rules called in order on the server's
+  state held in memory, tens of thousands of candles a second;
+- through a private server (``--through-server``, ``server``): every candle published to a
+  private Valkey and drained by the stage classes themselves, a few hundred a second.
+
+The clock is simulated: "now" is each candle's open time. The paper exchange starts with the
+starting quote balance only. The report's figures are pure functions of the trades and the closes.
 """
 
 from __future__ import annotations
@@ -16,33 +20,27 @@ import io
 import itertools
 import json
 import math
-import tempfile
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from html import escape
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quantum_trader import keys, portfolio
-from quantum_trader.ai_engine import AiEngine
-from quantum_trader.bus.connection import Redis, client
-from quantum_trader.bus.embedded import EmbeddedValkey, free_port
-from quantum_trader.bus.streams import GroupConsumer
+from quantum_trader import portfolio
+from quantum_trader.backtest.inprocess import Inject, simulate, streams_of
+from quantum_trader.backtest.streams import Streams
 from quantum_trader.errors import ConfigError
 from quantum_trader.events import Candle
 from quantum_trader.exchanges.base import split_symbol
-from quantum_trader.exchanges.factory import build_exchange
-from quantum_trader.execution import Execution
-from quantum_trader.feed import publish
 from quantum_trader.marketdata import clean, gap_rule
-from quantum_trader.protect import Protect
-from quantum_trader.router import Router
 from quantum_trader.settings import DEFAULT_QUOTE_ASSETS, Settings, load_settings
 from quantum_trader.strategies import Strategy
+
+__all__ = ["Inject", "Report", "Streams", "Trade", "evaluate", "html", "outcomes", "quote_of", "run", "shown"]
 
 DEFAULT_START_QUOTE = Decimal(10_000)  # when neither --balance nor QT_PAPER_BALANCES names the quote asset
 
@@ -57,11 +55,13 @@ class Trade:
     price: Decimal
     fee: Decimal
     strategy: str = ""
+    symbol: str = ""
 
     def as_json(self) -> dict[str, str]:
         """Exact decimals as strings, the time as ISO-8601 UTC."""
         return {
             "time": datetime.fromtimestamp(self.time / 1000, UTC).isoformat().replace("+00:00", "Z"),
+            "symbol": self.symbol,
             "side": self.side,
             "qty": str(self.qty),
             "price": str(self.price),
@@ -91,6 +91,7 @@ class Report:
     rejections: dict[str, int] = field(default_factory=dict)  # reason code -> orders rejected for it
     settings: dict[str, str] = field(default_factory=dict)  # the settings that shaped the trades
     states: list[dict[str, str]] = field(default_factory=list)  # trading-state changes (breakers), in order
+    streams: Streams | None = field(default=None, repr=False)  # what the run left: streams, book, balances
 
     @property
     def rejected(self) -> int:
@@ -125,50 +126,70 @@ class Report:
         }
 
 
-def evaluate(symbol: str, candles: list[Candle], trades: list[Trade], start_quote: float) -> Report:
-    """Equity curve and figures from the fills (pure)."""
-    by_time: dict[int, list[Trade]] = {}
-    for trade in trades:
-        by_time.setdefault(trade.time, []).append(trade)
-    quote, base, held = start_quote, 0.0, Decimal(0)  # held: exact, so a closed position is exactly zero
-    equity, exposed = [], 0
+def evaluate(symbol: str, candles: Sequence[Candle], trades: list[Trade], start_quote: float) -> Report:
+    """Equity curve and figures from the fills (pure).
+
+    Equity is sampled once per open time (every symbol's candles of that time seen): the quote
+    balance plus each symbol's holding at its latest close. A trade counts from the first open
+    time at or after its decision.
+    """
+    times: list[int] = []
     for candle in candles:
-        for trade in by_time.get(candle.open_time, []):
+        if not times or candle.open_time != times[-1]:
+            times.append(candle.open_time)
+    by_point: dict[int, list[Trade]] = {}
+    for trade in trades:
+        point = min(bisect_left(times, trade.time), len(times) - 1) if times else 0
+        by_point.setdefault(point, []).append(trade)
+    quote = start_quote
+    base: dict[str, float] = {}
+    held: dict[str, Decimal] = {}  # exact, so a closed position is exactly zero
+    closes: dict[str, float] = {}
+    equity: list[float] = []
+    exposed = 0
+    index = 0
+    for point, at in enumerate(times):
+        while index < len(candles) and candles[index].open_time == at:
+            closes[candles[index].symbol] = candles[index].close
+            index += 1
+        for trade in by_point.get(point, ()):
+            name = trade.symbol or symbol
             signed = float(trade.qty) if trade.side == "BUY" else -float(trade.qty)
-            held += trade.qty if trade.side == "BUY" else -trade.qty
-            base += signed
+            held[name] = held.get(name, Decimal(0)) + (trade.qty if trade.side == "BUY" else -trade.qty)
+            base[name] = base.get(name, 0.0) + signed
             quote -= signed * float(trade.price) + float(trade.fee)
-        equity.append(quote + base * candle.close)
-        exposed += held != 0
+        equity.append(quote + sum(amount * closes.get(name, 0.0) for name, amount in base.items()))
+        exposed += any(qty != 0 for qty in held.values())
     wins, closed = 0, 0
     # The book's method (average cost, portfolio.py), one book per strategy: an exit closes its own
     # strategy's entries; it wins when it realises more than its share of the cost, fees included.
     books: dict[str, dict[str, portfolio.Position]] = {}
-    try:
-        base_asset, quote_asset = split_symbol(symbol, [*DEFAULT_QUOTE_ASSETS])
-    except ValueError:
-        base_asset, quote_asset = symbol, ""  # fees then count in the quote all the same: only PnL is read
     for trade in trades:
+        name = trade.symbol or symbol
+        try:
+            base_asset, quote_asset = split_symbol(name, [*DEFAULT_QUOTE_ASSETS])
+        except ValueError:
+            base_asset, quote_asset = name, ""  # fees then count in the quote all the same: only PnL is read
         book = books.setdefault(trade.strategy, {})
-        before = book.get(symbol)
+        before = book.get(name)
         fill = portfolio.Fill(
-            symbol=symbol, base=base_asset, quote=quote_asset, side=trade.side, qty=trade.qty, price=trade.price,
+            symbol=name, base=base_asset, quote=quote_asset, side=trade.side, qty=trade.qty, price=trade.price,
             fee=trade.fee, fee_asset=quote_asset,
         )  # fmt: skip
-        book.update(portfolio.replay([fill], strict=False, start={symbol: before} if before else None))
+        book.update(portfolio.replay([fill], strict=False, start={name: before} if before else None))
         if trade.side == "SELL" and before is not None and before.qty > 0:
             closed += 1
-            wins += book[symbol].realised > before.realised
+            wins += book[name].realised > before.realised
     peak, drawdown = -math.inf, 0.0
     for value in equity:
         peak = max(peak, value)
         drawdown = max(drawdown, (peak - value) / peak if peak > 0 else 0.0)
     returns = [b / a - 1 for a, b in itertools.pairwise(equity) if a > 0]
     sharpe = None
-    if len(returns) > 1 and len(candles) > 1:
+    if len(returns) > 1 and len(times) > 1:
         mean = sum(returns) / len(returns)
         std = math.sqrt(sum((r - mean) ** 2 for r in returns) / (len(returns) - 1))
-        spacing = sorted(b.open_time - a.open_time for a, b in itertools.pairwise(candles))
+        spacing = sorted(b - a for a, b in itertools.pairwise(times))
         per_year = 365 * 86_400_000 / max(1, spacing[len(spacing) // 2])
         sharpe = mean / std * math.sqrt(per_year) if std > 0 else None
     end = equity[-1] if equity else start_quote
@@ -183,18 +204,11 @@ def evaluate(symbol: str, candles: list[Candle], trades: list[Trade], start_quot
         max_drawdown_pct=drawdown * 100,
         win_rate=wins / closed if closed else None,
         sharpe=sharpe,
-        exposure_pct=exposed / len(candles) * 100 if candles else 0.0,
+        exposure_pct=exposed / len(times) * 100 if times else 0.0,
         fees=sum(float(t.fee) for t in trades),
         equity=equity,
-        times=[c.open_time for c in candles],
+        times=times,
     )
-
-
-async def _drain(consumer: GroupConsumer, handle: Callable[[list[Any]], Any]) -> None:
-    while batch := await consumer.read_new(wait=False):
-        await handle(batch)
-        if len(batch) < consumer.count:
-            return  # nothing else writes to the private server: a short batch was the rest
 
 
 def quote_of(symbol: str, settings: Settings) -> str:
@@ -208,78 +222,59 @@ def quote_of(symbol: str, settings: Settings) -> str:
 
 
 async def run(
-    candles: list[Candle],
+    candles: Sequence[Candle],
     strategies: list[Strategy],
     settings: Settings | None = None,
     *,
     start_quote: Decimal | None = None,
     notional: Decimal | None = None,
     progress: Callable[[int], None] | None = None,
+    through_server: bool = False,
+    script: Mapping[int, Inject] | None = None,
 ) -> Report:
-    """Replay ``candles`` (one symbol) through the pipeline on a private server.
+    """Replay ``candles`` (one or more symbols of one quote asset) through the pipeline's rules.
 
     ``settings`` are those ``run`` would use (read from the environment when None);
     ``start_quote`` and ``notional`` override the starting quote balance
     (``QT_PAPER_BALANCES`` of the quote asset, else 10,000) and ``QT_AI_NOTIONAL``.
+    ``through_server``: every candle through a private server and the stage classes (slow; for
+    proving agreement). ``script``: per index of the cleaned candles, what else happens there
+    (kill-switch flips, decisions published by another publisher).
     """
     base = settings if settings is not None else load_settings()
-    kept, _skipped = clean(candles)
+    ordered = sorted(candles, key=lambda c: (c.open_time, c.symbol))
+    kept, _skipped = clean(ordered)
     if not kept:
         raise ConfigError(f"no usable candles in the data ({len(candles)} read, every one skipped as bad data)")
-    symbol = kept[0].symbol
-    quote = quote_of(symbol, base)
+    symbols = sorted({c.symbol for c in kept})
+    quotes = {symbol: quote_of(symbol, base) for symbol in symbols}
+    quote = quotes[symbols[0]]
+    if len(set(quotes.values())) > 1:
+        raise ConfigError(
+            "the data holds markets of different quote assets ("
+            + ", ".join(f"{s} in {q}" for s, q in quotes.items())
+            + "): backtest the markets of one quote asset together"
+        )
     start = start_quote if start_quote is not None else base.paper_balances.get(quote, DEFAULT_START_QUOTE)
     gap = gap_rule(base.ai_gap, kept)  # the whole file is known: a market with closures gets a tolerant rule
-    now = {"t": datetime.fromtimestamp(kept[0].open_time / 1000, UTC)}
-    clock = lambda: now["t"]  # noqa: E731  (the simulated clock every stage shares)
+    # Only where the run happens changes (and a private consumer name): every trading setting is the user's.
+    update: dict[str, Any] = {"exchange": "paper", "paper_balances": {quote: start}, "consumer": "backtest"}
+    if notional is not None:
+        update["ai_notional"] = notional
+    cfg = base.model_copy(update=update)
+    if through_server:
+        from quantum_trader.backtest.server import replay
 
-    async def advance(seconds: float) -> None:
-        """Execution waiting for the order rate: simulated time passes, nothing sleeps."""
-        now["t"] += timedelta(seconds=seconds)
-
-    with tempfile.TemporaryDirectory(prefix="qt-backtest-") as tmp:
-        server = EmbeddedValkey(Path(tmp), port=free_port(), appendfsync="no")
-        server.start()
-        redis: Redis = client(server.url)
-        try:
-            # Only where the run happens changes (and a private consumer name): every trading setting is the user's.
-            update: dict[str, Any] = {
-                "redis_url": server.url,
-                "data_dir": Path(tmp),
-                "exchange": "paper",
-                "paper_balances": {quote: start},
-                "consumer": "backtest",
-            }
-            if notional is not None:
-                update["ai_notional"] = notional
-            cfg = base.model_copy(update=update)
-            await redis.set(keys.KILL_SWITCH, "0")
-            engine = AiEngine(redis, cfg, strategies, clock=clock, gap=gap)
-            router = Router(redis, cfg, clock=clock)
-            paper = await build_exchange(redis, cfg)
-            execution = Execution(redis, cfg, paper, clock=clock, sleep=advance)
-            protect = Protect(redis, cfg, clock=clock)
-            for stage in (engine.consumer, protect.consumer, router.consumer, execution.consumer):
-                await stage.setup()
-            for index, candle in enumerate(kept):
-                now["t"] = datetime.fromtimestamp(candle.open_time / 1000, UTC)
-                await publish(redis, cfg.candle_stream, [candle])
-                decided = engine.totals["decisions"] + protect.totals["exits"]
-                await _drain(engine.consumer, engine.handle)
-                await _drain(protect.consumer, protect.handle)
-                if engine.totals["decisions"] + protect.totals["exits"] > decided:  # else nothing to route
-                    await _drain(router.consumer, router.handle)
-                    await _drain(execution.consumer, execution.handle)
-                if progress is not None:
-                    progress(index + 1)
-            trades, rejections = await _outcomes(redis, cfg)
-            states = [json.loads(f["payload"]) for _id, f in await redis.xrange(cfg.streams.risk_state)]
-        finally:
-            await redis.aclose()
-            server.stop()
-    report = evaluate(symbol, kept, trades, float(start))
+        streams = await replay(kept, strategies, cfg, gap, script=script, progress=progress)
+    else:
+        streams = streams_of(
+            simulate(kept, strategies, cfg, gap, start={quote: start}, script=script, progress=progress)
+        )
+    trades, rejections = outcomes(streams)
+    report = evaluate(",".join(symbols), kept, trades, float(start))
     report.rejections = rejections
-    report.states = states
+    report.states = [json.loads(fields["payload"]) for fields in streams.states]
+    report.streams = streams
     sizing = f"fixed {cfg.ai_notional} {quote}" if cfg.ai_sizing == "fixed" else f"fraction {cfg.ai_fraction}"
     report.settings = {
         "start_quote": f"{start} {quote}",
@@ -292,12 +287,12 @@ async def run(
     return report
 
 
-async def _outcomes(redis: Redis, settings: Settings) -> tuple[list[Trade], dict[str, int]]:
-    """Fills (timed by their decision) and rejections by reason code, from the private server's streams."""
+def outcomes(streams: Streams) -> tuple[list[Trade], dict[str, int]]:
+    """Fills (timed by their decision) and rejections by reason code, from the streams (pure)."""
     trades: list[Trade] = []
     rejections: dict[str, int] = {}
-    intents = {i: json.loads(f["payload"]) for i, f in await redis.xrange(settings.intent_stream)}
-    for _id, fields in await redis.xrange(settings.result_stream):
+    intents = {i: json.loads(f["payload"]) for i, f in streams.intents}
+    for _id, fields in streams.results:
         result = json.loads(fields["payload"])
         if result["status"] != "FILLED":
             code = result.get("reason") or result["status"]
@@ -314,9 +309,10 @@ async def _outcomes(redis: Redis, settings: Settings) -> tuple[list[Trade], dict
                 Decimal(result["avg_price"]),
                 Decimal(result["fee"]),
                 intent.get("strategy") or "",
+                result["symbol"],
             )
         )
-    for _id, fields in await redis.xrange(settings.rejected_stream):
+    for _id, fields in streams.rejected:
         code = json.loads(fields["payload"]).get("reason") or "UNKNOWN"
         rejections[code] = rejections.get(code, 0) + 1
     return trades, rejections
