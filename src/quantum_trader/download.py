@@ -49,6 +49,7 @@ Row = tuple[int, float, float, float, float, float]
 COLUMNS = ("timestamp", "open", "high", "low", "close", "volume")
 PAGE_LIMIT = 1000  # candles asked for per request: Binance spot's maximum, and common elsewhere
 FLUSH_ROWS = 100_000  # rows held in memory before they are merged into the file (bounds what a crash loses)
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 POPULAR = ("binance", "bybit", "coinbase", "kraken", "okx")
 
 
@@ -77,22 +78,36 @@ def to_row(raw: Sequence[Any]) -> Row | None:
     return int(raw[0]), values[0], values[1], values[2], values[3], values[4]
 
 
+def candle_end(open_ms: int, interval: str) -> int:
+    """When the candle opened at ``open_ms`` closes (the next one opens): calendar months and years for
+    ``M`` and ``y`` (or ``Y``), which have no fixed length; a fixed length for ``s``, ``m``, ``h``, ``d``, ``w``."""
+    match = re.fullmatch(r"(\d+)([smhdwMyY])", interval)
+    if match is None:
+        raise ValueError(f"interval {interval!r}: use a number and one of s, m, h, d, w, M, y")
+    count, unit = int(match.group(1)), match.group(2)
+    if unit in _UNIT_MS:
+        return open_ms + count * _UNIT_MS[unit]
+    opened = datetime.fromtimestamp(open_ms / 1000, UTC)
+    months = opened.year * 12 + opened.month - 1 + count * (1 if unit == "M" else 12)
+    closes = opened.replace(year=months // 12, month=months % 12 + 1, day=min(opened.day, 28))
+    return int(closes.timestamp() * 1000)
+
+
 def take_page(
-    rows: Sequence[Row], cursor_ms: int, end_ms: int, step_ms: int, now_ms: int
+    rows: Sequence[Row], cursor_ms: int, end_ms: int, interval: str, now_ms: int
 ) -> tuple[list[Row], int | None]:
     """The candles of one answer worth keeping, and where the next page starts (None: the download is done).
 
-    Kept: opened in ``[cursor_ms, end_ms)`` and closed by ``now_ms`` (open time + one interval).
-    Done when nothing new was kept (the exchange has no newer candles, or ignored ``since``),
-    when the answer reached the candle still open (the present), or when the next page would
-    start at ``end_ms``.
+    Kept: opened in ``[cursor_ms, end_ms)`` and closed by ``now_ms``. Done when nothing new was
+    kept (the exchange has no newer candles, or ignored ``since``), when the answer reached the
+    candle still open (the present), or when the next candle would open at or after ``end_ms``.
     """
     wanted = sorted((r for r in rows if cursor_ms <= r[0] < end_ms), key=lambda r: r[0])
-    kept = [r for r in wanted if r[0] + step_ms <= now_ms]
-    if not kept or len(kept) < len(wanted):
+    kept = [r for r in wanted if candle_end(r[0], interval) <= now_ms]
+    following = candle_end(kept[-1][0], interval) if kept else end_ms
+    if len(kept) < len(wanted) or following >= end_ms:
         return kept, None
-    following = kept[-1][0] + 1  # after the newest candle: the exchange's own spacing decides the rest
-    return kept, following if following < end_ms else None
+    return kept, following
 
 
 def merge(existing: pd.DataFrame | None, rows: Sequence[Row]) -> pd.DataFrame:
@@ -108,14 +123,14 @@ def merge(existing: pd.DataFrame | None, rows: Sequence[Row]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def resume_from(since_ms: int, last_ms: int | None) -> int:
-    """Where a download starts: ``since_ms``, or after the file's last candle when that is later."""
-    return since_ms if last_ms is None else max(since_ms, last_ms + 1)
+def resume_from(since_ms: int, last_ms: int | None, interval: str) -> int:
+    """Where a download starts: ``since_ms``, or where the candle after the file's last opens when that is later."""
+    return since_ms if last_ms is None else max(since_ms, candle_end(last_ms, interval))
 
 
-def gap_note(since_ms: int, last_ms: int | None, step_ms: int) -> str:
+def gap_note(since_ms: int, last_ms: int | None, interval: str) -> str:
     """A warning when ``since_ms`` leaves a hole after the file's last candle (empty when it does not)."""
-    if last_ms is None or since_ms <= last_ms + step_ms:
+    if last_ms is None or since_ms <= candle_end(last_ms, interval):
         return ""
     return f"--since is after the file's last candle ({iso(last_ms)}): the file will have a gap before {iso(since_ms)}"
 
@@ -240,6 +255,12 @@ class Downloader:
         offered: dict[str, Any] = self.client.timeframes or {}
         if interval not in offered:
             raise ConfigError(f"--interval {interval!r}: {self.name} offers {', '.join(offered)}; choose one of them")
+        try:
+            candle_end(0, interval)
+        except ValueError:
+            raise ConfigError(
+                f"--interval {interval!r}: its length is unknown here; choose e.g. 1m, 1h or 1d"
+            ) from None
         return int(self.client.parse_timeframe(interval) * 1000)
 
     async def markets(self, symbols: Sequence[str]) -> list[str]:
@@ -271,7 +292,7 @@ class Downloader:
         existing = read_candles(path)
         last = int(existing["timestamp"].max()) if existing is not None and len(existing) else None
         end = until_ms if until_ms is not None else self.clock()
-        start = resume_from(since_ms, last)
+        start = resume_from(since_ms, last, interval)
         cursor: int | None = start
         at = start
         pending: list[Row] = []
@@ -288,7 +309,7 @@ class Downloader:
                     "fetch_ohlcv", functools.partial(self.client.fetch_ohlcv, symbol, interval, at, limit)
                 )
                 rows = [row for entry in raw if (row := to_row(entry)) is not None]
-                page, cursor = take_page(rows, at, end, step, self.clock())
+                page, cursor = take_page(rows, at, end, interval, self.clock())
                 pending += page
                 kept += len(page)
                 progress(kept, max(expected, kept))
@@ -302,13 +323,13 @@ class Downloader:
             if pending:
                 frame = save(path, pending)
         if failure is not None:
-            where = f"{path}; run the same command again to resume" if frame is not None else "nothing written"
+            kept_where = f"{kept:,} new candles kept in {path}" if frame is not None else "nothing written"
             raise ExchangeError(
                 f"{self.name}: fetching {symbol} {interval} candles from {iso(at)} failed: "
-                f"{self.conn.clean(failure)} ({kept:,} new candles kept in {where})"
+                f"{self.conn.clean(failure)} ({kept_where}; run the same command again to resume)"
             )
         log.debug("download_done", exchange=self.name, symbol=symbol, interval=interval, rows=kept, path=str(path))
-        return dataclasses.replace(_saved(symbol, interval, path, kept, frame), note=gap_note(since_ms, last, step))
+        return dataclasses.replace(_saved(symbol, interval, path, kept, frame), note=gap_note(since_ms, last, interval))
 
     async def close(self) -> None:
         """Close ccxt's HTTP session."""

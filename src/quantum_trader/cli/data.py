@@ -68,7 +68,8 @@ def download(
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
             )
-            with Progress(*columns, console=err, transient=True) as bar:
+            # A bar needs a terminal; elsewhere it would only leave blank lines in a log.
+            with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
                 for market in markets:
                     task = bar.add_task(f"{market} {interval}", total=None)
 
