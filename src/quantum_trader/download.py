@@ -69,8 +69,8 @@ def page_limit(cursor_ms: int, end_ms: int, step_ms: int, most: int = PAGE_LIMIT
 def to_row(raw: Sequence[Any]) -> Row | None:
     """A ccxt OHLCV entry ``[ms, o, h, l, c, v]`` as a typed row; None when it has no time.
 
-    A missing price or volume (some exchanges send null for an empty candle) becomes NaN:
-    ``marketdata.clean`` drops such a candle later and says why, instead of it vanishing here.
+    A missing price or volume (some exchanges send null for an empty candle) becomes NaN, kept
+    so that ``marketdata.clean`` drops a candle without prices when it is read, and says why.
     """
     if len(raw) < 6 or raw[0] is None:
         return None
