@@ -255,7 +255,7 @@ def single(candles: list[Candle], strategy: EmaCross) -> dict[str, Any]:
 
 
 def test_a_grid_row_is_the_backtest_of_its_parameters_and_rows_are_ranked() -> None:
-    candles = series(240)
+    candles = series(160)
     space = sweep.parse_grid(["ema-cross.fast=4,9", "ema-cross.slow=20,32"], ["ema-cross"])
     ticks: list[int] = []
     with sweep.Runner(candles, [EmaCross()], settings(), jobs=2, notional=NOTIONAL) as runner:
@@ -307,10 +307,43 @@ def fold_figures(result: sweep.WalkForward) -> list[dict[str, Any] | None]:
     return [fold.summary for fold in result.folds]
 
 
-def test_walk_forward_tests_on_unseen_windows_and_counts_only_them() -> None:
-    candles = series(360)
-    times = [c.open_time for c in candles]
+class Windowed(Scored):
+    """A ``Scored`` runner over candle times whose best fast period depends on the window, recording each job."""
+
+    def __init__(self, count: int, best: Callable[[int], int]) -> None:
+        super().__init__(lambda p: None)
+        self.candles = series(count)
+        self.best = best
+        self.jobs: list[Job] = []
+
+    def run(self, jobs: Sequence[Job], done: Callable[[], None] | None = None) -> list[Outcome]:
+        out = []
+        for job in jobs:
+            self.jobs.append(job)
+            self.score = lambda p, start=job.start: -abs(p["ema-cross.fast"] - self.best(start))
+            out += super().run([job], done)
+        return out
+
+
+def test_walk_forward_chooses_on_each_training_window_and_tests_on_the_next() -> None:
+    runner = Windowed(300, best=lambda start: 4 if start < 100 else 9)  # window 0 favours 4, the others 9
     space = sweep.parse_grid(["ema-cross.fast=4,9", "ema-cross.slow=20"], ["ema-cross"])
+    result = sweep.walk_forward(runner, space, 2)  # type: ignore[arg-type]
+    assert [fold.params for fold in result.folds] == [
+        {"ema-cross.fast": 4, "ema-cross.slow": 20},
+        {"ema-cross.fast": 9, "ema-cross.slow": 20},
+    ]
+    training = [(j.start, j.stop) for j in runner.jobs if j.counted_from is None]
+    assert sorted(set(training)) == [(0, 100), (100, 200)]  # every combination on each training window
+    tests = [(j.start, j.stop, j.counted_from) for j in runner.jobs if j.counted_from is not None]
+    # Tested on the next window, counted from its first candle, warmed up on the 21 candles before it.
+    assert tests == [(79, 200, 100), (179, 300, 200)]
+
+
+def test_walk_forward_tests_on_unseen_windows_and_counts_only_them() -> None:
+    candles = series(240)
+    times = [c.open_time for c in candles]
+    space = sweep.parse_grid(["ema-cross.fast=3,6", "ema-cross.slow=10"], ["ema-cross"])
 
     def walk(data: list[Candle], space: list[Axis] = space) -> sweep.WalkForward:
         with sweep.Runner(data, [EmaCross()], settings(), jobs=2, notional=NOTIONAL) as runner:
@@ -330,8 +363,7 @@ def test_walk_forward_tests_on_unseen_windows_and_counts_only_them() -> None:
         # The warm-up before the test window is the shortest warm-up less one, inside the training window.
         assert fold.warmup_from is not None
         assert fold.train[0] <= fold.warmup_from < fold.test[0]
-        warmup = EmaCross(slow=20).warmup
-        assert times.index(fold.test[0]) - times.index(fold.warmup_from) == warmup - 1
+        assert times.index(fold.test[0]) - times.index(fold.warmup_from) == EmaCross(slow=10).warmup - 1
     combined = result.combined()
     assert combined["trades"] == sum(f.summary["trades"] for f in result.folds if f.summary)
     chained = math.prod(1 + f.summary["return_pct"] / 100 for f in result.folds if f.summary) - 1
@@ -339,16 +371,17 @@ def test_walk_forward_tests_on_unseen_windows_and_counts_only_them() -> None:
     assert combined["worst_drawdown_pct"] == max(f.summary["max_drawdown_pct"] for f in result.folds if f.summary)
 
     # With one combination (the choice cannot move), the figures depend on the test windows only:
-    # changing the candles before the first test's warm-up changes nothing, changing a test window does.
-    one = sweep.parse_grid(["ema-cross.fast=4", "ema-cross.slow=20"], ["ema-cross"])
+    # other candles before the first test's warm-up change nothing, another last window changes its fold.
+    one = sweep.parse_grid(["ema-cross.fast=3", "ema-cross.slow=10"], ["ema-cross"])
     fixed = walk(candles, one)
-    assert sum(f.summary["trades"] for f in fixed.folds if f.summary) >= 2  # there is something to compare
-    first_warmup = times.index(fixed.folds[0].warmup_from or 0)
+    assert all(f.summary and f.summary["trades"] >= 2 for f in fixed.folds)  # there is something to compare
+    head = times.index(fixed.folds[0].warmup_from or 0)
+    other = series(240, seed=99)
     lifted = [replace(c, open=c.open * 1.2, high=c.high * 1.2, low=c.low * 1.2, close=c.close * 1.2)
-              for c in candles[:first_warmup]] + candles[first_warmup:]  # fmt: skip
-    assert fold_figures(walk(lifted, one)) == fold_figures(fixed)
-    other = series(360, seed=99)
-    moved = candles[:240] + [replace(c, open_time=t) for c, t in zip(other[240:], times[240:], strict=True)]
+              for c in candles[:head]]  # fmt: skip
+    moved = (
+        lifted + candles[head:160] + [replace(c, open_time=t) for c, t in zip(other[160:], times[160:], strict=True)]
+    )
     changed = walk(moved, one)
     assert fold_figures(changed)[0] == fold_figures(fixed)[0]
     assert fold_figures(changed)[1] != fold_figures(fixed)[1]
