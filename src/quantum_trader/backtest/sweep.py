@@ -261,10 +261,10 @@ def admissible(base: Sequence[Strategy], combos: Iterable[Params]) -> tuple[list
     return kept, skipped
 
 
-def skipped_note(skipped: Counter[str], total: int) -> str:
+def skipped_note(skipped: Counter[str], total: int, what: str = "combinations") -> str:
     """``skipped 3 of 9 combinations with inconsistent parameters: ema-cross: fast >= slow (3)``."""
     reasons = ", ".join(f"{reason} ({count})" for reason, count in skipped.most_common())
-    return f"skipped {sum(skipped.values())} of {total} combinations with inconsistent parameters: {reasons}"
+    return f"skipped {sum(skipped.values())} of {total} {what} with inconsistent parameters: {reasons}"
 
 
 def left_out(base: Sequence[Strategy], space: Sequence[Axis]) -> str:
@@ -640,12 +640,13 @@ class Fold:
     warmup_from: int | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """The fold's windows (ISO-8601), the parameters chosen and the out-of-sample figures."""
+        """The fold's windows and warm-up start (ISO-8601), the parameters chosen and the out-of-sample figures."""
         return {
             "fold": self.number,
             "train": [_iso(t) for t in self.train],
             "test": [_iso(t) for t in self.test],
             "params": self.params,
+            "warmup_from": None if self.warmup_from is None else _iso(self.warmup_from),
             "out_of_sample": self.summary,
             "error": self.error,
         }

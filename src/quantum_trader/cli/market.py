@@ -327,16 +327,17 @@ def _sweep(
             found = sweep.optimize(runner, space, optimize, seed=seed, rank_by=ranking, done=advance)
         else:
             found = sweep.grid(runner, space, rank_by=ranking, done=advance)
+    what = "trials" if optimize is not None else "combinations"
     if walk_forward is not None:
         if result.skipped:
-            err.print(sweep.skipped_note(result.skipped, result.total), highlight=False)
+            err.print(sweep.skipped_note(result.skipped, result.total, what), highlight=False)
         if as_json:
             print(json.dumps(result.as_json()))
         else:
             console.print(sweep.folds_table(result))
         return
     if found.skipped:
-        err.print(sweep.skipped_note(found.skipped, found.total), highlight=False)
+        err.print(sweep.skipped_note(found.skipped, found.total, what), highlight=False)
     if not found.rows:
         raise ConfigError("no combination left to run; change the --grid values")
     if as_json:
