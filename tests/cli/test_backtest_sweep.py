@@ -85,6 +85,17 @@ def test_a_grid_prints_ranked_rows_as_json_and_as_a_table(
     assert [f"{value:,.2f}" for value in ranked] == [row[3] for row in body]  # and shows the same figures
 
 
+def test_settings_or_data_no_combination_can_run_with_stop_the_sweep_in_one_line(
+    tmp_path: Path, here: Callable[..., tuple[object, str, str]]
+) -> None:
+    data = write_csv(tmp_path / "prices.csv", 60)  # the symbol defaults to the file's stem: PRICES has no quote asset
+    code, out, err = here("--data", str(data), "--strategy", "ema-cross", "--jobs", "2", "--grid", "ema-cross.fast=3,5")
+    assert code == 2
+    assert err.startswith("error: symbol 'PRICES' is not BASEQUOTE")
+    assert err.count("\n") == 1
+    assert out == ""
+
+
 WALK = ["--strategy", "ema-cross", "--notional", "2000", "--jobs", "2", "--grid", "ema-cross.fast=3,6",
         "--grid", "ema-cross.slow=10", "--walk-forward", "2", "--json"]  # fmt: skip
 

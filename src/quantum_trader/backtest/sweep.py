@@ -348,6 +348,7 @@ class Outcome:
     summary: dict[str, Any] | None
     error: str | None = None
     span: tuple[int, int] | None = None
+    setup: bool = False  # the error is the settings' or the data's (a ConfigError): no combination can run
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +405,8 @@ def _execute(context: _Context, job: Job) -> Outcome:
         if job.counted_from is not None:
             counted = context.candles[job.counted_from : job.stop]
             report = _counted_only(report, counted)
+    except ConfigError as exc:
+        return Outcome(None, str(exc), setup=True)
     except Exception as exc:
         return Outcome(None, _one_line(exc))
     span = (report.times[0], report.times[-1]) if report.times else None
@@ -421,6 +424,12 @@ def _counted_only(report: bt.Report, counted: list[Candle]) -> bt.Report:
     out = bt.evaluate(report.symbol, kept, list(report.trades), report.start_equity)
     out.rejections, out.settings, out.states = report.rejections, report.settings, report.states
     return out
+
+
+def _checked(outcome: Outcome) -> Outcome:
+    if outcome.setup:
+        raise ConfigError(outcome.error or "the backtest's settings or data")
+    return outcome
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -471,11 +480,15 @@ class Runner:
             self._pool = None
 
     def run(self, jobs: Sequence[Job], done: Callable[[], None] | None = None) -> list[Outcome]:
-        """The jobs' outcomes in their order; ``done`` is called as each one finishes."""
+        """The jobs' outcomes in their order; ``done`` is called as each one finishes.
+
+        A ``ConfigError`` (a setting or the data, the same for every combination: an unknown
+        quote asset, no usable candles) stops the sweep with its message instead of failing every row.
+        """
         if self.jobs == 1:
             out = []
             for job in jobs:
-                out.append(_execute(self.context, job))
+                out.append(_checked(_execute(self.context, job)))
                 if done is not None:
                     done()
             return out
@@ -487,7 +500,9 @@ class Runner:
         results: dict[int, Outcome] = {}
         for future in as_completed(futures):
             try:
-                results[futures[future]] = future.result()
+                results[futures[future]] = _checked(future.result())
+            except ConfigError:
+                raise
             except Exception as exc:  # a worker that died (killed, out of memory): its jobs failed, not the sweep
                 results[futures[future]] = Outcome(None, f"worker process failed: {_one_line(exc)}")
             if done is not None:

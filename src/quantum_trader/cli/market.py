@@ -316,7 +316,8 @@ def _sweep(
     )  # fmt: skip
     total = runs * (walk_forward or 1) + (walk_forward or 0)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with runner, Progress(*columns, console=err, transient=True, disable=as_json) as bar:
+    # Only on a terminal: elsewhere a bar is one blank line at the end.
+    with runner, Progress(*columns, console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task("backtests", total=total)
         advance = functools.partial(bar.advance, task)
         if walk_forward is not None:
