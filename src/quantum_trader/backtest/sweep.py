@@ -445,8 +445,9 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 class Runner:
     """Runs jobs over one list of candles: in ``jobs`` worker processes, or in this process when ``jobs`` is 1.
 
-    The candles (cleaned here once: a bad candle is reported once, not once per combination) go to
-    each worker once, through the pool's initializer; a job carries only its parameters and its slice.
+    The candles (sorted by open time and symbol, and cleaned here once: a bad candle is reported
+    once, not once per combination) go to each worker once, through the pool's initializer; a job
+    carries only its parameters and its slice.
     """
 
     def __init__(
@@ -461,7 +462,8 @@ class Runner:
         through_server: bool = False,
         log_level: str = "warning",
     ) -> None:
-        kept, _skipped = clean(candles)
+        # Time order first: windows are cut in time, and run() is then given what it would keep itself.
+        kept, _skipped = clean(sorted(candles, key=lambda c: (c.open_time, c.symbol)))
         if not kept:
             raise ConfigError(f"no usable candles in the data ({len(candles)} read, every one skipped as bad data)")
         self.candles = kept
