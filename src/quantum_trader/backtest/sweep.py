@@ -12,6 +12,10 @@ parameters on window k-1 alone (rolling, not anchored: every choice sees the sam
 most recent history) and backtests them on window k. Only those test-window figures are
 reported; the chained out-of-sample return, the worst fold drawdown and the total trades sum
 them up. See ``walk_forward`` for how the test window warms the strategies up.
+
+One piece: the grammar, the pool, the search, walk-forward and the tables all speak of the same
+axes, combinations and rows, and the workers' functions must sit in the one module the fork
+server imports ahead of them; read it top down, one section per step.
 """
 
 from __future__ import annotations
