@@ -162,7 +162,9 @@ def backtest(
     start: str | None = FROM_OPT,
     end: str | None = UNTIL_OPT,
     html_out: Path | None = typer.Option(None, "--html", help="Write an HTML report with the equity curve."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only (with every trade)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the report as JSON only (with every trade); a sweep's rows or folds."
+    ),
     grid: list[str] | None = typer.Option(
         None,
         "--grid",
@@ -194,7 +196,7 @@ def backtest(
         help="Run every candle through a private server, as the stages do live (slow; for proving agreement)",
     ),
 ) -> None:
-    """Replay a file through engine, router, governor and paper exchange on a private server.
+    """Replay candles through engine, router, governor and paper exchange (--through-server: on a private server).
 
     Uses the same settings as `run` (environment and --env-file): fees, slippage, quote
     assets, sizing, exit fraction, limits, gap rule. With --grid, a parameter sweep: every
