@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "exchanges": 3,
     "strategies": 3,
     "marketdata": 3,
+    "bars": 3,
     "feed": 3,
     "download": 3,  # an exchange's public candles into Parquet files
     "portfolio": 3,

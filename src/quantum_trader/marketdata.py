@@ -19,8 +19,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
+from quantum_trader.bars import Bars
 from quantum_trader.errors import ConfigError
 
 # Re-exported while cli/market.py still imports Candle from here (its home is events).
@@ -82,6 +84,8 @@ def has_closures(candles: Sequence[Candle]) -> bool:
     step = interval_ms(candles[0].interval) if candles else None
     if step is None or step >= _UNITS_MS["w"] or candles[-1].open_time - candles[0].open_time < _UNITS_MS["w"]:
         return False
+    if isinstance(candles, Bars):
+        return candles.saturdays() < len(candles) / 14
     saturdays = sum(1 for c in candles if datetime.fromtimestamp(c.open_time / 1000, UTC).weekday() == 5)
     return saturdays < len(candles) / 14
 
@@ -198,6 +202,15 @@ def _epoch_ms(column: pd.Series) -> pd.Series:
 
 def read_file(path: Path, symbol: str | None = None, interval: str = "") -> list[Candle]:
     """Candles from a CSV or Parquet file (column rules in the README); clear errors naming what is wrong."""
+    return list(read_bars(path, symbol, interval))
+
+
+def read_bars(path: Path, symbol: str | None = None, interval: str = "") -> Bars:
+    """``read_file`` as columns (``Bars``): no Python object per candle, for files of millions of rows.
+
+    A ``symbol`` column names each row's market (files of several symbols); otherwise ``symbol``,
+    else the file's stem, names them all.
+    """
     if not path.exists():
         raise ConfigError(f"data file {path} does not exist")
     try:
@@ -220,27 +233,38 @@ def read_file(path: Path, symbol: str | None = None, interval: str = "") -> list
         times = _epoch_ms(frame[time_name])
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"data file {path}: column {time_name!r} is not ISO-8601 or epoch time: {exc}") from None
-    name = (symbol or path.stem).upper()
-    if not interval and len(times) > 1:
-        # The file's own spacing (median, so that gaps do not skew it) gives the interval.
-        spacing = int(times.diff().iloc[1:].median() // 1000)
-        interval = f"{spacing}s" if spacing > 0 else ""
-    values = {
-        col: pd.to_numeric(frame[columns[col]], errors="coerce").astype("float64").to_numpy() for col in PRICE_COLUMNS
+    if "symbol" in columns:
+        names = frame[columns["symbol"]].astype(str).str.strip().str.upper()
+        if (names == "").any() or names.isna().any():
+            raise ConfigError(f"data file {path}: column 'symbol' has empty values; name every row's market")
+        codes, uniques = pd.factorize(names)
+        symbols = tuple(str(u) for u in uniques)
+    else:
+        codes = np.zeros(len(frame), dtype=np.int32)
+        symbols = ((symbol or path.stem).upper(),)
+    intervals = []
+    for at in range(len(symbols)):
+        found = interval
+        own = times[codes == at]
+        if not found and len(own) > 1:
+            # The file's own spacing (median, so that gaps do not skew it) gives the interval.
+            spacing = int(own.diff().iloc[1:].median() // 1000)
+            found = f"{spacing}s" if spacing > 0 else ""
+        intervals.append(found)
+    values: dict[str, npt.NDArray[np.float64]] = {
+        col: np.asarray(pd.to_numeric(frame[columns[col]], errors="coerce"), dtype=np.float64) for col in PRICE_COLUMNS
     }
-    return [
-        Candle(
-            symbol=name,
-            interval=interval,
-            open_time=int(times.iloc[i]),
-            open=float(values["open"][i]),
-            high=float(values["high"][i]),
-            low=float(values["low"][i]),
-            close=float(values["close"][i]),
-            volume=float(values["volume"][i]),
-        )
-        for i in range(len(frame))
-    ]
+    return Bars(
+        symbols=symbols,
+        intervals=tuple(intervals),
+        symbol=np.asarray(codes, dtype=np.int32),
+        open_time=times.to_numpy(dtype=np.int64),
+        open=values["open"],
+        high=values["high"],
+        low=values["low"],
+        close=values["close"],
+        volume=values["volume"],
+    )
 
 
 def parse_time(text: str, option: str) -> int:

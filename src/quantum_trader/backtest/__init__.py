@@ -21,7 +21,7 @@ import itertools
 import json
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -33,15 +33,18 @@ import numpy as np
 from quantum_trader import portfolio
 from quantum_trader.backtest.inprocess import Inject, simulate, streams_of
 from quantum_trader.backtest.streams import Streams
+from quantum_trader.bars import Bars, ordered_clean
 from quantum_trader.errors import ConfigError
 from quantum_trader.events import Candle
 from quantum_trader.exchanges.base import split_symbol
-from quantum_trader.marketdata import clean, gap_rule
+from quantum_trader.logs import get_logger
+from quantum_trader.marketdata import gap_rule
 from quantum_trader.settings import DEFAULT_QUOTE_ASSETS, Settings, load_settings
 from quantum_trader.strategies import Strategy
 
 __all__ = ["Inject", "Report", "Streams", "Trade", "evaluate", "html", "outcomes", "quote_of", "run", "shown"]
 
+log = get_logger("backtest")
 DEFAULT_START_QUOTE = Decimal(10_000)  # when neither --balance nor QT_PAPER_BALANCES names the quote asset
 
 
@@ -133,10 +136,10 @@ def evaluate(symbol: str, candles: Sequence[Candle], trades: list[Trade], start_
     balance plus each symbol's holding at its latest close. A trade counts from the first open
     time at or after its decision.
     """
-    times: list[int] = []
-    for candle in candles:
-        if not times or candle.open_time != times[-1]:
-            times.append(candle.open_time)
+    bars = Bars.of(candles)
+    stamps = bars.open_time
+    firsts = np.flatnonzero(np.r_[True, stamps[1:] != stamps[:-1]]) if len(stamps) else np.zeros(0, dtype=np.intp)
+    times: list[int] = stamps[firsts].tolist()
     by_point: dict[int, list[Trade]] = {}
     for trade in trades:
         point = min(bisect_left(times, trade.time), len(times) - 1) if times else 0
@@ -144,21 +147,30 @@ def evaluate(symbol: str, candles: Sequence[Candle], trades: list[Trade], start_
     quote = start_quote
     base: dict[str, float] = {}
     held: dict[str, Decimal] = {}  # exact, so a closed position is exactly zero
-    closes: dict[str, float] = {}
+    closes = [0.0] * len(bars.symbols)
     equity: list[float] = []
     exposed = 0
-    index = 0
-    for point, at in enumerate(times):
-        while index < len(candles) and candles[index].open_time == at:
-            closes[candles[index].symbol] = candles[index].close
-            index += 1
-        for trade in by_point.get(point, ()):
-            name = trade.symbol or symbol
-            signed = float(trade.qty) if trade.side == "BUY" else -float(trade.qty)
-            held[name] = held.get(name, Decimal(0)) + (trade.qty if trade.side == "BUY" else -trade.qty)
-            base[name] = base.get(name, 0.0) + signed
-            quote -= signed * float(trade.price) + float(trade.fee)
-        equity.append(quote + sum(amount * closes.get(name, 0.0) for name, amount in base.items()))
+    single = len(bars.symbols) == 1
+    point = -1
+    for at, row_symbol, close in _rows(bars):
+        if single or point < 0 or at != times[point]:
+            if point >= 0 and not single:
+                equity.append(quote + sum(amount * closes[bars.symbols.index(n)] for n, amount in base.items()))
+                exposed += any(qty != 0 for qty in held.values())
+            point += 1
+        closes[row_symbol] = close
+        if point in by_point:
+            for trade in by_point.pop(point):
+                name = trade.symbol or symbol
+                signed = float(trade.qty) if trade.side == "BUY" else -float(trade.qty)
+                held[name] = held.get(name, Decimal(0)) + (trade.qty if trade.side == "BUY" else -trade.qty)
+                base[name] = base.get(name, 0.0) + signed
+                quote -= signed * float(trade.price) + float(trade.fee)
+        if single:
+            equity.append(quote + base.get(bars.symbols[0], 0.0) * close if base else quote)
+            exposed += any(qty != 0 for qty in held.values())
+    if point >= 0 and not single:
+        equity.append(quote + sum(amount * closes[bars.symbols.index(n)] for n, amount in base.items()))
         exposed += any(qty != 0 for qty in held.values())
     wins, closed = 0, 0
     # The book's method (average cost, portfolio.py), one book per strategy: an exit closes its own
@@ -211,6 +223,15 @@ def evaluate(symbol: str, candles: Sequence[Candle], trades: list[Trade], start_
     )
 
 
+def _rows(bars: Bars) -> Iterator[tuple[int, int, float]]:
+    """(open time, symbol index, close) of each row, a chunk at a time."""
+    for first in range(0, len(bars), 8192):
+        part = slice(first, first + 8192)
+        yield from zip(
+            bars.open_time[part].tolist(), bars.symbol[part].tolist(), bars.close[part].tolist(), strict=True
+        )
+
+
 def quote_of(symbol: str, settings: Settings) -> str:
     """The symbol's quote asset under QT_QUOTE_ASSETS, or a ConfigError saying how to fix it."""
     try:
@@ -242,11 +263,14 @@ async def run(
     (kill-switch flips, decisions published by another publisher).
     """
     base = settings if settings is not None else load_settings()
-    ordered = sorted(candles, key=lambda c: (c.open_time, c.symbol))
-    kept, _skipped = clean(ordered)
-    if not kept:
+    given = Bars.of(candles)
+    kept, skipped = ordered_clean(given)
+    for row, reason in skipped:
+        log.warning("candle_skipped", symbol=given.symbols[given.symbol[row]], open_time=int(given.open_time[row]),
+                    reason=reason)  # fmt: skip
+    if not len(kept):
         raise ConfigError(f"no usable candles in the data ({len(candles)} read, every one skipped as bad data)")
-    symbols = sorted({c.symbol for c in kept})
+    symbols = sorted({kept.symbols[at] for at in np.unique(kept.symbol).tolist()})
     quotes = {symbol: quote_of(symbol, base) for symbol in symbols}
     quote = quotes[symbols[0]]
     if len(set(quotes.values())) > 1:
