@@ -161,8 +161,12 @@ def concat(parts: Sequence[Bars]) -> Bars:
 def ordered_clean(bars: Bars) -> tuple[Bars, list[tuple[int, str]]]:
     """The rows sorted by (open time, symbol), file order kept among equals, then ``marketdata.clean``:
     the rows kept, and each row left out (its index in ``bars``) with the reason."""
-    order = np.lexsort((bars.symbol_rank(), bars.open_time))
-    sorted_bars = bars.take(order)
+    times = bars.open_time
+    if len(bars.symbols) <= 1 and bool(np.all(times[1:] > times[:-1])):
+        order, sorted_bars = np.arange(len(bars)), bars  # one symbol, already in order: no copy
+    else:
+        order = np.lexsort((bars.symbol_rank(), times))
+        sorted_bars = bars.take(order)
     o, h, lo, c, v = sorted_bars.open, sorted_bars.high, sorted_bars.low, sorted_bars.close, sorted_bars.volume
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c) & np.isfinite(v)
@@ -189,4 +193,4 @@ def ordered_clean(bars: Bars) -> tuple[Bars, list[tuple[int, str]]]:
         else:
             reason = "duplicate open time"
         skipped.append((int(order[row]), reason))
-    return sorted_bars.take(kept), skipped
+    return (sorted_bars if not skipped else sorted_bars.take(kept)), skipped

@@ -34,6 +34,7 @@ TIME_COLUMNS = ("timestamp", "time", "date", "datetime")
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 GAP_INTERVALS = 3  # 24/7 markets: more than this many intervals without a candle is a gap
+CSV_CHUNK_ROWS = 100_000
 CLOSURE_GAP_MS = 5 * 86_400_000  # markets with closures: a weekend plus two closed weekdays is not a gap
 
 
@@ -214,7 +215,11 @@ def read_bars(path: Path, symbol: str | None = None, interval: str = "") -> Bars
     if not path.exists():
         raise ConfigError(f"data file {path} does not exist")
     try:
-        frame = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+        if path.suffix.lower() in (".parquet", ".pq"):
+            frame = pd.read_parquet(path)
+        else:
+            # In pieces: the parser's buffers for a year of minutes at once would double the peak memory.
+            frame = pd.concat(list(pd.read_csv(path, chunksize=CSV_CHUNK_ROWS)), ignore_index=True)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise ConfigError(f"data file {path} cannot be read as CSV or Parquet: {exc}") from None
     columns = {str(name).strip().lower(): name for name in frame.columns}

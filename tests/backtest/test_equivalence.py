@@ -7,7 +7,7 @@ future ones); both transports run it, and every outcome must be identical: the r
 and trades, rejections by reason, trading-state changes, each result (ids aside: stream ids are
 the server's), the book, the paper balances, the protective levels and the dead letters.
 
-``QT_EQUIVALENCE_EXAMPLES`` sets the number of examples (``make equivalence`` runs 400).
+``QT_TEST_EQUIVALENCE_EXAMPLES`` sets the number of examples (``make equivalence`` runs 400).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from quantum_trader.events import DECISION, Candle, Fields, envelope
 from quantum_trader.settings import Settings
 from quantum_trader.strategies import EmaCross, RsiReversion, Strategy
 
-EXAMPLES = int(os.environ.get("QT_EQUIVALENCE_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("QT_TEST_EQUIVALENCE_EXAMPLES", "40"))
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 MINUTE = 60_000
 IDS = ("intent_id", "decision_id", "client_order_id", "exchange_order_id", "original_id")

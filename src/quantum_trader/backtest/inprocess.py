@@ -38,7 +38,7 @@ import numpy as np
 from quantum_trader import governor as gov
 from quantum_trader import keys, portfolio, protect, risk, trading
 from quantum_trader.ai_engine import Found, Signals, after_outcome, closed_by_protect, decisions
-from quantum_trader.backtest.streams import Streams
+from quantum_trader.backtest.streams import Streams, decided
 from quantum_trader.bus.streams import Entry
 from quantum_trader.commit import Job, book_updates
 from quantum_trader.events import (
@@ -99,7 +99,8 @@ class Memory:
     prices: dict[str, float] = field(default_factory=dict)  # each symbol's latest close (the price hash)
     balances: dict[str, Decimal] = field(default_factory=dict)  # the paper account
     dedup: dict[str, int] = field(default_factory=dict)  # dedup key -> expires at (ms, simulated)
-    intents: list[tuple[str, Fields]] = field(default_factory=list)
+    intents: list[tuple[str, Fields]] = field(default_factory=list)  # routed, not yet executed
+    decided: dict[str, tuple[int, str]] = field(default_factory=dict)  # every intent: decided at, by
     results: list[tuple[str, Fields]] = field(default_factory=list)
     rejected: list[tuple[str, Fields]] = field(default_factory=list)
     dead: int = 0
@@ -235,7 +236,10 @@ class Pipeline:
         before = len(self.memory.intents)
         for first in range(0, len(entries), size):
             self.route(entries[first : first + size])
-        intents = [Entry(i, f) for i, f in self.memory.intents[before:]]
+        routed = self.memory.intents[before:]
+        self.memory.decided.update(decided((i, f["payload"]) for i, f in routed))
+        del self.memory.intents[before:]  # executed below: only what the report needs of them is kept
+        intents = [Entry(i, f) for i, f in routed]
         for first in range(0, len(intents), size):
             self.execute(intents[first : first + size])
 
@@ -534,7 +538,7 @@ def streams_of(pipeline: Pipeline) -> Streams:
     """What the in-process run left, as the server path reads it from its streams and keys."""
     memory = pipeline.memory
     return Streams(
-        intents=memory.intents,
+        decided=memory.decided,
         results=memory.results,
         rejected=memory.rejected,
         states=memory.states,

@@ -21,7 +21,7 @@ from typing import Any
 from quantum_trader import keys
 from quantum_trader.ai_engine import AiEngine
 from quantum_trader.backtest.inprocess import Inject
-from quantum_trader.backtest.streams import Streams
+from quantum_trader.backtest.streams import Streams, decided
 from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.embedded import EmbeddedValkey, free_port
 from quantum_trader.bus.streams import GroupConsumer
@@ -100,7 +100,7 @@ async def replay(
 async def _streams(redis: Redis, settings: Settings) -> Streams:
     balances = await redis.hgetall(keys.paper_balances())
     return Streams(
-        intents=list(await redis.xrange(settings.intent_stream)),
+        decided=decided((i, f["payload"]) for i, f in await redis.xrange(settings.intent_stream)),
         results=list(await redis.xrange(settings.result_stream)),
         rejected=list(await redis.xrange(settings.rejected_stream)),
         states=[fields for _id, fields in await redis.xrange(settings.streams.risk_state)],

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import typer
 
-from quantum_trader.alerts import alert_urls, deliver, trial_message
 from quantum_trader.cli.common import JSON_OPT, configured, console
 from quantum_trader.errors import ConfigError
 
@@ -18,6 +17,8 @@ alerts_app = typer.Typer(help="Alerts through Apprise (QT_ALERT_URLS in the secr
 def test_command(as_json: bool = JSON_OPT) -> None:  # noqa: PT028 (a command, not a test)
     """Send one test message to every URL of QT_ALERT_URLS; exit 1 when any did not receive it."""
     cfg = configured()
+    from quantum_trader.alerts import alert_urls, deliver, trial_message  # Apprise: only when an alert is sent
+
     urls = alert_urls(cfg)
     if not urls:
         raise ConfigError(
