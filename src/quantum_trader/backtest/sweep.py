@@ -413,7 +413,7 @@ def _execute(context: _Context, job: Job) -> Outcome:
         return Outcome(None, str(exc), setup=True)
     except Exception as exc:
         return Outcome(None, _one_line(exc))
-    span = (report.times[0], report.times[-1]) if report.times else None
+    span = (int(report.times[0]), int(report.times[-1])) if len(report.times) else None
     return Outcome(report.summary(), None, span)
 
 
