@@ -130,6 +130,15 @@ class Bars(Sequence[Candle]):
         ranks[np.argsort(np.array(self.symbols, dtype=object), kind="stable")] = np.arange(len(self.symbols))
         return ranks[self.symbol] if len(self.symbols) else self.symbol
 
+    def within(self, start_ms: int | None, end_ms: int | None) -> npt.NDArray[np.bool_]:
+        """The rows opened at or after ``start_ms`` and before ``end_ms`` (None: no bound), as a mask."""
+        mask = np.ones(len(self), dtype=np.bool_)
+        if start_ms is not None:
+            mask &= self.open_time >= start_ms
+        if end_ms is not None:
+            mask &= self.open_time < end_ms
+        return mask
+
     def saturdays(self) -> int:
         """Rows opened on a Saturday (UTC): 1970-01-01 was a Thursday."""
         return int(np.count_nonzero((self.open_time // 86_400_000 + 3) % 7 == 5))
@@ -137,6 +146,8 @@ class Bars(Sequence[Candle]):
 
 def concat(parts: Sequence[Bars]) -> Bars:
     """Several files' columns as one (symbols merged by name; the first interval seen for a name is kept)."""
+    if len(parts) == 1:
+        return parts[0]  # no copy of a single file's columns
     names: dict[str, int] = {}
     intervals: list[str] = []
     for part in parts:

@@ -15,8 +15,10 @@ starting quote balance only. The report's figures are pure functions of the trad
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -31,11 +33,11 @@ from quantum_trader.errors import ConfigError
 from quantum_trader.events import Candle
 from quantum_trader.exchanges.base import split_symbol
 from quantum_trader.logs import get_logger
-from quantum_trader.marketdata import gap_rule
+from quantum_trader.marketdata import GapRule, gap_rule
 from quantum_trader.settings import Settings, load_settings
 from quantum_trader.strategies import Strategy
 
-__all__ = ["Inject", "Report", "Streams", "Trade", "evaluate", "html", "outcomes", "quote_of", "run", "shown"]
+__all__ = ["Inject", "Report", "Streams", "Trade", "evaluate", "html", "outcomes", "quote_of", "replay", "run", "shown"]
 
 log = get_logger("backtest")
 DEFAULT_START_QUOTE = Decimal(10_000)  # when neither --balance nor QT_PAPER_BALANCES names the quote asset
@@ -62,6 +64,28 @@ async def run(
     through_server: bool = False,
     script: Mapping[int, Inject] | None = None,
 ) -> Report:
+    """``replay`` from a coroutine (the server path's stages are asyncio; the in-process path never waits)."""
+    if not through_server:
+        return replay(candles, strategies, settings, start_quote=start_quote, notional=notional, progress=progress,
+                      script=script)  # fmt: skip
+    prepared = _prepare(candles, settings, start_quote, notional)
+    from quantum_trader.backtest.server import replay as through
+
+    streams = await through(prepared.kept, strategies, prepared.cfg, prepared.gap, script=script, progress=progress)
+    return _report(prepared, streams)
+
+
+def replay(
+    candles: Sequence[Candle],
+    strategies: list[Strategy],
+    settings: Settings | None = None,
+    *,
+    start_quote: Decimal | None = None,
+    notional: Decimal | None = None,
+    progress: Callable[[int], None] | None = None,
+    through_server: bool = False,
+    script: Mapping[int, Inject] | None = None,
+) -> Report:
     """Replay ``candles`` (one or more symbols of one quote asset) through the pipeline's rules.
 
     ``settings`` are those ``run`` would use (read from the environment when None);
@@ -71,6 +95,32 @@ async def run(
     proving agreement). ``script``: per index of the cleaned candles, what else happens there
     (kill-switch flips, decisions published by another publisher).
     """
+    if through_server:
+        return asyncio.run(
+            run(candles, strategies, settings, start_quote=start_quote, notional=notional, progress=progress,
+                through_server=True, script=script)
+        )  # fmt: skip
+    prepared = _prepare(candles, settings, start_quote, notional)
+    start = {prepared.quote: prepared.start}
+    pipeline = simulate(prepared.kept, strategies, prepared.cfg, prepared.gap, start=start, script=script,
+                        progress=progress)  # fmt: skip
+    return _report(prepared, streams_of(pipeline))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    kept: Bars
+    symbols: list[str]
+    quote: str
+    start: Decimal
+    gap: GapRule
+    cfg: Settings
+
+
+def _prepare(
+    candles: Sequence[Candle], settings: Settings | None, start_quote: Decimal | None, notional: Decimal | None
+) -> _Prepared:
+    """The candles sorted and cleaned, their quote asset, the starting balance, the gap rule and the settings."""
     base = settings if settings is not None else load_settings()
     given = Bars.of(candles)
     kept, skipped = ordered_clean(given)
@@ -94,15 +144,14 @@ async def run(
     update: dict[str, Any] = {"exchange": "paper", "paper_balances": {quote: start}, "consumer": "backtest"}
     if notional is not None:
         update["ai_notional"] = notional
-    cfg = base.model_copy(update=update)
-    if through_server:
-        from quantum_trader.backtest.server import replay
+    return _Prepared(kept, symbols, quote, start, gap, base.model_copy(update=update))
 
-        streams = await replay(kept, strategies, cfg, gap, script=script, progress=progress)
-    else:
-        streams = streams_of(
-            simulate(kept, strategies, cfg, gap, start={quote: start}, script=script, progress=progress)
-        )
+
+def _report(prepared: _Prepared, streams: Streams) -> Report:
+    """The report of a run: its figures from the fills and closes, what was refused, the states, the settings."""
+    kept, symbols, quote, start, gap, cfg = (
+        prepared.kept, prepared.symbols, prepared.quote, prepared.start, prepared.gap, prepared.cfg
+    )  # fmt: skip
     trades, rejections = outcomes(streams)
     report = evaluate(",".join(symbols), kept, trades, float(start))
     report.rejections = rejections

@@ -20,7 +20,6 @@ server imports ahead of them; read it top down, one section per step.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import dataclasses
 import itertools
@@ -386,20 +385,17 @@ def _one_line(exc: BaseException) -> str:
 
 def _execute(context: _Context, job: Job) -> Outcome:
     candles = context.candles[job.start : job.stop]
-    extra: dict[str, Any] = {"through_server": True} if context.through_server else {}
     try:
         strategies = build(context.strategies, job.params)
         for attempt in (1, 2):
             try:
-                report = asyncio.run(
-                    bt.run(
-                        candles=candles,
-                        strategies=strategies,
-                        settings=context.settings,
-                        start_quote=context.start_quote,
-                        notional=context.notional,
-                        **extra,
-                    )
+                report = bt.replay(
+                    candles,
+                    strategies,
+                    context.settings,
+                    start_quote=context.start_quote,
+                    notional=context.notional,
+                    through_server=context.through_server,
                 )
                 break
             except ServerStartError:
