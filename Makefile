@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck pytest bench bench-quick clean
+.PHONY: demo test lint typecheck pytest bench bench-quick equivalence clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(DEV_STAMP)
 
 bench-quick: $(DEV_STAMP)
 	$(BIN)/python -m bench --quick
+
+# The backtest's two transports held to one outcome on many more generated scenarios than `make test` runs.
+equivalence: $(DEV_STAMP)
+	QT_TEST_EQUIVALENCE_EXAMPLES=400 $(BIN)/python -m pytest -p no:randomly tests/backtest/test_equivalence.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

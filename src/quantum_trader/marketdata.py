@@ -206,6 +206,13 @@ def read_file(path: Path, symbol: str | None = None, interval: str = "") -> list
     return list(read_bars(path, symbol, interval))
 
 
+def symbol_of(path: Path) -> str:
+    """The market a file is named after: its stem, less an interval suffix (``BTCUSDT-1m.parquet`` -> ``BTCUSDT``,
+    as ``data download`` names its files)."""
+    match = re.fullmatch(r"(.+)-\d+[smhdwM]", path.stem)
+    return match.group(1) if match else path.stem
+
+
 def read_bars(path: Path, symbol: str | None = None, interval: str = "") -> Bars:
     """``read_file`` as columns (``Bars``): no Python object per candle, for files of millions of rows.
 
@@ -246,7 +253,7 @@ def read_bars(path: Path, symbol: str | None = None, interval: str = "") -> Bars
         symbols = tuple(str(u) for u in uniques)
     else:
         codes = np.zeros(len(frame), dtype=np.int32)
-        symbols = ((symbol or path.stem).upper(),)
+        symbols = ((symbol or symbol_of(path)).upper(),)
     intervals = []
     for at in range(len(symbols)):
         found = interval

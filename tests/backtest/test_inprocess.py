@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
+import msgspec
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +14,7 @@ from quantum_trader.backtest import run
 from quantum_trader.backtest.inprocess import hincrbyfloat
 from quantum_trader.bars import Bars, ordered_clean
 from quantum_trader.events import Candle
-from quantum_trader.marketdata import clean, synthetic
+from quantum_trader.marketdata import clean, read_bars, synthetic
 from quantum_trader.settings import Settings
 from quantum_trader.strategies import EmaCross
 
@@ -76,3 +78,23 @@ async def test_two_symbols_trade_in_one_run_with_one_balance() -> None:
     assert both.streams is not None
     assert alone.streams is not None
     assert both.streams.balances["USDT"] != alone.streams.balances["USDT"]
+
+
+async def test_a_file_naming_each_rows_symbol_backtests_every_market(tmp_path: Path) -> None:
+    candles = synthetic({"BTCUSDT": 30_000.0, "ETHUSDT": 2_000.0}, 300)
+    rows = [f"{c.open_time},{c.symbol},{c.open!r},{c.high!r},{c.low!r},{c.close!r},{c.volume!r}" for c in candles]
+    path = tmp_path / "two-markets.csv"
+    path.write_text("timestamp,symbol,open,high,low,close,volume\n" + "\n".join(rows) + "\n")
+    bars = read_bars(path)
+    assert sorted(bars.symbols) == ["BTCUSDT", "ETHUSDT"]
+    assert list(bars) == [msgspec.structs.replace(c, interval="60s") for c in candles]
+    from_file = await run(bars, [EmaCross(fast=5, slow=20)], Settings())
+    from_list = await run(candles, [EmaCross(fast=5, slow=20)], Settings())
+    assert from_file.trades == from_list.trades
+    assert {t.symbol for t in from_file.trades} == {"BTCUSDT", "ETHUSDT"}
+
+
+def test_a_downloaded_files_name_gives_its_symbol(tmp_path: Path) -> None:
+    path = tmp_path / "BTCUSDT-1m.csv"
+    path.write_text("timestamp,open,high,low,close,volume\n1767225600000,1,1,1,1,1\n")
+    assert read_bars(path).symbols == ("BTCUSDT",)
