@@ -21,6 +21,14 @@ def cases(tmp: Path) -> list[list[str]]:
     daily.write_text("date,open,high,low,close,volume\n2024-01-01,1,2,0.5,1.5,10\n2024-01-02,1,2,0.5,1.5,10\n")
     garbage = tmp / "garbage.csv"
     garbage.write_bytes(b"\xff\xfe\x00not,a,csv\n\x00\x00")
+    header_only = tmp / "empty.csv"
+    header_only.write_text("timestamp,open,high,low,close,volume\n")
+    no_symbol = tmp / "no-symbol.csv"
+    no_symbol.write_text("timestamp,symbol,open,high,low,close,volume\n1767225600000,,1,1,1,1,1\n")
+    two_quotes = tmp / "two-quotes.csv"
+    two_quotes.write_text(
+        "timestamp,symbol,open,high,low,close,volume\n1767225600000,BTCUSDT,1,1,1,1,1\n1767225600000,ETHBTC,1,1,1,1,1\n"
+    )
     return [
         ["run", "--stages", "nope"],
         ["run", "--duration", "abc"],
@@ -52,6 +60,12 @@ def cases(tmp: Path) -> list[list[str]]:
         ["backtest", "--html", f"{MISSING}/report.html"],
         ["backtest", "--strategy", "nope"],
         ["backtest", "--notional", "-1"],
+        ["backtest", "--data", str(header_only)],
+        ["backtest", "--data", str(no_symbol)],
+        ["backtest", "--data", str(two_quotes)],
+        ["backtest", "--data", str(daily), "--data", str(daily), "--symbol", "BTCUSDT"],
+        ["backtest", "--data", str(daily), "--grid", "ema-cross.fast=1..x"],
+        ["data", "download", "--symbols", "BTC/USDT", "--since", "yesterday-ish"],
         ["kill", "on", "--bogus"],
         ["kill", "status", "--bogus"],
         ["governor", "status", "extra-arg"],

@@ -127,6 +127,8 @@ def _prepare(
     for row, reason in skipped:
         log.warning("candle_skipped", symbol=given.symbols[given.symbol[row]], open_time=int(given.open_time[row]),
                     reason=reason)  # fmt: skip
+    if not len(given):
+        raise ConfigError("the data holds no candles: give a file with at least one row of prices")
     if not len(kept):
         raise ConfigError(f"no usable candles in the data ({len(candles)} read, every one skipped as bad data)")
     symbols = sorted({kept.symbols[at] for at in np.unique(kept.symbol).tolist()})

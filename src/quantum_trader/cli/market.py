@@ -253,7 +253,7 @@ def backtest(
         )  # fmt: skip
         return
     # The progress bar goes to stderr: stdout holds the report alone (JSON with --json).
-    with Progress(console=err, transient=True, disable=as_json) as bar:
+    with Progress(console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task(f"backtest {','.join(bars.symbols)}", total=len(bars))
         report = bt.replay(
             bars,
