@@ -7,7 +7,8 @@ future ones); both transports run it, and every outcome must be identical: the r
 and trades, rejections by reason, trading-state changes, each result (ids aside: stream ids are
 the server's), the book, the paper balances, the protective levels and the dead letters.
 
-``QT_TEST_EQUIVALENCE_EXAMPLES`` sets the number of examples (``make equivalence`` runs 400).
+``QT_TEST_EQUIVALENCE_EXAMPLES`` sets the number of examples (40 by default, ``make equivalence`` runs 400);
+``pytest -m slow`` adds a run of 1,000.
 """
 
 from __future__ import annotations
@@ -211,17 +212,31 @@ def outcome(report: Report) -> dict[str, Any]:
     }
 
 
-@pytest.mark.timeout(1800)
-@settings(
-    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
-)
-@given(scenario=scenarios())
-async def test_in_process_and_through_server_decide_the_same(scenario: Scenario) -> None:
+async def agree(scenario: Scenario) -> None:
     inside = await run(scenario.candles, scenario.strategies, scenario.settings, script=scenario.script)
     server = await run(
         scenario.candles, scenario.strategies, scenario.settings, script=scenario.script, through_server=True
     )
     assert outcome(inside) == outcome(server)
+
+
+SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
+
+@pytest.mark.timeout(1800)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=SLOW)
+@given(scenario=scenarios())
+async def test_in_process_and_through_server_decide_the_same(scenario: Scenario) -> None:
+    await agree(scenario)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(7200)
+@settings(max_examples=1000, deadline=None, suppress_health_check=SLOW)
+@given(scenario=scenarios())
+async def test_in_process_and_through_server_decide_the_same_at_length(scenario: Scenario) -> None:
+    """The same property on 1,000 scenarios (pytest -m slow; about a quarter of an hour)."""
+    await agree(scenario)
 
 
 async def test_a_scenario_with_every_kind_of_event_agrees_and_trades() -> None:
