@@ -247,8 +247,15 @@ def read_bars(path: Path, symbol: str | None = None, interval: str = "") -> Bars
         raise ConfigError(f"data file {path}: column {time_name!r} is not ISO-8601 or epoch time: {exc}") from None
     if "symbol" in columns:
         names = frame[columns["symbol"]].astype(str).str.strip().str.upper()
-        if (names == "").any() or names.isna().any():
+        if (names == "").any() or frame[columns["symbol"]].isna().any():
             raise ConfigError(f"data file {path}: column 'symbol' has empty values; name every row's market")
+        if symbol:
+            # A market named in a file of several: its rows alone.
+            wanted = (names == symbol.strip().upper()).to_numpy()
+            if not wanted.any():
+                found = ", ".join(sorted(set(names))[:10])
+                raise ConfigError(f"data file {path} has no rows of {symbol.upper()}; its symbol column names {found}")
+            frame, names, times = frame[wanted], names[wanted], times[wanted]
         codes, uniques = pd.factorize(names)
         symbols = tuple(str(u) for u in uniques)
     else:

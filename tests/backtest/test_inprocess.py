@@ -6,6 +6,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import msgspec
+import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from quantum_trader.backtest import run
 from quantum_trader.backtest.inprocess import hincrbyfloat
 from quantum_trader.bars import Bars, ordered_clean
+from quantum_trader.errors import ConfigError
 from quantum_trader.events import Candle
 from quantum_trader.marketdata import clean, read_bars, synthetic
 from quantum_trader.settings import Settings
@@ -92,6 +94,11 @@ async def test_a_file_naming_each_rows_symbol_backtests_every_market(tmp_path: P
     from_list = await run(candles, [EmaCross(fast=5, slow=20)], Settings())
     assert from_file.trades == from_list.trades
     assert {t.symbol for t in from_file.trades} == {"BTCUSDT", "ETHUSDT"}
+    only = read_bars(path, "ethusdt")  # one market of the file: its rows alone
+    assert only.symbols == ("ETHUSDT",)
+    assert list(only) == [msgspec.structs.replace(c, interval="60s") for c in candles if c.symbol == "ETHUSDT"]
+    with pytest.raises(ConfigError, match="no rows of SOLUSDT; its symbol column names BTCUSDT, ETHUSDT"):
+        read_bars(path, "SOLUSDT")
 
 
 def test_a_downloaded_files_name_gives_its_symbol(tmp_path: Path) -> None:
