@@ -178,7 +178,8 @@ class Signals:
                 log.warning("candle_gap", symbol=symbol, after_open_time=previous, open_time=candle.open_time,
                             rule=str(self.gap), action="history reset, warm-up again")  # fmt: skip
             steppers = self.steppers[symbol] = [stepper_of(strategy) for strategy in self.strategies]
-            self.history[symbol] = deque(maxlen=self.size)
+            if self.windowed:  # only a strategy without a stepper reads the window
+                self.history[symbol] = deque(maxlen=self.size)
             self.since[symbol] = 0
         self.previous[symbol] = candle.open_time
         self.since[symbol] += 1
