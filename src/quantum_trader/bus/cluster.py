@@ -1,0 +1,275 @@
+"""A Valkey Cluster (or Redis Cluster) as the stream server: its URL, its client, waiting for replicas.
+
+A cluster URL names one or more seed nodes; the client learns the rest from them::
+
+    redis+cluster://[[user]:password@]host[:port][,host[:port]...][/0][?option=value&...]
+
+``valkey+cluster://`` means the same, ``rediss+cluster://`` connects with TLS. The port
+defaults to 6379, a cluster has database 0 only, and the options a URL may carry are the
+connection's timeouts and TLS files (``URL_OPTIONS``). The client is configured as the
+single-server one (``bus/connection.py``): ``str`` replies with surrogate escapes, this
+process's client name, a 5 s connect timeout, no read timeout, a health check every 30 s,
+and no limit on connections per node.
+
+What a cluster changes for the code that uses it:
+
+- the keys of one multi-key command, Lua script or transaction must share a hash slot:
+  name them with one hash tag (``{p0}:intent``, ``{p0}:results``); the server refuses
+  the others with ``CROSSSLOT`` (and redis-py refuses some before sending them);
+- replication is asynchronous: a write its primary acknowledged is lost if the primary
+  dies before a replica received it. ``wait_replicated`` tells when the writes made so
+  far on a key's primary are held by replicas; a write a replica holds survives the loss
+  of its primary (the replica is promoted with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import REPLICA
+from redis.exceptions import RedisError
+
+from quantum_trader.bus.embedded import client_name
+from quantum_trader.errors import ConfigError
+from quantum_trader.redaction import redact_url
+
+# Cluster scheme -> the scheme of one node's connection.
+SCHEMES = {"redis+cluster": "redis", "valkey+cluster": "redis", "rediss+cluster": "rediss"}
+DEFAULT_PORT = 6379
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _flag(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _cert_reqs(text: str) -> str:
+    if text not in {"none", "optional", "required"}:
+        raise ValueError("must be none, optional or required")
+    return text
+
+
+# Options a cluster URL may carry (``?name=value``), each with the parser of its value.
+URL_OPTIONS: dict[str, Any] = {
+    "socket_timeout": _seconds,
+    "socket_connect_timeout": _seconds,
+    "health_check_interval": _seconds,
+    "max_connections": _count,
+    "ssl_cert_reqs": _cert_reqs,
+    "ssl_ca_certs": str,
+    "ssl_certfile": str,
+    "ssl_keyfile": str,
+    "ssl_check_hostname": _flag,
+}
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """A parsed cluster URL: seed nodes, credentials, TLS, options (``repr`` hides the password)."""
+
+    seeds: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a cluster (``redis+cluster://``, ``rediss+cluster://``, ``valkey+cluster://``)."""
+    scheme, sep, _ = url.strip().partition("://")
+    return bool(sep) and scheme.lower() in SCHEMES
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """The seed nodes, credentials and options of a cluster URL; ``ConfigError`` naming what is wrong."""
+    shown = redact_url(url.strip())
+
+    def wrong(problem: str) -> ConfigError:
+        return ConfigError(f"cluster URL {shown}: {problem}")
+
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep or scheme.lower() not in SCHEMES:
+        given = f"'{scheme}://'" if sep else "no scheme"
+        raise wrong(f"{given} is not a cluster scheme; use redis+cluster://, rediss+cluster:// or valkey+cluster://")
+    # The authority runs to the first '/', '?' or '#' after the credentials (a password may hold '/' or '?').
+    credentials, at, tail = rest.rpartition("@")
+    cut = min((i for i in (tail.find("/"), tail.find("?"), tail.find("#")) if i >= 0), default=len(tail))
+    hosts, remainder = tail[:cut], tail[cut:]
+    parts = urlsplit("//placeholder" + remainder)
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+        if username and password is None:
+            # redis://name@host means a password with the default user, as redis-py reads it.
+            username, password = None, username
+    if not hosts:
+        raise wrong("no host; name at least one node, e.g. redis+cluster://10.0.0.1:6379")
+    seeds = []
+    for seed in hosts.split(","):
+        if not seed.strip():
+            raise wrong(f"an empty node in '{hosts}'; separate nodes with one comma")
+        try:
+            node = urlsplit("//" + seed.strip())
+            port = node.port or DEFAULT_PORT
+        except ValueError:
+            raise wrong(f"node '{seed}' has no valid port (a number from 1 to 65535)") from None
+        if not node.hostname:
+            raise wrong(f"node '{seed}' has no host")
+        seeds.append((node.hostname, port))
+    if parts.path not in {"", "/", "/0"}:
+        raise wrong(f"database '{parts.path.lstrip('/')}': a cluster has database 0 only; remove it from the URL")
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        parser = URL_OPTIONS.get(name)
+        if parser is None:
+            raise wrong(f"unknown option '{name}'; a cluster URL may set {', '.join(sorted(URL_OPTIONS))}")
+        try:
+            options[name] = parser(value)
+        except ValueError as exc:
+            raise wrong(f"option {name}={value!r}: {exc}") from None
+    return ClusterTarget(
+        seeds=tuple(seeds),
+        username=username,
+        password=password,
+        tls=SCHEMES[scheme.lower()] == "rediss",
+        options=options,
+    )
+
+
+def cluster_client(url: str) -> RedisCluster:
+    """An asyncio cluster client, configured as ``connection.client`` configures the single-server one.
+
+    It connects on first use (``await client.initialize()`` to do it now) and follows the
+    cluster as it changes: a MOVED reply or a lost node makes it read the slot map again
+    and retry (three times; redis-py's cluster client uses only the count of its ``Retry``).
+    """
+    target = parse_cluster_url(url)
+    settings: dict[str, Any] = {
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "socket_timeout": None,  # as the single-server client: blocking reads wait as long as they asked
+        # As the single-server client's pool: no limit. The cluster client's default (100 per node)
+        # fails a command with MaxConnectionsError instead of waiting for a free connection.
+        "max_connections": 2**31,
+        **target.options,
+    }
+    if target.tls:
+        settings["ssl"] = True
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.seeds],
+        username=target.username,
+        password=target.password,
+        decode_responses=True,
+        encoding_errors="surrogateescape",
+        client_name=client_name(),
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),
+        **settings,
+    )
+
+
+async def wait_replicated(client: RedisCluster, key: str, replicas: int = 1, timeout_ms: int = 1000) -> int:
+    """How many replicas of ``key``'s primary hold every write it had accepted when called.
+
+    Returns as soon as ``replicas`` of them do, or after ``timeout_ms`` with how many did:
+    a write made before this call and counted here survives the loss of its primary, since
+    a replica holding it is promoted in its place.
+
+    This is what ``WAIT replicas timeout_ms`` promises, for writes made on any connection.
+    ``WAIT`` itself counts only the writes of the connection it runs on, and the cluster
+    client hands each command whichever pooled connection is free: a ``WAIT`` after a write
+    may run on a connection that never wrote and answer at once that every replica has it.
+    So this reads the primary's replication offset and its connected replicas, then asks
+    each replica until it has applied that much of the primary's stream (a replica counts
+    only when it follows this primary's history: the same replication id).
+
+    Replicas are reached on the client's own connections. ``CLUSTER SLOTS`` leaves out a
+    replica that had nothing to replicate yet, so the client's slot map may lack one the
+    primary names: it joins the client's nodes then (reading the whole map again instead
+    would cost ~10 ms and reconnect every node). 0 when no replica is connected, or when
+    the node the slot map names is no longer a primary; a primary that cannot be reached
+    raises redis-py's error, as any command does.
+    """
+    if replicas < 1 or timeout_ms < 1:
+        raise ValueError("replicas and timeout_ms must be at least 1 (WAIT's 0, wait forever, is not offered)")
+    deadline = time.monotonic() + timeout_ms / 1000
+    await client.initialize()
+    primary = client.get_node_from_key(key)
+    if primary is None:
+        return 0
+    state = await client.info("replication", target_nodes=primary)
+    if state.get("role") != "master":
+        return 0
+    offset, history = int(state["master_repl_offset"]), state.get("master_replid")
+    manager = client.nodes_manager
+    addresses = [
+        manager.remap_host_port(str(value["ip"]), int(value["port"]))
+        for name, value in state.items()
+        if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+    ]
+    nodes = []
+    for host, port in addresses:
+        node = client.get_node(host, port)
+        if node is None:
+            # Known to the primary, not to the slot map: the client's nodes gain it, as they would
+            # once a refresh of the map listed it (and the client closes it with the others).
+            node = ClusterNode(host, port, REPLICA, **manager.connection_kwargs)
+            manager.nodes_cache[node.name] = node
+        nodes.append(node)
+
+    async def holds(node: ClusterNode) -> bool:
+        """Whether ``node`` applies ``offset`` of this primary's stream before the deadline."""
+        pause = 0.0005
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    seen = await node.execute_command("INFO", "replication")
+            except (TimeoutError, RedisError, OSError):
+                seen = {}
+            if (
+                seen.get("role") == "slave"
+                and seen.get("master_replid") == history
+                and int(seen.get("slave_repl_offset", -1)) >= offset
+            ):
+                return True
+            await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+            pause = min(pause * 2, 0.02)
+        return False
+
+    tasks = {asyncio.create_task(holds(node)) for node in nodes}
+    acknowledged = 0
+    try:
+        while tasks and acknowledged < replicas:
+            finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            acknowledged += sum(1 for task in finished if task.result())
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return acknowledged
