@@ -2,11 +2,12 @@
 
 A router and four execution processes run as real processes (``python -m quantum_trader
 router|execution``). 2,400 decisions alternate BUY and SELL of one small quantity on each of
-four symbols, starting from a zero base balance, and are published in bursts while a chaos
-loop SIGKILLs an execution process every fraction of a second (most often one holding
-unfinished intents) and starts it again. With ``QT_PARTITIONS=4`` the router writes each
-symbol's intents to one partition stream, read by one execution process at a time under a
-lease, the next holder finishing the last one's pending intents first. At the end:
+four symbols (spread over the partitions), starting from a zero base balance, and are
+published in bursts while a chaos loop SIGKILLs an execution process every fraction of a
+second (most often one holding unfinished intents) and starts it again. With
+``QT_PARTITIONS=4`` the router writes each symbol's intents to one partition stream, read by
+one execution process at a time under a lease, the next holder finishing the last one's
+pending intents first. At the end:
 
 - every decision has exactly one result, and effectively-once holds (``tests.chaos.violations``);
 - every result is FILLED: a SELL that overtook its BUY would be REJECTED INSUFFICIENT_BALANCE;
@@ -50,8 +51,12 @@ from quantum_trader.events import Fields, Reason
 from tests.chaos import Ledger, read_ledger, violations
 from tests.pipeline import decision
 
-SYMBOLS = ("ETHUSDT", "BTCUSDT", "SOLUSDT", "BNBUSDT")
-PRICES = {"ETHUSDT": "3000", "BTCUSDT": "60000", "SOLUSDT": "150", "BNBUSDT": "600"}
+# The candidate symbols, each with its market price; a run trades four of them (``spread_symbols``).
+PRICES = {
+    "ETHUSDT": "3000", "BTCUSDT": "60000", "SOLUSDT": "150", "BNBUSDT": "600", "XRPUSDT": "0.5",
+    "AVAXUSDT": "30", "LTCUSDT": "80", "DOGEUSDT": "0.1", "ADAUSDT": "0.4", "LINKUSDT": "15",
+}  # fmt: skip
+SYMBOL_COUNT = 4
 QTY = "0.001"
 QUOTE = "USDT"
 START = {QUOTE: Decimal(10_000_000)}  # and no base asset at all
@@ -81,13 +86,27 @@ def no_process_left() -> Iterator[None]:
         _CHILDREN.discard(pid)
 
 
-def decisions() -> list[Fields]:
+def spread_symbols(partitions: int) -> list[str]:
+    """``SYMBOL_COUNT`` symbols on as many partitions as the router's hash spreads them (the first ones without it)."""
+    partition_of = getattr(keys, "partition_of", None)
+    chosen: list[str] = []
+    if partition_of is not None and partitions > 1:
+        taken: set[int] = set()
+        for symbol in PRICES:
+            if partition_of(symbol, partitions) not in taken:
+                taken.add(partition_of(symbol, partitions))
+                chosen.append(symbol)
+    chosen += [symbol for symbol in PRICES if symbol not in chosen]
+    return chosen[:SYMBOL_COUNT]
+
+
+def decisions(symbols: Sequence[str]) -> list[Fields]:
     """The symbols interleaved; per symbol BUY, SELL, BUY, SELL... of the same quantity."""
     out = []
     for n in range(DECISION_COUNT):
-        symbol = SYMBOLS[n % len(SYMBOLS)]
-        side = "BUY" if (n // len(SYMBOLS)) % 2 == 0 else "SELL"
-        out.append(decision(symbol, side, QTY, PRICES[symbol], strategy=f"pair-{n // (2 * len(SYMBOLS))}"))
+        symbol = symbols[n % len(symbols)]
+        side = "BUY" if (n // len(symbols)) % 2 == 0 else "SELL"
+        out.append(decision(symbol, side, QTY, PRICES[symbol], strategy=f"pair-{n // (2 * len(symbols))}"))
     return out
 
 
@@ -366,7 +385,7 @@ def order_report(
                 problems.append(problem)
                 reordered.add(symbol)
 
-    for symbol in SYMBOLS:
+    for symbol in published:
         base = symbol.removesuffix(QUOTE)
         if ledger.balances.get(base, Decimal(0)) != 0:
             problems.append(f"base balance {base} ended at {ledger.balances[base]}, not 0")
@@ -435,7 +454,7 @@ async def ordering_run(url: str, partitions: int, logs: Path, seed: int = 202603
         for name in [ROUTER, *EXECUTIONS]:
             await fleet.start(name)
         await fleet.ready(r)
-        made = decisions()
+        made = decisions(spread_symbols(partitions))
         for first in range(0, len(made), BURST):
             await publish(r, DECISIONS, made[first : first + BURST])
             await asyncio.sleep(rng.uniform(0.0, 0.05))  # mid-burst: the processes are busy
