@@ -92,6 +92,7 @@ class _Node:
         self.port = 0
         self.bus_port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.launched_at: dict[Path, int] = {}  # each log's size at the last launch
 
     @property
     def log(self) -> Path:
@@ -125,6 +126,7 @@ class _Node:
     def launch(self) -> None:
         """Start the process (the configuration, password included, goes in on stdin)."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.launched_at = {path: path.stat().st_size if path.exists() else 0 for path in self._logs()}
         errors = os.open(self.directory / "valkey.stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             # The port on the command line names the process in ps; everything else comes on stdin.
@@ -176,14 +178,25 @@ class _Node:
 
     def lost_port_race(self) -> bool:
         """The process exited because one of its ports was taken between choosing it and binding it."""
-        return not self.running() and "already in use" in self.tail(50)
+        if self.running():
+            return False
+        since_launch = ""
+        for path in self._logs():
+            with contextlib.suppress(OSError), path.open("rb") as file:
+                file.seek(self.launched_at.get(path, 0))
+                since_launch += file.read().decode(errors="replace")
+        return "already in use" in since_launch
 
     def tail(self, lines: int = 25) -> str:
+        """The last lines of the node's log and stderr (for error messages)."""
         text = ""
-        for path in (self.log, self.directory / "valkey.stderr"):
+        for path in self._logs():
             with contextlib.suppress(OSError):
                 text += path.read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
+
+    def _logs(self) -> tuple[Path, Path]:
+        return self.log, self.directory / "valkey.stderr"
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -267,20 +280,19 @@ class ValkeyCluster:
         """Wait until the node answers PING; a node that lost a port race starts again (new ports unless pinned)."""
         races = 0
         while time.monotonic() < deadline:
-            if node.answers():
-                return
-            if node.lost_port_race() and races < PORT_ATTEMPTS:
+            if not node.running():
+                if not node.lost_port_race() or races >= PORT_ATTEMPTS:
+                    code = node.process.returncode if node.process else None
+                    raise ClusterError(f"node on port {node.port} exited ({code}):\n{node.tail()}")
                 races += 1
-                if not same_ports:
-                    node.port, node.bus_port = self._free_ports()
+                if same_ports:
+                    time.sleep(0.2)  # its ports are part of the cluster's configuration: wait for them
                 else:
-                    time.sleep(0.2)  # someone holds our port for a moment: let it go
+                    node.port, node.bus_port = self._free_ports()
                 node.launch()
                 continue
-            if not node.running() and not node.lost_port_race():
-                raise ClusterError(
-                    f"node on port {node.port} exited ({node.process and node.process.returncode}):\n" + node.tail()
-                )
+            if node.answers():
+                return
             time.sleep(0.02)
         raise ClusterError(f"node on port {node.port} did not answer in time:\n{node.tail()}")
 

@@ -250,6 +250,11 @@ async def test_wait_replicated_counts_a_replica_once_it_holds_the_writes(
     primary = cluster.primary_for(stream)
     (replica,) = cluster.replicas_of(primary)
 
+    # Several connections to the primary in the client's pool, as under concurrent use: the
+    # writes below take one of them, and whatever runs next may take another.
+    node = rc.get_node_from_key(stream)
+    await asyncio.gather(*(rc.ping(target_nodes=node) for _ in range(4)))
+
     cluster.freeze(replica)  # it holds its connection but reads nothing
     await append_batch(rc, stream, 5, 5)
     started = time.monotonic()
