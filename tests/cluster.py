@@ -77,7 +77,6 @@ class NodeInfo:
 class _View:
     """One node's view of the cluster (parsed ``CLUSTER NODES``)."""
 
-    slot_owner: dict[int, int]  # first slot of each range -> port of the primary serving it
     ranges: tuple[tuple[int, int, int], ...]  # (first, last, primary port)
     nodes: dict[int, NodeInfo]  # port -> node
     failing: frozenset[int]  # ports flagged fail or fail?
@@ -230,8 +229,11 @@ class ValkeyCluster:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 60.0) -> ValkeyCluster:
-        """Start the nodes, create the cluster and wait until it is whole; three tries before failing."""
+    def start(self, timeout: float = 30.0) -> ValkeyCluster:
+        """Start the nodes, create the cluster and wait until it is whole; three tries of ``timeout`` each.
+
+        Nothing is left running when it fails, however it fails.
+        """
         failures: list[str] = []
         for attempt in range(1, START_ATTEMPTS + 1):
             self.directory = Path(tempfile.mkdtemp(prefix="qt-cluster-", dir=self.base))
@@ -242,6 +244,9 @@ class ValkeyCluster:
             except ClusterError as exc:
                 failures.append(f"attempt {attempt}: {exc}")
                 self.stop()
+            except BaseException:
+                self.stop()
+                raise
         raise ClusterError("the test cluster did not start:\n" + "\n".join(failures))
 
     def stop(self) -> None:
@@ -581,7 +586,6 @@ def _parse_nodes(text: str) -> _View:
             ranges.append((int(first), int(last or first), port))
     ranges.sort()
     return _View(
-        slot_owner={first: port for first, _, port in ranges},
         ranges=tuple(ranges),
         nodes=nodes,
         failing=frozenset(failing),

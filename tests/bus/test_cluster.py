@@ -106,6 +106,11 @@ def test_a_cluster_url_gives_its_seeds_credentials_and_options() -> None:
     assert "p@ss/w" not in repr(target)
     bare = parse_cluster_url("valkey+cluster://:secret@127.0.0.1:7000")
     assert (bare.username, bare.password, bare.tls, bare.seeds) == (None, "secret", False, (("127.0.0.1", 7000),))
+    # As redis-py reads a URL: a name alone is a user, an empty password is none.
+    named = parse_cluster_url("redis+cluster://ops@h")
+    assert (named.username, named.password) == ("ops", None)
+    assert parse_cluster_url("redis+cluster://ops:@h:1/").password is None
+    assert parse_cluster_url("redis+cluster://h").options == {}
 
 
 @pytest.mark.parametrize(
@@ -120,6 +125,8 @@ def test_a_cluster_url_gives_its_seeds_credentials_and_options() -> None:
         ("redis+cluster://:s3cret@h:7000/2", "a cluster has database 0 only"),
         ("redis+cluster://:s3cret@h:7000?ssl=yes", "unknown option 'ssl'"),
         ("redis+cluster://:s3cret@h:7000?socket_timeout=soon", "option socket_timeout='soon'"),
+        ("redis+cluster://:s3cret@h:7000?socket_timeout=nan", "must be a positive number of seconds"),
+        ("redis+cluster://:s3cret@h:7000?max_connections=0", "option max_connections='0': must be positive"),
     ],
 )
 def test_a_bad_cluster_url_is_refused_in_one_line_naming_the_problem(url: str, problem: str) -> None:

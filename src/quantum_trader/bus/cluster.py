@@ -25,6 +25,7 @@ What a cluster changes for the code that uses it:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,8 @@ DEFAULT_PORT = 6379
 
 def _seconds(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise ValueError("must be positive")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be a positive number of seconds")
     return value
 
 
@@ -117,18 +118,13 @@ def parse_cluster_url(url: str) -> ClusterTarget:
         given = f"'{scheme}://'" if sep else "no scheme"
         raise wrong(f"{given} is not a cluster scheme; use redis+cluster://, rediss+cluster:// or valkey+cluster://")
     # The authority runs to the first '/', '?' or '#' after the credentials (a password may hold '/' or '?').
-    credentials, at, tail = rest.rpartition("@")
+    credentials, _, tail = rest.rpartition("@")
     cut = min((i for i in (tail.find("/"), tail.find("?"), tail.find("#")) if i >= 0), default=len(tail))
     hosts, remainder = tail[:cut], tail[cut:]
     parts = urlsplit("//placeholder" + remainder)
-    username = password = None
-    if at:
-        user, colon, secret = credentials.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
-        if username and password is None:
-            # redis://name@host means a password with the default user, as redis-py reads it.
-            username, password = None, username
+    # As redis-py reads a URL: percent-escapes decoded, an empty user or password is none.
+    user, _, secret = credentials.partition(":")
+    username, password = unquote(user) or None, unquote(secret) or None
     if not hosts:
         raise wrong("no host; name at least one node, e.g. redis+cluster://10.0.0.1:6379")
     seeds = []
