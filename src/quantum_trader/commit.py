@@ -74,7 +74,14 @@ class Committer:
         self.quote_assets = list(quote_assets)
         self._script = register(redis, "commit")
 
-    async def commit(self, done: Sequence[tuple[Job, ExecutionResult]], sent: Collection[str], now: datetime) -> int:
+    async def commit(
+        self,
+        done: Sequence[tuple[Job, ExecutionResult]],
+        sent: Collection[str],
+        now: datetime,
+        *,
+        stream: str | None = None,
+    ) -> int:
         """Acknowledge the intents and write their results in one atomic script call; the number written.
 
         An intent someone else already finished gets no second result. ``sent``: the intents whose
@@ -93,7 +100,7 @@ class Committer:
             items += (job.entry.id, job.env.trace_id, job.env.correlation_id, encode_payload(result), placed, record)
         day = now.astimezone(UTC).date()
         script_keys = [
-            self.streams.intent,
+            stream or self.streams.intent,  # the batch's partition of the intent stream, if partitioned
             self.streams.result,
             keys.counted(day),
             keys.daily_trades(day),

@@ -28,6 +28,7 @@ from quantum_trader import governor as gov
 from quantum_trader import keys, protect, risk
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.dead_letters import Refusal
+from quantum_trader.bus.partitions import Fence, Partitioned
 from quantum_trader.bus.streams import Entry, GroupConsumer
 from quantum_trader.commit import Committer, Job
 from quantum_trader.errors import DecodeError
@@ -198,18 +199,25 @@ class Execution:
         self.consumer = GroupConsumer.for_stage(
             redis, settings, keys.EXECUTION, self.streams.intent, self.streams.execution_group
         )
+        # QT_PARTITIONS > 1: the partitions of the intent stream this process holds the leases of, read in turn.
+        self.partitioned = (
+            Partitioned(redis, settings, keys.EXECUTION, self.streams.intent, self.streams.execution_group)
+            if settings.partitions > 1
+            else None
+        )
         self.totals: dict[str, int] = {"FILLED": 0, "REJECTED": 0, "EXPIRED": 0, "FAILED": 0}
         # Per symbol, the batch in flight that holds it last (see ``handle``).
         self._last_for_symbol: dict[str, _Turn] = {}
 
-    async def handle(self, entries: list[Entry]) -> None:
+    async def handle(self, entries: list[Entry], lane: GroupConsumer | None = None, fence: Fence | None = None) -> None:
         """Execute one batch (see the module docstring for the steps).
 
         Decisions for one symbol execute in the order they were published: a batch places its
         orders once every earlier batch in flight holding one of its symbols has placed its own,
         and writes its results once those have written theirs (other symbols overlap freely;
         one batch's placing overlaps the other's commit). Batches start in read order, so the
-        queue is set up before the first await.
+        queue is set up before the first await. ``lane``: the consumer of the batch's partition
+        (QT_PARTITIONS > 1; default: the one intent stream), ``fence``: that partition's lease.
         """
         jobs, bad = decode(entries)
         symbols = {job.intent.symbol for job in jobs}
@@ -219,7 +227,7 @@ class Execution:
         for symbol in symbols:
             self._last_for_symbol[symbol] = turn
         try:
-            await self._execute(jobs, bad, earlier, turn)
+            await self._execute(jobs, bad, earlier, turn, lane or self.consumer, fence)
         finally:
             for step in (turn.placed, turn.committed):
                 if not step.done():
@@ -229,10 +237,16 @@ class Execution:
                     del self._last_for_symbol[symbol]
 
     async def _execute(
-        self, jobs: list[Job], bad: list[tuple[Entry, DecodeError]], earlier: set[_Turn], turn: _Turn
+        self,
+        jobs: list[Job],
+        bad: list[tuple[Entry, DecodeError]],
+        earlier: set[_Turn],
+        turn: _Turn,
+        lane: GroupConsumer,
+        fence: Fence | None,
     ) -> None:
         for entry, exc in bad:
-            await self.consumer.dead_letter([entry], f"undecodable trade intent: {exc.reason}", exc.field)
+            await lane.dead_letter([entry], f"undecodable trade intent: {exc.reason}", exc.field)
         results: dict[str, ExecutionResult] = {}
 
         redelivered = [job for job in jobs if job.entry.redelivered]
@@ -266,13 +280,17 @@ class Execution:
             await asyncio.wait(placed_before)
             placed_before = []
         while gated:
-            gated = await self._gate_and_place(gated, prices, results, sent, placed_before)
+            gated = await self._gate_and_place(gated, prices, results, sent, placed_before, lane, fence)
             placed_before = []
         turn.placed.set_result(None)
 
         if earlier:
             await asyncio.wait([before.committed for before in earlier])
-        await self.commit([(job, results[job.entry.id]) for job in jobs if job.entry.id in results], sent)
+        done = [(job, results[job.entry.id]) for job in jobs if job.entry.id in results]
+        if lane is self.consumer:
+            await self.commit(done, sent)  # the one intent stream: the call as it always was
+        else:
+            await self.commit(done, sent, stream=lane.stream)
 
     async def _gate_and_place(
         self,
@@ -281,6 +299,8 @@ class Execution:
         results: dict[str, ExecutionResult],
         sent: set[str],
         placed_before: list[asyncio.Future[None]],
+        lane: GroupConsumer,
+        fence: Fence | None,
     ) -> list[Job]:
         """Gate the jobs, place the approved orders, note every outcome; the jobs left waiting for the rate.
 
@@ -289,7 +309,10 @@ class Execution:
         """
         now = self.clock()
         candidates = [candidate(job, prices) for job in gated]
-        gate = await self.governor.gate(candidates, now, self.consumer.consumer)
+        if lane is self.consumer and fence is None:
+            gate = await self.governor.gate(candidates, now, lane.consumer)
+        else:
+            gate = await self.governor.gate(candidates, now, lane.consumer, stream=lane.stream, fence=fence)
         approved, waiting = [], []
         for job, answer in zip(gated, gate.answers, strict=True):
             if answer.verdict == "APPROVED":
@@ -321,11 +344,13 @@ class Execution:
                 still.append(job)
         return still
 
-    async def commit(self, done: list[tuple[Job, ExecutionResult]], sent: Collection[str] = ()) -> None:
+    async def commit(
+        self, done: list[tuple[Job, ExecutionResult]], sent: Collection[str] = (), *, stream: str | None = None
+    ) -> None:
         """Commit a batch's results (``Committer.commit``, at this stage's clock) and count them."""
         if not done:
             return
-        await self.committer.commit(done, sent, self.clock())
+        await self.committer.commit(done, sent, self.clock(), stream=stream)
         for _job, result in done:
             self.totals[result.status] += 1
         if self.metrics is not None:

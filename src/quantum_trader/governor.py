@@ -23,6 +23,7 @@ from typing import Literal
 
 from quantum_trader import keys, risk, trading
 from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.partitions import Fence
 from quantum_trader.bus.streams import parse_id
 from quantum_trader.errors import TransientError
 from quantum_trader.events import Reason, TradeIntent, TradingState, parse_iso
@@ -174,7 +175,15 @@ class Governor:
         the state moves, and the equity peak rises, as prices move, not only when an order comes."""
         await self.gate([], now, by)
 
-    async def gate(self, batch: Sequence[risk.Candidate], now: datetime, consumer: str) -> GateResult:
+    async def gate(
+        self,
+        batch: Sequence[risk.Candidate],
+        now: datetime,
+        consumer: str,
+        *,
+        stream: str | None = None,
+        fence: Fence | None = None,
+    ) -> GateResult:
         """One answer per intent, from the risk rules (``risk.decide``) applied atomically by one script call.
 
         The rules run on a snapshot; the script applies their plan only while no write they read
@@ -197,6 +206,10 @@ class Governor:
             keys.RISK_PEAK,
             self.state_stream,
         ]
+        if stream is not None:
+            script_keys[3] = stream  # the batch's partition of the intent stream
+        if fence is not None:
+            script_keys.append(fence.key)
         for _attempt in range(RETRIES):
             snap = await trading.read_snapshot(self.redis, self.risk, ids, now)
             plan = risk.decide(batch, snap, self.risk, now, by=consumer)
@@ -233,6 +246,7 @@ class Governor:
                     trading.STATE_STREAM_MAXLEN,
                     snap.state_seen,
                     self.risk.daily_limit,
+                    fence.value if fence is not None else "",
                 ],
             )
             if reply == "RETRY":

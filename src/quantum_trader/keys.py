@@ -7,6 +7,7 @@ renaming anything. Nothing else in the package builds a key string inline, and
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import date
 
@@ -43,6 +44,9 @@ RISK_PEAK = "quantum:risk:peak"  # quote asset -> highest equity seen (drawdown)
 RISK_REALISED_PREFIX = "quantum:risk:realised:"
 RISK_LOSSES = "quantum:risk:losses"  # sorted set: "<intent id>|<symbol>" of losing exits scored by time (ms)
 PROTECT_STOPS = "quantum:protect:stops"  # symbol -> the position's stop-loss and take-profit (JSON)
+# Partitions (QT_PARTITIONS > 1): execution processes that read them, scored by their last heartbeat (ms).
+PARTITION_MEMBERS = "quantum:partition:members"
+PARTITION_IDS = "quantum:partition:last_intent_id"  # the newest intent id given out across every partition
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,3 +152,22 @@ def paper_balances() -> str:
 def exchange_sent(exchange: str, client_order_id: str) -> str:
     """Record that an order was sent to a real exchange (holds its symbol for look-ups)."""
     return f"{EXCHANGE_SENT_PREFIX}{exchange}:{client_order_id}"
+
+
+def partition_of(symbol: str, partitions: int) -> int:
+    """The partition a symbol's intents go to: a stable hash of the symbol (the same in every process and release)."""
+    if partitions <= 1:
+        return 0
+    digest = hashlib.blake2b(symbol.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % partitions
+
+
+def partition_stream(stream: str, partition: int, partitions: int) -> str:
+    """Partition ``partition``'s copy of ``stream``: the stream itself with one partition (the seed's names),
+    else the name with the partition's hash tag, so its keys share a cluster slot."""
+    return stream if partitions <= 1 else f"{stream}:{{p{partition}}}"
+
+
+def partition_lease(partition: int) -> str:
+    """The lease of a partition: "<consumer> <token>" of the execution process reading it, with a time to live."""
+    return f"quantum:partition:{{p{partition}}}:lease"

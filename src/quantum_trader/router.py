@@ -236,6 +236,7 @@ class Routed:
     trace_id: str
     correlation_id: str
     original: str
+    partition: int = 0  # the intent partition of its symbol (QT_PARTITIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +267,7 @@ def plan_batch(entries: list[Entry], settings: Settings, now: datetime) -> Route
                 env.trace_id,
                 env.correlation_id,
                 encode_payload(entry.fields),
+                keys.partition_of(decision.symbol, settings.partitions),
             )
         except DecodeError as exc:
             detail = f"{exc.field}: {exc.reason}" if exc.field else exc.reason
@@ -304,6 +306,10 @@ class Router:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.streams = settings.streams
         self._route = register(redis, "route")
+        # One intent stream, or one per partition (QT_PARTITIONS): a symbol's intents always go to the same one.
+        self.intent_streams = [
+            keys.partition_stream(settings.streams.intent, k, settings.partitions) for k in range(settings.partitions)
+        ]
         self.consumer = GroupConsumer.for_stage(
             redis, settings, keys.ROUTER, self.streams.decision, self.streams.router_group
         )
@@ -332,6 +338,7 @@ class Router:
         valid: list[str] = []
         for routed in plan.valid:
             valid += (routed.entry_id, routed.payload, routed.trace_id, routed.correlation_id, routed.original)
+            valid.append(str(routed.partition))
         invalid = [[entry_id, _flat(rejection)] for entry_id, rejection, _detail in plan.invalid]
         args: list[str | int | bytes] = [
             self.streams.router_group,
@@ -339,9 +346,13 @@ class Router:
             now_iso(now),
             pack(valid),
             pack(invalid),
+            "1" if self.settings.partitions > 1 else "0",
         ]
-        script_keys = [self.streams.decision, self.streams.intent, self.streams.rejected]
+        script_keys = [self.streams.decision, self.intent_streams[0], self.streams.rejected]
         script_keys += [routed.dedup_key for routed in plan.valid]
+        script_keys += self.intent_streams[1:]
+        if self.settings.partitions > 1:
+            script_keys.append(keys.PARTITION_IDS)
         if earlier is not None:
             await asyncio.wait([earlier])
         reply = await self._route(keys=script_keys, args=args)

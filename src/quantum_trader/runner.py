@@ -9,19 +9,21 @@ there (``metrics``) while it runs; off by default.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
 from quantum_trader import alerts, keys
 from quantum_trader.bus.connection import Redis, server_version
-from quantum_trader.bus.streams import GroupConsumer, Handler, sleep_or_stop
+from quantum_trader.bus.partitions import Partitioned
+from quantum_trader.bus.streams import Handler, sleep_or_stop
 from quantum_trader.bus.trim import Retention, has_native_acked_trim, trim_consumed, trim_retained
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.factory import build_exchange
@@ -73,11 +75,24 @@ async def build_stage(name: str, redis: Redis, settings: Settings, metrics: Metr
     raise ConfigError(f"unknown stage {name!r}; choose from {', '.join(keys.STAGES)}")
 
 
-def consumers_of(stage: Stage) -> list[tuple[GroupConsumer, Handler]]:
-    """Each consumer a stage runs, with its handler: one for most stages, one per stream for the journal."""
+def consumers_of(stage: Stage) -> list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]:
+    """Each consumer loop a stage runs: one for most stages, one per stream for the journal, the partitions'
+    for execution with QT_PARTITIONS > 1."""
     if hasattr(stage, "consumers"):
-        return list(stage.consumers)
-    return [(stage.consumer, stage.handle)]
+        return [functools.partial(consumer.run, handler) for consumer, handler in stage.consumers]
+    partitioned = getattr(stage, "partitioned", None)
+    if isinstance(partitioned, Partitioned) and isinstance(stage, Execution):
+        return [functools.partial(partitioned.run, stage.handle)]
+    handler: Handler = stage.handle
+    return [functools.partial(stage.consumer.run, handler)]
+
+
+def input_streams(stage: Stage) -> list[str]:
+    """The streams a stage consumes (every partition of the intent stream, partitioned)."""
+    partitioned = getattr(stage, "partitioned", None)
+    if isinstance(partitioned, Partitioned):
+        return list(partitioned.streams)
+    return [stage.consumer.stream]
 
 
 @dataclass
@@ -116,7 +131,9 @@ class Runner:
             native = False
         # The journal reads outcome streams: they keep their retention, not the consumed-input rule.
         inputs = list(
-            dict.fromkeys(stage.consumer.stream for name, stage in self.stages.items() if name != keys.JOURNAL)
+            dict.fromkeys(
+                stream for name, stage in self.stages.items() if name != keys.JOURNAL for stream in input_streams(stage)
+            )
         )
         outcomes = retained_streams(self.settings, list(self.stages))
         while not self.stop.is_set():
@@ -147,9 +164,9 @@ class Runner:
         # start here, in one line, rather than inside a task where the error would go unseen.
         alert_urls = alerts.alert_urls(self.settings) if self.alerting else []
         tasks = [
-            asyncio.create_task(consumer.run(handler, self.stop), name=name)
+            asyncio.create_task(run(self.stop), name=name)
             for name, stage in self.stages.items()
-            for consumer, handler in consumers_of(stage)
+            for run in consumers_of(stage)
         ]
         if self.web:
             from quantum_trader.web.server import serve_web  # FastAPI, uvicorn: only when asked

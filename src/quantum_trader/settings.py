@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     )
     block_ms: int = Field(default=1000, gt=0)
     claim_idle_ms: int = Field(default=30_000, gt=0)
+    partitions: int = Field(
+        default=1, ge=1, le=1024, description="intent partitions; each read by one execution process at a time"
+    )
+    partition_lease_s: float = Field(
+        default=10.0, gt=0, le=3600, description="a partition's lease: taken over this long after its holder died"
+    )
     max_deliveries: int = Field(default=5, gt=0)
     consumer: str = Field(default="", description="consumer name; empty = <service>-<hostname>")
     heartbeat_s: float = Field(default=5.0, gt=0)

@@ -143,7 +143,13 @@ def _prepare(
     start = start_quote if start_quote is not None else base.paper_balances.get(quote, DEFAULT_START_QUOTE)
     gap = gap_rule(base.ai_gap, kept)  # the whole file is known: a market with closures gets a tolerant rule
     # Only where the run happens changes (and a private consumer name): every trading setting is the user's.
-    update: dict[str, Any] = {"exchange": "paper", "paper_balances": {quote: start}, "consumer": "backtest"}
+    # One execution, so one intent stream: partitions are how live processes share the load.
+    update: dict[str, Any] = {
+        "exchange": "paper",
+        "paper_balances": {quote: start},
+        "consumer": "backtest",
+        "partitions": 1,
+    }
     if notional is not None:
         update["ai_notional"] = notional
     return _Prepared(kept, symbols, quote, start, gap, base.model_copy(update=update))

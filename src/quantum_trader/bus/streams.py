@@ -322,16 +322,28 @@ class GroupConsumer:
             log.warning("pending_entries_deleted", stream=self.stream, ids=deleted)
         return entries
 
+    async def own_first(self) -> list[Entry]:
+        """Our own unfinished entries while some may be left (a restart, a failed batch, a take-over), else none."""
+        if not self._recheck_own:
+            return []
+        self._recheck_own = False
+        own = await self.own_pending()
+        if own:
+            self._recheck_own = True
+        return own
+
+    def recheck_own(self) -> None:
+        """Look at our own pending entries again before anything new (a batch failed, entries were claimed)."""
+        self._recheck_own = True
+
     async def next_batch(self, *, in_flight: bool = False) -> list[Entry]:
         """Our own unfinished entries first, then stale ones from dead consumers, then new ones.
 
         With batches ``in_flight``, our own pending entries are those batches: not taken again.
         """
-        if self._recheck_own and not in_flight:
-            self._recheck_own = False
-            own = await self.own_pending()
+        if not in_flight:
+            own = await self.own_first()
             if own:
-                self._recheck_own = True
                 return own
         now = time.monotonic()
         if now - self._last_claim >= self.claim_every_s:
@@ -435,11 +447,18 @@ async def _reconnect_group(consumer: GroupConsumer) -> None:
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep ``seconds``, or less when ``stop`` is set: waits that end promptly on shutdown."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
+    """Sleep ``seconds``, or less when ``stop`` is set: waits that end promptly on shutdown.
+
+    ``asyncio.wait``, not ``wait_for``: on Python 3.11 a cancellation that arrives as ``wait_for`` times
+    out is swallowed, and a loop of short sleeps would then never stop.
+    """
+    if stop.is_set():
         return
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=seconds)
+    finally:
+        waiter.cancel()
 
 
 async def publish(redis: Redis, stream: str, entries: list[Fields]) -> list[str]:

@@ -19,7 +19,15 @@
 -- and removes its in-flight record).
 -- An intent no longer pending on this consumer (finished, or taken over) is GONE and not counted.
 -- Returns one verdict per intent: APPROVED, GONE, KILL_SWITCH, THROTTLED or a rule's code.
+-- KEYS[11] (with ARGV[16], QT_PARTITIONS > 1): the lease of the batch's partition and what it holds while this
+-- process owns the partition; held by anyone else (taken over), every intent is GONE and nothing is written:
+-- the new holder handles them, in order.
 local group, consumer = ARGV[1], ARGV[2]
+if ARGV[16] and ARGV[16] ~= '' and redis.call('GET', KEYS[11]) ~= ARGV[16] then
+  local gone = {}
+  for i = 1, #cmsgpack.unpack(ARGV[7]) do gone[i] = 'GONE' end
+  return gone
+end
 local ttl, low, high = tonumber(ARGV[3]), ARGV[4], ARGV[5]
 if ARGV[6] ~= '' then
   if (redis.call('GET', KEYS[5]) or '0') ~= ARGV[6] then return 'RETRY' end

@@ -1,0 +1,174 @@
+"""Partitions: one reader per partition under a lease, take-over in order, fair shares, the gate's fence."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from quantum_trader import keys, risk
+from quantum_trader.bus import connection
+from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.partitions import LOST, Fence, Partitioned, fair_share, preference
+from quantum_trader.bus.streams import Entry, GroupConsumer, publish
+from quantum_trader.exchanges.paper import PaperExchange
+from quantum_trader.execution import Execution
+from quantum_trader.governor import Governor
+from quantum_trader.router import Router
+from quantum_trader.settings import Settings
+from tests.pipeline import decision, results
+
+STREAM = "quantum:stream:trade.intent"
+GROUP = "quantum:group:execution:trade.intent"
+
+
+def test_shares_and_preferences_spread_the_partitions() -> None:
+    assert [fair_share(8, live) for live in (0, 1, 2, 3, 8, 9)] == [8, 8, 4, 3, 1, 1]
+    order = preference("execution-a", 8)
+    assert sorted(order) == list(range(8))
+    assert preference("execution-a", 8) == order  # the same in every process
+    assert len({preference(f"execution-{n}", 8)[0] for n in range(20)}) > 2  # processes start apart
+
+
+def test_a_symbol_always_goes_to_one_partition_and_one_partition_keeps_the_seed_names() -> None:
+    assert {keys.partition_of("ETHUSDT", 4) for _ in range(3)} == {keys.partition_of("ETHUSDT", 4)}
+    assert keys.partition_stream(STREAM, 0, 1) == STREAM
+    assert keys.partition_stream(STREAM, 3, 4) == STREAM + ":{p3}"
+
+
+def partitioned(settings: Settings, r: Redis, name: str) -> Partitioned:
+    return Partitioned(r, settings.model_copy(update={"consumer": name}), keys.EXECUTION, STREAM, GROUP)
+
+
+async def test_two_processes_share_the_partitions_and_one_takes_all_when_the_other_leaves(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, partitions=4, partition_lease_s=0.5)
+    a, b = partitioned(settings, r, "exec-a"), partitioned(settings, r, "exec-b")
+    await a.tick(force=True)
+    assert len(a.owned) == 4  # alone: every partition
+    await b.tick(force=True)
+    assert b.owned == {}  # a holds them all until it renews and sees b
+    await a.tick(force=True)
+    assert len(a.owned) == 2  # a gave back its surplus
+    await b.tick(force=True)
+    assert len(b.owned) == 2
+    assert set(a.owned).isdisjoint(b.owned)
+    await a.release_all()  # a clean stop gives them back at once
+    await asyncio.sleep(0.6)  # a's announcement expires with its lease time
+    await b.tick(force=True)
+    assert sorted(b.owned) == [0, 1, 2, 3]
+
+
+async def test_a_process_that_lost_its_lease_reads_nothing_and_the_new_holder_handles_its_entries_first(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, partitions=2, partition_lease_s=0.4, batch_size=3)
+    a = partitioned(settings, r, "exec-a")
+    for lane in a.lanes:
+        await lane.setup()
+    await a.tick(force=True)
+    stream = a.streams[0]
+    await publish(r, stream, [{"n": str(n)} for n in range(6)])
+    first = await a._next(0)
+    assert [e.fields["n"] for e in first] == ["0", "1", "2"]  # read, then a is paused: nothing acknowledged
+
+    await asyncio.sleep(0.5)  # a's lease runs out while it is paused
+    b = partitioned(settings, r, "exec-b")
+    await b.tick(force=True)
+    assert 0 in b.owned
+    assert await a._call("read", 0, count=3, consumer="exec-a") == LOST  # a wakes up: it cannot read any more
+    assert await a._next(0) == []  # its lease was not renewed in time: it reads nothing
+    await a.tick(force=True)  # and at its next renewal it learns it lost the partition
+    assert 0 not in a.owned
+
+    taken = await b._next(0)
+    assert [e.fields["n"] for e in taken] == ["0", "1", "2"]  # what a had read comes first
+    assert all(e.redelivered for e in taken)  # so execution looks each order up before placing anything
+    await r.xack(stream, GROUP, *[e.id for e in taken])
+    assert [e.fields["n"] for e in await b._next(0)] == ["3", "4", "5"]
+
+
+async def test_the_gate_approves_nothing_under_a_lease_someone_else_holds(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, partitions=2)
+    await r.set(keys.KILL_SWITCH, "0")
+    stream = keys.partition_stream(STREAM, 1, 2)
+    lane = GroupConsumer(r, stream, GROUP, "exec-a", settings.dead_letter_stream)
+    await lane.setup()
+    await publish(r, stream, [{"n": "1"}])
+    (entry,) = await lane.read_new(wait=False)
+    candidate = [risk.Candidate(entry.id, "ETHUSDT", "BUY", Decimal(1), Decimal(3000))]
+    governor = Governor(r, settings)
+    now = datetime.now(UTC)
+    await r.set(keys.partition_lease(1), "exec-b token-b")
+    fence = Fence(keys.partition_lease(1), "exec-a token-a")
+    gone = await governor.gate(candidate, now, "exec-a", stream=stream, fence=fence)
+    assert [a.verdict for a in gone.answers] == ["GONE"]
+    assert await r.get(keys.daily_trades(now.date())) is None  # nothing counted
+    await r.set(keys.partition_lease(1), "exec-a token-a")
+    held = await governor.gate(candidate, now, "exec-a", stream=stream, fence=fence)
+    assert [a.verdict for a in held.answers] == ["APPROVED"]
+
+
+async def test_three_executions_on_four_partitions_keep_each_symbol_in_order_while_one_dies(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    """Alternating BUY/SELL per symbol from no base balance: a SELL that overtook its BUY would be refused."""
+    symbols = {"ETHUSDT": "3000", "BTCUSDT": "60000", "SOLUSDT": "150", "XRPUSDT": "2"}
+    settings = settings_for(clean_url, partitions=4, partition_lease_s=0.6, block_ms=10, batch_size=5,
+                            paper_balances={"USDT": Decimal(10_000_000)})  # fmt: skip
+    await r.set(keys.KILL_SWITCH, "0")
+    await r.hset(keys.PRICE_HASH, mapping=symbols)
+    published: dict[str, list[str]] = defaultdict(list)
+    made = []
+    for n in range(800):
+        symbol = list(symbols)[(n // 2) % len(symbols)]
+        side = "BUY" if n % 2 == 0 else "SELL"
+        made.append(decision(symbol=symbol, side=side, qty="0.01", price=symbols[symbol], strategy=f"step-{n // 2}"))
+        published[symbol].append(side)
+    paper = PaperExchange(r, quote_assets=settings.quote_assets, starting_balances=settings.paper_balances)
+    await paper.fund()
+    router = Router(r, settings)
+    stop, doomed_stop = asyncio.Event(), asyncio.Event()
+    doomed = connection.client(clean_url)  # its own client: it dies with the process it stands for
+    executions = [
+        Execution(doomed if n == 0 else r, settings.model_copy(update={"consumer": f"exec-{n}"}), paper)
+        for n in range(3)
+    ]
+    tasks = [asyncio.create_task(router.consumer.run(router.handle, stop))]
+    for n, execution in enumerate(executions):
+        assert execution.partitioned is not None
+        tasks.append(asyncio.create_task(execution.partitioned.run(execution.handle, doomed_stop if n == 0 else stop)))
+    for first in range(0, len(made), 100):
+        await publish(r, settings.decision_stream, made[first : first + 100])
+        await asyncio.sleep(0.05)
+        if first == 300:
+            tasks[1].cancel()  # execution 0 dies mid-flow
+            await asyncio.gather(tasks[1], return_exceptions=True)
+            await doomed.aclose()
+    for _ in range(1_200):
+        if await r.xlen(settings.result_stream) >= len(made):
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+    out: list[dict[str, Any]] = await results(r, settings.result_stream)
+    assert len(out) == len(made)
+    assert [(o["side"], o["reason"]) for o in out if o["status"] != "FILLED"] == []  # no INSUFFICIENT_BALANCE
+    filled: dict[str, list[str]] = defaultdict(list)
+    for o in out:
+        filled[o["symbol"]].append(o["side"])
+    assert filled == published  # per symbol, in publish order
+    balances = await paper.balances()
+    assert [balances.get(symbol.removesuffix("USDT"), Decimal(0)) for symbol in symbols] == [0, 0, 0, 0]
+    assert len({await r.get(keys.partition_lease(k)) for k in range(4)} - {None}) <= 2  # the living two held them
+
+
+def entry_ids(entries: list[Entry]) -> list[str]:
+    return [entry.id for entry in entries]
