@@ -485,7 +485,7 @@ class StateCollector(Collector):
         """One pipeline: the streams and their groups, the switches, today's count, the book, the
         latest reconciliation; then the figures, computed here."""
         settings = self.settings
-        streams = settings.streams.pipeline()
+        streams = settings.pipeline_streams()
         day = datetime.now(UTC).date()
         with self.client().pipeline(transaction=False) as pipe:
             for stream in streams:

@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from quantum_trader import keys
 from quantum_trader.envfile import read_env_file
 from quantum_trader.errors import ConfigError
 from quantum_trader.keys import StreamNames
@@ -403,6 +404,17 @@ class Settings(BaseSettings):
     def effective_daily_limit(self) -> int:
         """The configured limit, or the mode's default."""
         return self.daily_limit if self.daily_limit is not None else DEFAULT_DAILY_LIMIT[self.mode]
+
+    def pipeline_streams(self) -> list[str]:
+        """The streams ``status``, the doctor, metrics and alerts look at: the pipeline's, and with
+        QT_PARTITIONS > 1 every partition of the intent stream after it."""
+        names = self.streams.pipeline()
+        if self.partitions > 1:
+            at = names.index(self.intent_stream) + 1
+            names[at:at] = [
+                keys.partition_stream(self.intent_stream, k, self.partitions) for k in range(self.partitions)
+            ]
+        return names
 
     @property
     def streams(self) -> StreamNames:

@@ -172,3 +172,10 @@ async def test_three_executions_on_four_partitions_keep_each_symbol_in_order_whi
 
 def entry_ids(entries: list[Entry]) -> list[str]:
     return [entry.id for entry in entries]
+
+
+def test_status_and_alerts_look_at_every_partition_of_the_intent_stream() -> None:
+    names = Settings(partitions=3).pipeline_streams()
+    at = names.index(STREAM)
+    assert names[at + 1 : at + 4] == [STREAM + ":{p0}", STREAM + ":{p1}", STREAM + ":{p2}"]
+    assert Settings().pipeline_streams() == Settings().streams.pipeline()  # one partition: as it always was

@@ -101,7 +101,7 @@ async def observe(
         trading_allowed=switch == "0",
         kill_value=switch,
         heartbeats=await _heartbeats(redis, settings, previous),
-        lagging=await _lagging(redis, streams.pipeline(), settings.alert_lag),
+        lagging=await _lagging(redis, settings.pipeline_streams(), settings.alert_lag),
         lag_limit=settings.alert_lag,
         reconciled=_reconciled(report),
         state_changes=tuple(_state_changes(events.get(streams.risk_state, []))),

@@ -87,14 +87,25 @@ def status(
 
     async def show(redis: Redis) -> None:
         while True:
-            stats = await pipeline_status(redis, settings.streams.pipeline(), with_consumers=consumers)
+            stats = await pipeline_status(redis, settings.pipeline_streams(), with_consumers=consumers)
             if as_json:
                 print(json.dumps([stat.as_dict() for stat in stats], indent=2))
             else:
                 console.print(status_table(stats))
+                if settings.partitions > 1:
+                    await show_partitions(redis)
             if not watch:
                 return
             await asyncio.sleep(watch)
+
+    async def show_partitions(redis: Redis) -> None:
+        """Who holds each partition's lease, and for how long still (the lag is in the table above)."""
+        for k in range(settings.partitions):
+            lease = keys.partition_lease(k)
+            holder, left_ms = await redis.get(lease), await redis.pttl(lease)
+            held = f"held by {holder.split(' ')[0]} ({left_ms} ms left)" if holder else "free"
+            name = keys.partition_stream(settings.intent_stream, k, settings.partitions)
+            console.print(f"partition {k} ({name}): {held}", highlight=False, markup=False)
 
     with_redis(settings, show)
 

@@ -46,7 +46,7 @@ async def take(redis: Redis, settings: Settings, label: str, *, now: datetime | 
     """Collect a snapshot and store it in the capped snapshot stream."""
     moment = now or datetime.now(UTC)
     streams = []
-    for stat in await pipeline_status(redis, settings.streams.pipeline(), with_consumers=True):
+    for stat in await pipeline_status(redis, settings.pipeline_streams(), with_consumers=True):
         data = stat.as_dict()
         data["first_entry_time"] = _id_time(stat.first_entry_id)
         data["last_entry_time"] = _id_time(stat.last_entry_id)
