@@ -166,6 +166,10 @@ class Partitioned:
             except TRANSIENT_ERRORS as exc:
                 log.warning("partition_release_failed", partition=partition, error=str(exc))
         self.owned.clear()
+        try:
+            await self.redis.zrem(keys.PARTITION_MEMBERS, self.name)  # the others' shares grow at their next renewal
+        except TRANSIENT_ERRORS as exc:
+            log.warning("partition_leave_failed", error=str(exc))
 
     async def _next(self, partition: int) -> list[Entry]:
         """The partition's next batch: what the old holder left (after a take-over), our own pending, then new."""
