@@ -13,7 +13,7 @@ from quantum_trader import keys, risk
 from quantum_trader.bus import connection
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.partitions import LOST, Fence, Partitioned, fair_share, preference
-from quantum_trader.bus.streams import Entry, GroupConsumer, publish
+from quantum_trader.bus.streams import GroupConsumer, publish
 from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.execution import Execution
 from quantum_trader.governor import Governor
@@ -167,10 +167,6 @@ async def test_three_executions_on_four_partitions_keep_each_symbol_in_order_whi
     balances = await paper.balances()
     assert [balances.get(symbol.removesuffix("USDT"), Decimal(0)) for symbol in symbols] == [0, 0, 0, 0]
     assert len({await r.get(keys.partition_lease(k)) for k in range(4)} - {None}) <= 2  # the living two held them
-
-
-def entry_ids(entries: list[Entry]) -> list[str]:
-    return [entry.id for entry in entries]
 
 
 def test_status_and_alerts_look_at_every_partition_of_the_intent_stream() -> None:
