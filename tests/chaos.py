@@ -30,6 +30,11 @@ class Ledger:
     positions: dict[str, portfolio.Position]
 
 
+def named(stream: str) -> str:
+    """A stream's name under the key names in force: the seed's, or on a cluster with its hash tag."""
+    return keys.cluster_name(stream) if keys.cluster_names_in_use() else stream
+
+
 async def _all(r: Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
     out: list[tuple[str, dict[str, str]]] = []
     start = "-"
@@ -44,10 +49,10 @@ async def _all(r: Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
 
 async def read_ledger(r: Redis, day_key: str) -> Ledger:
     """Read the decision, intent, rejection and result streams, the paper orders, balances and counter."""
-    decisions = await _all(r, "quantum:stream:ai.decision")
-    rejections = [json.loads(f["payload"]) for _, f in await _all(r, "quantum:stream:decision.rejected")]
-    intents = [(i, json.loads(f["payload"])) for i, f in await _all(r, "quantum:stream:trade.intent")]
-    results = [json.loads(f["payload"]) for _, f in await _all(r, "quantum:stream:execution.result")]
+    decisions = await _all(r, named("quantum:stream:ai.decision"))
+    rejections = [json.loads(f["payload"]) for _, f in await _all(r, named("quantum:stream:decision.rejected"))]
+    intents = [(i, json.loads(f["payload"])) for i, f in await _all(r, named("quantum:stream:trade.intent"))]
+    results = [json.loads(f["payload"]) for _, f in await _all(r, named("quantum:stream:execution.result"))]
     names = [name async for name in r.scan_iter(match=keys.paper_order_pattern(), count=1000)]
     raw = await r.mget(names) if names else []
     orders = {name.removeprefix(keys.paper_order("")): json.loads(v) for name, v in zip(names, raw, strict=True) if v}

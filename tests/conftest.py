@@ -26,10 +26,11 @@ import pytest
 import redis
 import structlog
 
-from quantum_trader import logs
+from quantum_trader import keys, logs
 from quantum_trader.bus import connection
 from quantum_trader.bus.embedded import EmbeddedValkey, free_port
 from quantum_trader.settings import Settings
+from tests.cluster import ValkeyCluster
 from tests.exchanges.fake_binance import API_KEY, API_SECRET
 
 EXTERNAL_URL = os.environ.get("QT_TEST_REDIS_URL", "")
@@ -156,6 +157,24 @@ def settings_for(tmp_path: Path) -> Callable[..., Settings]:
         return Settings(redis_url=url, data_dir=tmp_path / "data", **overrides)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """One real Valkey Cluster for a whole module (its password joins the secrets no log may hold)."""
+    cluster = ValkeyCluster(tmp_path_factory.mktemp("cluster"))
+    TEST_SECRETS.add(cluster.password)
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster(valkey_cluster: ValkeyCluster) -> Iterator[ValkeyCluster]:
+    """The module's cluster, whole again and empty; this process's key names are the seed's again after."""
+    valkey_cluster.heal()
+    valkey_cluster.flush()
+    yield valkey_cluster
+    keys.use_cluster_names(False)
 
 
 @pytest.fixture

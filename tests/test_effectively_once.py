@@ -18,16 +18,20 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Protocol
+
+from redis.asyncio.cluster import RedisCluster
 
 from quantum_trader import keys, portfolio
+from quantum_trader.bus.cluster import wait_replicated
 from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.embedded import EmbeddedValkey
 from quantum_trader.bus.streams import publish
-from tests.chaos import read_ledger, violations
+from tests.chaos import named, read_ledger, violations
 from tests.pipeline import decision
 
 WORKER = str(Path(__file__).with_name("chaos_worker.py"))
@@ -81,9 +85,9 @@ class Fleet:
         proc = self.procs[name]
         if proc.returncode is None:
             stream, group = {
-                "router": ("quantum:stream:ai.decision", "quantum:group:router:ai.decision"),
-                "journal": ("quantum:stream:execution.result", "quantum:group:journal"),
-            }.get(self._service(name), ("quantum:stream:trade.intent", "quantum:group:execution:trade.intent"))
+                "router": (named("quantum:stream:ai.decision"), "quantum:group:router:ai.decision"),
+                "journal": (named("quantum:stream:execution.result"), "quantum:group:journal"),
+            }.get(self._service(name), (named("quantum:stream:trade.intent"), "quantum:group:execution:trade.intent"))
             proc.send_signal(signal.SIGKILL)
             self.kills += 1
             await proc.wait()
@@ -109,12 +113,14 @@ class Fleet:
 
 async def outcome_count(r: Redis) -> tuple[int, int]:
     """(decisions published, decisions with an outcome so far)."""
-    routed = await r.xlen("quantum:stream:decision.rejected")
-    done = await r.xlen("quantum:stream:execution.result")
-    return await r.xlen("quantum:stream:ai.decision"), routed + done
+    routed = await r.xlen(named("quantum:stream:decision.rejected"))
+    done = await r.xlen(named("quantum:stream:execution.result"))
+    return await r.xlen(named("quantum:stream:ai.decision")), routed + done
 
 
-JOURNALED = ("quantum:stream:execution.result", "quantum:stream:decision.rejected")
+def journaled() -> tuple[str, str]:
+    """The streams the journal records, under the key names in force."""
+    return named("quantum:stream:execution.result"), named("quantum:stream:decision.rejected")
 
 
 async def journal_caught_up(r: Redis, deadline: float) -> None:
@@ -122,7 +128,7 @@ async def journal_caught_up(r: Redis, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     while loop.time() < deadline:
         behind = 0
-        for stream in JOURNALED:
+        for stream in journaled():
             for group in await r.xinfo_groups(stream):
                 if group["name"] == "quantum:group:journal":
                     behind += int(group["pending"]) + int(group.get("lag") or 0)
@@ -144,8 +150,8 @@ async def journal_violations(r: Redis, database_url: str) -> list[str]:
         stored = queries.positions(db)
     finally:
         db.close()
-    streams = {stream: [entry_id for entry_id, _ in await r.xrange(stream)] for stream in JOURNALED}
-    for stream, rows in zip(JOURNALED, (results, rejections), strict=True):
+    streams = {stream: [entry_id for entry_id, _ in await r.xrange(stream)] for stream in journaled()}
+    for stream, rows in zip(journaled(), (results, rejections), strict=True):
         if [row["entry_id"] for row in rows] != streams[stream]:
             problems.append(
                 f"journal: {stream} rows {len(rows)} != entries {len(streams[stream])} (each once, in order)"
@@ -170,18 +176,43 @@ def burst(rng: random.Random, first: int, size: int) -> list[dict[str, str]]:
     return out
 
 
+class Server(Protocol):
+    """Where the fleet runs: one server or a cluster (its URL; ``kill_server`` needs ``kill`` and ``restart``)."""
+
+    @property
+    def url(self) -> str: ...
+
+
+# Called each round after a stage was killed (the round's number): the cluster's failover.
+Disruption = Callable[[int], Awaitable[None]]
+
+
+async def published(r: Redis, stream: str, entries: list[dict[str, str]]) -> None:
+    """Publish as a publisher that loses nothing must on a cluster: until a replica holds the entries.
+
+    A primary acknowledges before its replica has the write; if it dies then, the entries are
+    gone. Publishing again is safe: the router takes the copies for retries of one decision."""
+    while True:
+        await publish(r, stream, entries)
+        if not isinstance(r, RedisCluster) or await wait_replicated(r, stream, timeout_ms=2000) >= 1:
+            return
+
+
 async def chaos_run(
-    server: EmbeddedValkey,
+    server: Server,
     *,
     execution: str = "execution",
     kill_server: bool = False,
     rounds: int = 20,
     database_url: str | None = None,
+    disrupt: Disruption | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[str]:
     """Run the fleet under fire and return the ledger's violations (and the journal's, with ``database_url``)."""
     rng = random.Random(20260117)
     r = client(server.url)
     fleet = Fleet(r, server.url, execution, database_url)
+    fleet.env |= env or {}
     try:
         await r.set(keys.KILL_SWITCH, "0")
         await r.hset(keys.PRICE_HASH, mapping={"ETHUSDT": "3000", "BTCUSDT": "60000"})
@@ -189,10 +220,13 @@ async def chaos_run(
             await fleet.start(name)
         for round_no in range(rounds):
             await fleet.ready()
-            await publish(r, "quantum:stream:ai.decision", burst(rng, round_no * 100, 100))
+            await published(r, named("quantum:stream:ai.decision"), burst(rng, round_no * 100, 100))
             await asyncio.sleep(rng.uniform(0.0, 0.03))  # mid-burst: the stages are busy
             await fleet.kill(rng.choice(sorted(fleet.stages)))
+            if disrupt is not None:
+                await disrupt(round_no)
             if kill_server and round_no % 5 == 2:
+                assert isinstance(server, EmbeddedValkey)
                 server.kill()
                 await asyncio.sleep(0.2)
                 server.restart()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from quantum_trader import governor as gov
 from quantum_trader import keys, protect, risk
+from quantum_trader.bus.cluster import require_replicated
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.dead_letters import Refusal
 from quantum_trader.bus.partitions import Fence, Partitioned
@@ -322,9 +323,16 @@ class Execution:
             elif answer.verdict != gov.GONE:
                 results[job.entry.id] = result_for(job, "REJECTED", Reason(answer.verdict), answer.detail)
         requests = [order_request(job) for job in approved]
+        if requests:
+            # On a cluster: the approvals (and the delivery before them) must survive a failover before
+            # the orders leave, so that a new primary redelivers these intents and looks the orders up.
+            await require_replicated(
+                self.redis, lane.stream, self.settings.cluster_replicas, self.settings.cluster_replica_wait_ms,
+                "orders held back",
+            )
         if placed_before:
             await asyncio.wait(placed_before)
-        outcomes = await self.exchange.place_orders(requests, guard=gov.SEND_GUARD) if requests else []
+        outcomes = await self.exchange.place_orders(requests, guard=gov.send_guard()) if requests else []
         for job, outcome in zip(approved, outcomes, strict=True):
             if outcome.sent:
                 sent.add(job.entry.id)

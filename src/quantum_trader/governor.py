@@ -9,7 +9,7 @@ and the daily trade limit, checked and incremented in the same atomic step and
 counted once per intent even when it is delivered again.
 
 The gate checks the switch once per batch; the exchange adapters read it again right
-before each order leaves (``SEND_GUARD``), so turning it on also stops the orders of a
+before each order leaves (``send_guard``), so turning it on also stops the orders of a
 batch already approved: they end REJECTED KILL_SWITCH, not sent, their count given back.
 """
 
@@ -34,8 +34,11 @@ from quantum_trader.settings import Settings
 
 log = get_logger("governor")
 
+
 # What the exchange adapters check right before each order leaves: the kill switch again.
-SEND_GUARD = SendGuard(keys.KILL_SWITCH, allowed="0", reason=Reason.KILL_SWITCH)
+def send_guard() -> SendGuard:
+    """The kill switch as a ``SendGuard``: read right before each order leaves (under the key name in force)."""
+    return SendGuard(keys.KILL_SWITCH, allowed="0", reason=Reason.KILL_SWITCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +294,8 @@ async def governor_state(redis: Redis, settings: Settings, now: datetime | None 
     day = moment.date()
     async with redis.pipeline(transaction=False) as pipe:
         pipe.type(keys.KILL_SWITCH)
-        pipe.mget(keys.KILL_SWITCH, keys.daily_trades(day))  # MGET: nil, never WRONGTYPE, for other types
+        # MGET: nil, never WRONGTYPE, for other types (by its command: a cluster pipeline refuses the method).
+        pipe.execute_command("MGET", keys.KILL_SWITCH, keys.daily_trades(day))
         kind, (kill, count) = await pipe.execute()
     value = kill_value(kind, kill)
     return GovernorState(
@@ -326,7 +330,7 @@ async def kill_state(redis: Redis) -> tuple[str | None, bool]:
     """
     async with redis.pipeline(transaction=False) as pipe:
         pipe.type(keys.KILL_SWITCH)
-        pipe.mget([keys.KILL_SWITCH])
+        pipe.execute_command("MGET", keys.KILL_SWITCH)
         kind, (raw,) = await pipe.execute()
     value = kill_value(kind, raw)
     return value, value == "0"

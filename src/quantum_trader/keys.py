@@ -47,6 +47,21 @@ PROTECT_STOPS = "quantum:protect:stops"  # symbol -> the position's stop-loss an
 # Partitions (QT_PARTITIONS > 1): execution processes that read them, scored by their last heartbeat (ms).
 PARTITION_MEMBERS = "quantum:partition:members"
 PARTITION_IDS = "quantum:partition:last_intent_id"  # the newest intent id given out across every partition
+PARTITION_PREFIX = "quantum:partition:"
+# Alerts: the stored looks (one field per look) and the lease of the one watcher that sends.
+ALERT_CURSORS = "quantum:alerts:cursors"
+ALERT_LEASE = "quantum:alerts:lease"
+
+# On a cluster every key of the pipeline carries this hash tag, so that each script and transaction,
+# which touch the streams and the trading state together, runs on one slot (``use_cluster_names``).
+CLUSTER_TAG = "{quantum}"
+_NAMESPACE = "quantum:"
+# The single-server names of every key constant above (the seed's), kept to switch back and forth.
+_SEED_NAMES = {
+    name: value
+    for name, value in dict(globals()).items()
+    if name.isupper() and not name.startswith("_") and isinstance(value, str) and value.startswith(_NAMESPACE)
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,4 +185,31 @@ def partition_stream(stream: str, partition: int, partitions: int) -> str:
 
 def partition_lease(partition: int) -> str:
     """The lease of a partition: "<consumer> <token>" of the execution process reading it, with a time to live."""
-    return f"quantum:partition:{{p{partition}}}:lease"
+    return f"{PARTITION_PREFIX}{{p{partition}}}:lease"
+
+
+def cluster_name(name: str) -> str:
+    """``name`` on a cluster: the seed's ``quantum:`` names become ``{quantum}:``, any other name gets
+    ``{quantum}:`` in front; the first hash tag of a key decides its slot, so every name shares one.
+    A name that already starts with the tag is returned as it is."""
+    if name.startswith(CLUSTER_TAG):
+        return name
+    if name.startswith(_NAMESPACE):
+        return CLUSTER_TAG + name[len(_NAMESPACE) - 1 :]
+    return f"{CLUSTER_TAG}:{name}"
+
+
+def use_cluster_names(on: bool) -> None:
+    """Name every key of this module for a cluster (``on``) or for one server (the seed's names).
+
+    Called when a process makes its client (``bus.connection.client``): the stages read these
+    names at each use, so one switch covers them all. Stream names are settings and are tagged
+    by the settings themselves (``Settings.streams``).
+    """
+    for name, seed in _SEED_NAMES.items():
+        globals()[name] = cluster_name(seed) if on else seed
+
+
+def cluster_names_in_use() -> bool:
+    """Whether the key names are the cluster's (``use_cluster_names``)."""
+    return KILL_SWITCH.startswith(CLUSTER_TAG)

@@ -492,13 +492,13 @@ class StateCollector(Collector):
                 pipe.xlen(stream)
                 pipe.xinfo_groups(stream)
             pipe.type(keys.KILL_SWITCH)
-            pipe.mget([keys.KILL_SWITCH])  # MGET: nil, never WRONGTYPE, for a key of another type
+            pipe.execute_command("MGET", keys.KILL_SWITCH)  # MGET: nil, never WRONGTYPE, for a key of another type
             pipe.type(keys.TRADING_STATE)
             pipe.hgetall(keys.TRADING_STATE)
-            pipe.mget([keys.daily_trades(day)])
+            pipe.execute_command("MGET", keys.daily_trades(day))
             pipe.hgetall(keys.BOOK_POSITIONS)
             pipe.hgetall(keys.PRICE_HASH)
-            pipe.mget([keys.BOOK_RECONCILED])
+            pipe.execute_command("MGET", keys.BOOK_RECONCILED)
             replies = pipe.execute(raise_on_error=False)
         out = _Families.empty()
         for index, stream in enumerate(streams):

@@ -32,6 +32,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from quantum_trader import keys
+from quantum_trader.bus.cluster import is_cluster_url, parse_cluster_url
 from quantum_trader.envfile import read_env_file
 from quantum_trader.errors import ConfigError
 from quantum_trader.keys import StreamNames
@@ -47,6 +48,10 @@ DEFAULT_QUOTE_ASSETS = ("USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "U
 # Settings holding a URL that may carry a password: shown redacted in the settings' repr.
 _URL_FIELDS = frozenset({"redis_url", "exchange_api_url", "database_url"})
 _STREAMS = StreamNames()  # the one place the stream and group names have their defaults
+_STREAM_FIELDS = (
+    "candle_stream", "decision_stream", "intent_stream", "result_stream", "result_stream_legacy",
+    "rejected_stream", "dead_letter_stream",
+)
 _SEED_NAMES = {
     "result_stream": "EXECUTION_RESULT_STREAM",
     "result_stream_legacy": "EXECUTION_RESULT_STREAM_LEGACY",
@@ -127,6 +132,13 @@ class Settings(BaseSettings):
     )
     partition_lease_s: float = Field(
         default=10.0, gt=0, le=3600, description="a partition's lease: taken over this long after its holder died"
+    )
+    cluster_replicas: int = Field(
+        default=1, ge=0, le=16,
+        description="on a cluster: replicas that must hold the state before an order leaves or the journal records",
+    )
+    cluster_replica_wait_ms: int = Field(
+        default=1000, gt=0, le=60_000, description="on a cluster: how long to wait for them before retrying the batch"
     )
     max_deliveries: int = Field(default=5, gt=0)
     consumer: str = Field(default="", description="consumer name; empty = <service>-<hostname>")
@@ -336,8 +348,32 @@ class Settings(BaseSettings):
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         if isinstance(value, str) and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty for the embedded server)")
+            if is_cluster_url(value):
+                try:
+                    parse_cluster_url(value)
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
+                return value
+            raise ValueError(
+                "must start with redis://, rediss:// or unix:// for one server, redis+cluster://, "
+                "rediss+cluster:// or valkey+cluster:// for a cluster (or be empty for the embedded server)"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _cluster_stream_names(self) -> Settings:
+        # On a cluster every stream shares the keys' hash tag: scripts touch streams and state together.
+        if self.on_cluster:
+            for name in _STREAM_FIELDS:
+                value = getattr(self, name)
+                if value:
+                    object.__setattr__(self, name, keys.cluster_name(value))
+        return self
+
+    @property
+    def on_cluster(self) -> bool:
+        """Whether QT_REDIS_URL names a cluster (every key and stream then carries ``keys.CLUSTER_TAG``)."""
+        return bool(self.redis_url) and is_cluster_url(str(self.redis_url))
 
     @field_validator(*_URL_FIELDS)
     @classmethod
@@ -431,6 +467,7 @@ class Settings(BaseSettings):
             execution_group=self.execution_group,
             ai_group=self.ai_group,
             journal_group=self.journal_group,
+            risk_state=keys.cluster_name(_STREAMS.risk_state) if self.on_cluster else _STREAMS.risk_state,
         )
 
     @property

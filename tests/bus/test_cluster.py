@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -30,7 +30,6 @@ from redis.exceptions import ClusterCrossSlotError, CrossSlotTransactionError, R
 from quantum_trader.bus.cluster import cluster_client, is_cluster_url, parse_cluster_url, wait_replicated
 from quantum_trader.errors import ConfigError
 from tests.cluster import ValkeyCluster
-from tests.conftest import TEST_SECRETS
 
 # A transfer between two counters of one hash tag, with a log entry: atomic, or the totals drift.
 TRANSFER = """
@@ -41,23 +40,6 @@ redis.call('SET', KEYS[2], tonumber(redis.call('GET', KEYS[2]) or '0') + tonumbe
 redis.call('XADD', KEYS[3], '*', 'moved', ARGV[1])
 return 1
 """
-
-
-@pytest.fixture(scope="module")
-def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
-    """One real cluster for the whole module (its password joins the secrets no log may hold)."""
-    cluster = ValkeyCluster(tmp_path_factory.mktemp("cluster"))
-    TEST_SECRETS.add(cluster.password)
-    with cluster:
-        yield cluster
-
-
-@pytest.fixture
-def cluster(valkey_cluster: ValkeyCluster) -> ValkeyCluster:
-    """The module's cluster, whole again and empty."""
-    valkey_cluster.heal()
-    valkey_cluster.flush()
-    return valkey_cluster
 
 
 @pytest.fixture

@@ -17,15 +17,16 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
 
+from quantum_trader import keys
 from quantum_trader.events import StateChange
 from quantum_trader.redaction import redact_text
 
 # Hash: one field per watched stream (the id read up to) and LEVELS_FIELD (JSON of the levels last
 # seen). A restarted watcher starts where the previous one stopped: nothing is alerted twice.
-CURSORS = "quantum:alerts:cursors"
+CURSORS = keys.ALERT_CURSORS
 LEVELS_FIELD = "levels"
 # The one watcher that looks and sends when several processes run one (value: its name, with an expiry).
-LEASE = "quantum:alerts:lease"
+LEASE = keys.ALERT_LEASE
 
 TITLE_CHARS = 160
 BODY_CHARS = 1500

@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 from quantum_trader import keys
 from quantum_trader.alerts.core import (
-    CURSORS,
     LEVELS_FIELD,
     DailySummary,
     DeadLettered,
@@ -49,16 +48,16 @@ T = TypeVar("T")
 
 async def load_previous(redis: Redis) -> Observation | None:
     """The look the last watcher stored (None before the first, or when it does not decode)."""
-    fields = await redis.hgetall(CURSORS)
+    fields = await redis.hgetall(keys.ALERT_CURSORS)
     previous = decode_stored(fields)
     if fields and previous is None:
-        log.warning("alerts_state_unreadable", key=CURSORS, effect="starting from the streams' ends")
+        log.warning("alerts_state_unreadable", key=keys.ALERT_CURSORS, effect="starting from the streams' ends")
     return previous
 
 
 async def store(redis: Redis, observation: Observation) -> None:
     """Record the look: its cursors and levels, in one write."""
-    await redis.hset(CURSORS, mapping={**observation.cursors, LEVELS_FIELD: encode_levels(observation)})
+    await redis.hset(keys.ALERT_CURSORS, mapping={**observation.cursors, LEVELS_FIELD: encode_levels(observation)})
 
 
 async def observe(
@@ -73,7 +72,7 @@ async def observe(
     watched = list(dict.fromkeys([streams.risk_state, streams.result, streams.dead_letter]))
     async with redis.pipeline(transaction=False) as pipe:
         pipe.type(keys.KILL_SWITCH)
-        pipe.mget([keys.KILL_SWITCH])
+        pipe.execute_command("MGET", keys.KILL_SWITCH)
         pipe.get(keys.BOOK_RECONCILED)
         for stream in watched:
             pipe.xrevrange(stream, count=1)

@@ -18,8 +18,9 @@ from dataclasses import asdict, replace
 
 from redis.exceptions import RedisError
 
+from quantum_trader import keys
 from quantum_trader.alerts.changes import alerts_between
-from quantum_trader.alerts.core import LEASE, Alert, Message, Observation, Severity
+from quantum_trader.alerts.core import Alert, Message, Observation, Severity
 from quantum_trader.alerts.delivery import alert_urls
 from quantum_trader.alerts.look import load_previous, observe, store
 from quantum_trader.alerts.notifier import Notifier
@@ -119,13 +120,13 @@ def _unreachable(failures: int, exc: BaseException) -> list[Alert]:
 
 async def _lead(redis: Redis, name: str, ttl_s: float) -> bool:
     """Hold the lease (take it when free or expired); False while another watcher holds it."""
-    return bool(await redis.eval(_LEAD, 1, LEASE, name, str(max(1, int(ttl_s * 1000)))))
+    return bool(await redis.eval(_LEAD, 1, keys.ALERT_LEASE, name, str(max(1, int(ttl_s * 1000)))))
 
 
 async def _release(redis: Redis, name: str) -> None:
     """Give the lease back if it is still ours, so another watcher takes over at once."""
     with contextlib.suppress(RedisError, OSError):  # else it expires by itself
-        await redis.eval(_RELEASE, 1, LEASE, name)
+        await redis.eval(_RELEASE, 1, keys.ALERT_LEASE, name)
 
 
 _LEAD = """

@@ -61,7 +61,7 @@ from quantum_trader.router import plan_batch
 from quantum_trader.settings import Settings
 from quantum_trader.strategies import Strategy
 
-_GUARD = gov.SEND_GUARD
+_GUARD = gov.send_guard()  # a backtest runs in memory: the seed names
 
 
 def hincrbyfloat(old: str | None, increment: str) -> str:

@@ -25,20 +25,22 @@ What a cluster changes for the code that uses it:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import REPLICA
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from quantum_trader.bus.embedded import client_name
-from quantum_trader.errors import ConfigError
+from quantum_trader.errors import ConfigError, TransientError
 from quantum_trader.redaction import redact_url
 
 # Cluster scheme -> the scheme of one node's connection.
@@ -159,7 +161,45 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     )
 
 
-def cluster_client(url: str) -> RedisCluster:
+class Cluster(RedisCluster):
+    """redis-py's asyncio cluster client, plus single-node clients for WATCH transactions (``node_client``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._node_clients: dict[str, Redis] = {}
+
+    async def node_client(self, key: str) -> Redis:
+        """A plain client on the primary serving ``key``'s slot, for a transaction that reads between
+        WATCH and MULTI: redis-py's cluster pipeline cannot (its reads there are not awaitable).
+
+        Its commands must stay on ``key``'s slot. After a failover the primary changes: the slot
+        map is read again on the next error (as for any command) and the next call here returns a
+        client on the new primary; the old one is closed with the cluster client.
+        """
+        await self.initialize()
+        node = self.get_node_from_key(key)
+        if node is None:
+            raise RedisClusterException(f"no primary serves the slot of {key}")
+        found = self._node_clients.get(node.name)
+        if found is None:
+            accepted = inspect.signature(Redis.__init__).parameters
+            options = {
+                name: value
+                for name, value in self.nodes_manager.connection_kwargs.items()
+                if name in accepted and name not in {"host", "port"}
+            }
+            found = self._node_clients[node.name] = Redis(host=node.host, port=int(node.port), **options)
+        return found
+
+    async def aclose(self, *args: Any, **kwargs: Any) -> None:
+        """Close every node's connections and the single-node clients."""
+        clients, self._node_clients = list(self._node_clients.values()), {}
+        for one in clients:
+            await one.aclose()
+        await super().aclose(*args, **kwargs)
+
+
+def cluster_client(url: str) -> Cluster:
     """An asyncio cluster client, configured as ``connection.client`` configures the single-server one.
 
     It connects on first use (``await client.initialize()`` to do it now) and follows the
@@ -178,7 +218,7 @@ def cluster_client(url: str) -> RedisCluster:
     }
     if target.tls:
         settings["ssl"] = True
-    return RedisCluster(
+    return Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.seeds],
         username=target.username,
         password=target.password,
@@ -188,6 +228,23 @@ def cluster_client(url: str) -> RedisCluster:
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),
         **settings,
     )
+
+
+async def require_replicated(client: Any, key: str, replicas: int, timeout_ms: int, what: str) -> None:
+    """Return once ``replicas`` replicas hold every write made so far on ``key``'s primary, else raise
+    ``TransientError`` (the stage retries its batch): ``what`` is what waits for them.
+
+    Nothing to wait for on one server (its AOF is the durability) or with ``replicas`` 0.
+    """
+    if replicas < 1 or not isinstance(client, RedisCluster):
+        return
+    held = await wait_replicated(client, key, replicas, timeout_ms)
+    if held < replicas:
+        raise TransientError(
+            f"{what}: {held} of {replicas} replicas hold the pipeline's state after {timeout_ms} ms; "
+            "a failover now could forget it, so nothing goes on until they do (QT_CLUSTER_REPLICAS, "
+            "QT_CLUSTER_REPLICA_WAIT_MS; check the replicas with CLUSTER NODES)"
+        )
 
 
 async def wait_replicated(client: RedisCluster, key: str, replicas: int = 1, timeout_ms: int = 1000) -> int:

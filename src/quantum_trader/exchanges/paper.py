@@ -24,7 +24,7 @@ import msgspec
 from redis.exceptions import WatchError
 
 from quantum_trader import keys
-from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.connection import Redis, watching_client
 from quantum_trader.events import Reason
 from quantum_trader.exchanges.base import ExchangeOrder, OrderOutcome, OrderRequest, SendGuard, split_symbol
 
@@ -232,7 +232,8 @@ class PaperExchange:
         # costs the server ~18 ms (it scans the keys already watched for each new one).
         watched = [keys.paper_balances(), keys.paper_version(), *switch]
         while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            client = await watching_client(self.redis, keys.paper_version())
+            async with client.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(*watched)
                     pipe_any: Any = pipe

@@ -27,6 +27,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 
 from quantum_trader import keys
+from quantum_trader.bus.cluster import require_replicated
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer, Handler
 from quantum_trader.errors import DecodeError, TransientError
@@ -128,6 +129,11 @@ class Journal:
         The database being unavailable is a ``TransientError``; its start and end are logged once each.
         """
         async with self._lock:
+            # On a cluster: record only what a failover cannot take back (every key shares one primary).
+            await require_replicated(
+                self.redis, self.streams.result, self.settings.cluster_replicas,
+                self.settings.cluster_replica_wait_ms, "journal waiting",
+            )
             try:
                 done = await asyncio.to_thread(self._transaction, work)
             except TransientError as exc:

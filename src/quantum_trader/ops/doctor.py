@@ -323,7 +323,7 @@ async def run_checks(
     try:
         server, version = await server_version(redis)
         checks.append(check_version(server, version))
-        checks.append(check_kill(await redis.get("quantum:kill")))
+        checks.append(check_kill(await redis.get(keys.KILL_SWITCH)))
         try:
             checks.append(check_trading_state((await trading.risk_status(redis, settings)).state))
         except QuantumTraderError as exc:  # an unreadable book: the gate approves nothing either

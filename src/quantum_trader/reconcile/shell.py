@@ -12,7 +12,7 @@ from decimal import Decimal, InvalidOperation
 from redis.exceptions import RedisError
 
 from quantum_trader import keys, portfolio
-from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.connection import Redis, watching_client
 from quantum_trader.bus.streams import parse_id, sleep_or_stop
 from quantum_trader.errors import QuantumTraderError
 from quantum_trader.events import now_iso
@@ -135,7 +135,8 @@ async def _previous(redis: Redis) -> Report | None:
 
 async def record_baseline(redis: Redis, baseline: Mapping[str, Decimal], *, replace: bool) -> bool:
     """Write the baseline; unless ``replace``, only while none is recorded (False when one was)."""
-    async with redis.pipeline(transaction=True) as pipe:
+    client = await watching_client(redis, keys.BOOK_BASELINE)
+    async with client.pipeline(transaction=True) as pipe:
         await pipe.watch(keys.BOOK_BASELINE)
         if not replace and await pipe.exists(keys.BOOK_BASELINE):
             await pipe.reset()

@@ -214,7 +214,7 @@ async def snapshot(
             pipe.xinfo_stream(name)
             pipe.xinfo_groups(name)
         pipe.type(keys.KILL_SWITCH)
-        pipe.mget([keys.KILL_SWITCH])  # MGET: nil, never WRONGTYPE, for a switch of another type
+        pipe.execute_command("MGET", keys.KILL_SWITCH)  # MGET: nil, never WRONGTYPE, for a switch of another type
         pipe.xrevrange(names.result, count=LATEST)
         pipe.xrevrange(names.rejected, count=LATEST)
         replies = await pipe.execute(raise_on_error=False)
