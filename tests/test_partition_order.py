@@ -44,11 +44,12 @@ from redis.exceptions import RedisError
 
 import quantum_trader
 from quantum_trader import keys
-from quantum_trader.bus.connection import Redis, client
+from quantum_trader.bus.connection import Redis, client, watching_client
 from quantum_trader.bus.embedded import EmbeddedValkey
 from quantum_trader.bus.streams import publish
 from quantum_trader.events import Fields, Reason
-from tests.chaos import Ledger, read_ledger, violations
+from tests.chaos import Ledger, named, read_ledger, violations
+from tests.cluster import ValkeyCluster
 from tests.pipeline import decision
 
 # The candidate symbols, each with its market price; a run trades four of them (``spread_symbols``).
@@ -65,9 +66,11 @@ BURST = 60  # decisions per round of the chaos loop: 40 rounds, one kill each
 EXECUTIONS = [f"exec-{n}" for n in range(4)]
 ROUTER = "router-0"
 LEASE_S = 2
+# The seed's names; on a cluster each is used with its hash tag (``named``).
 DECISIONS = "quantum:stream:ai.decision"
 INTENTS = "quantum:stream:trade.intent"
 RESULTS = "quantum:stream:execution.result"
+REJECTED = "quantum:stream:decision.rejected"
 FILL_LOG_END = "quantum:test:fill-log-end"
 # Live child processes of every run, killed at teardown whatever happened (a timeout included).
 _CHILDREN: set[int] = set()
@@ -207,7 +210,7 @@ class Fleet:
 
 async def intent_streams(r: Redis) -> list[str]:
     """The intent stream and its partitions' streams, whichever exist."""
-    return sorted({name async for name in r.scan_iter(match=f"{INTENTS}*", _type="stream", count=1000)})
+    return sorted({name async for name in r.scan_iter(match=f"{named(INTENTS)}*", _type="stream", count=1000)})
 
 
 async def holders(r: Redis) -> set[str]:
@@ -238,15 +241,19 @@ class FillLog:
 
     def __init__(self, r: Redis) -> None:
         self.r = r
-        self.pubsub = r.pubsub()
+        self.node = r
+        self.pubsub: Any = None
         self.coids: list[str] = []
         self.available = False
         self._end = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # On a cluster the events come from the node that stores the records: one client on it.
+        self.node = await watching_client(self.r, keys.paper_version())
+        self.pubsub = self.node.pubsub()
         try:
-            await self.r.config_set("notify-keyspace-events", "E$")
+            await self.node.config_set("notify-keyspace-events", "E$")
         except RedisError:
             return  # a server that does not allow it: the fill order is not checked
         await self.pubsub.psubscribe("__keyevent@*__:set")
@@ -261,14 +268,14 @@ class FillLog:
                 continue
             if message["data"].startswith(prefix):
                 self.coids.append(message["data"].removeprefix(prefix))
-            elif message["data"] == FILL_LOG_END:
+            elif message["data"] == named(FILL_LOG_END):
                 self._end.set()
 
     async def finish(self) -> list[str] | None:
         """Every order stored so far, in order (None when the server gives no events)."""
         if not self.available:
             return None
-        await self.r.set(FILL_LOG_END, "1")  # its event comes after every earlier one
+        await self.node.set(named(FILL_LOG_END), "1")  # its event comes after every earlier one
         await asyncio.wait_for(self._end.wait(), 30)
         return self.coids
 
@@ -277,7 +284,8 @@ class FillLog:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.pubsub.aclose()
+        if self.pubsub is not None:
+            await self.pubsub.aclose()
 
 
 @dataclasses.dataclass
@@ -291,6 +299,7 @@ class Report:
     kills: int = 0
     kills_holding_work: int = 0
     seconds: float = 0.0
+    fills_checked: bool = False  # the server gave the paper orders' keyspace events
 
     @property
     def out_of_order(self) -> bool:
@@ -421,7 +430,7 @@ def order_report(
 
 def partition_stream(partition: int, partitions: int) -> str:
     """The name of a partition's intent stream: ``<intent stream>:{p<k>}``."""
-    return INTENTS if partitions <= 1 else f"{INTENTS}:{{p{partition}}}"
+    return named(INTENTS) if partitions <= 1 else f"{named(INTENTS)}:{{p{partition}}}"
 
 
 async def drain(r: Redis, fleet: Fleet, total: int, *, stall_s: float = 20, deadline_s: float = 75) -> None:
@@ -430,7 +439,7 @@ async def drain(r: Redis, fleet: Fleet, total: int, *, stall_s: float = 20, dead
     deadline, last, since = loop.time() + deadline_s, -1, loop.time()
     while loop.time() < deadline:
         fleet.check()
-        done = await r.xlen(RESULTS) + await r.xlen("quantum:stream:decision.rejected")
+        done = await r.xlen(named(RESULTS)) + await r.xlen(named(REJECTED))
         if done >= total:
             return
         if done != last:
@@ -456,7 +465,7 @@ async def ordering_run(url: str, partitions: int, logs: Path, seed: int = 202603
         await fleet.ready(r)
         made = decisions(spread_symbols(partitions))
         for first in range(0, len(made), BURST):
-            await publish(r, DECISIONS, made[first : first + BURST])
+            await publish(r, named(DECISIONS), made[first : first + BURST])
             await asyncio.sleep(rng.uniform(0.0, 0.05))  # mid-burst: the processes are busy
             fleet.check()
             alive = fleet.alive(EXECUTIONS)
@@ -478,7 +487,9 @@ async def ordering_run(url: str, partitions: int, logs: Path, seed: int = 202603
             for stream in await intent_streams(r)
             for intent_id, fields in await all_entries(r, stream)
         ]
-        report = order_report(ledger, intents, await fills.finish(), partitions)
+        fill_order = await fills.finish()
+        report = order_report(ledger, intents, fill_order, partitions)
+        report.fills_checked = fill_order is not None
         report.kills, report.kills_holding_work = fleet.kills, fleet.kills_holding_work
         report.seconds = time.monotonic() - began
         print(report.summary())
@@ -501,6 +512,16 @@ async def test_partitions_keep_each_symbol_in_publish_order_across_kills(
     server = valkey_factory()
     report = await asyncio.wait_for(ordering_run(server.url, 4, tmp_path / "logs"), timeout=165)
     assert report.problems == [], "\n".join([report.summary(), *report.problems[:20]])
+    assert_chaos_happened(report)
+
+
+@pytest.mark.timeout(180)
+async def test_partitions_on_a_cluster_keep_each_symbol_in_publish_order_across_kills(
+    cluster: ValkeyCluster, tmp_path: Path
+) -> None:
+    report = await asyncio.wait_for(ordering_run(cluster.url, 4, tmp_path / "logs"), timeout=165)
+    assert report.problems == [], "\n".join([report.summary(), *report.problems[:20]])
+    assert report.fills_checked, "the paper fills' order must have been read from the cluster's node"
     assert_chaos_happened(report)
 
 
