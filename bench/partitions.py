@@ -75,47 +75,78 @@ def wait_idle(client: redis.Redis, procs: list[Stage], partitions: int, limit_s:
     raise RuntimeError(f"partition leases not spread within {limit_s:.0f}s: {holders}")
 
 
+def named(stream: str) -> str:
+    """A stream's name under the key names in force: the seed's, or on a cluster with its hash tag."""
+    return keys.cluster_name(stream) if keys.cluster_names_in_use() else stream
+
+
 def run(decisions: int, processes: int, partitions: int) -> dict[str, Any]:
-    """One row: ``decisions`` preloaded, 1 router and ``processes`` execution processes, QT_PARTITIONS=partitions."""
+    """One row on a private server: ``decisions`` preloaded, 1 router and ``processes`` execution processes."""
     with server() as valkey:
         client = prepare(valkey.url)
-        client.hset(keys.PRICE_HASH, mapping=dict.fromkeys(SYMBOLS, "100"))
-        preload(client, DECISIONS, decisions, decision)
-        client.xgroup_create(DECISIONS, ROUTER_GROUP, id="$")  # held back until the processes are idle
-        balances = ",".join(["USDT=1000000000000", *(f"{s.removesuffix('USDT')}=1000000000" for s in SYMBOLS)])
-        extra = {"QT_PARTITIONS": str(partitions), "QT_PAPER_BALANCES": balances}
-        specs = [("router", "bench-router"), *(("execution", f"bench-exec-{n}") for n in range(processes))]
-        procs = stages(valkey.url, specs, extra)
+        return measure(valkey.url, client, {"server": client}, decisions, processes, partitions)
+
+
+def measure(
+    url: str,
+    client: redis.Redis,
+    nodes: dict[str, redis.Redis],
+    decisions: int,
+    processes: int,
+    partitions: int,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One row: ``decisions`` preloaded through ``client`` (it serves every key of the pipeline), 1 router and
+    ``processes`` execution processes on ``url`` with QT_PARTITIONS=partitions (plus ``env``).
+
+    Server CPU is the sum over ``nodes`` (name -> a client on that server); with more than one node the row
+    also has each node's share.
+    """
+    decision_stream, result_stream = named(DECISIONS), named(RESULTS)
+    client.hset(keys.PRICE_HASH, mapping=dict.fromkeys(SYMBOLS, "100"))
+    preload(client, decision_stream, decisions, decision)
+    client.xgroup_create(decision_stream, ROUTER_GROUP, id="$")  # held back until the processes are idle
+    balances = ",".join(["USDT=1000000000000", *(f"{s.removesuffix('USDT')}=1000000000" for s in SYMBOLS)])
+    extra = {"QT_PARTITIONS": str(partitions), "QT_PAPER_BALANCES": balances, **(env or {})}
+    specs = [("router", "bench-router"), *(("execution", f"bench-exec-{n}") for n in range(processes))]
+    procs = stages(url, specs, extra)
+    for stage in procs:
+        stage.start()
+    try:
+        holders = wait_idle(client, procs, partitions)
+        server0, client0 = {name: server_cpu_s(node) for name, node in nodes.items()}, client_cpu_s(procs)
+        client.xgroup_setid(decision_stream, ROUTER_GROUP, id="0")
+        wall = wait_for(client, result_stream, decisions, procs, limit_s=900)
+        server_s = {name: server_cpu_s(node) - server0[name] for name, node in nodes.items()}
+        client_s = client_cpu_s(procs) - client0
+    finally:
         for stage in procs:
-            stage.start()
-        try:
-            holders = wait_idle(client, procs, partitions)
-            server0, client0 = server_cpu_s(client), client_cpu_s(procs)
-            client.xgroup_setid(DECISIONS, ROUTER_GROUP, id="0")
-            wall = wait_for(client, RESULTS, decisions, procs, limit_s=900)
-            server_s, client_s = server_cpu_s(client) - server0, client_cpu_s(procs) - client0
-        finally:
-            for stage in procs:
-                stage.stop()
-        per_stream = {
-            f"p{k}": client.xinfo_stream(keys.partition_stream(keys.StreamNames().intent, k, partitions))[
-                "entries-added"
-            ]
-            for k in range(partitions)
+            stage.stop()
+    intent_stream = named(keys.StreamNames().intent)
+    per_stream = {
+        f"p{k}": client.xinfo_stream(keys.partition_stream(intent_stream, k, partitions))["entries-added"]
+        for k in range(partitions)
+    }
+    row: dict[str, Any] = {
+        "decisions": decisions,
+        "execution_processes": processes,
+        "partitions": partitions,
+        "intents_per_s": round(span_rate(client, result_stream, decisions)),
+        "wall_s": round(wall, 2),
+        "server_cpu_us_per_intent": round(sum(server_s.values()) / decisions * 1e6, 1),
+        "client_cpu_us_per_intent": round(client_s / decisions * 1e6, 1),
+    }
+    if len(nodes) > 1:
+        row["server_cpu_us_per_intent_by_node"] = {
+            name: round(seconds / decisions * 1e6, 1) for name, seconds in server_s.items()
         }
-        return {
-            "decisions": decisions,
-            "execution_processes": processes,
-            "partitions": partitions,
-            "intents_per_s": round(span_rate(client, RESULTS, decisions)),
-            "wall_s": round(wall, 2),
-            "server_cpu_us_per_intent": round(server_s / decisions * 1e6, 1),
-            "client_cpu_us_per_intent": round(client_s / decisions * 1e6, 1),
-            "results_by_status": dict(Counter(json.loads(f["payload"])["status"] for _i, f in client.xrange(RESULTS))),
-            "intents_per_partition": per_stream,
-            "lease_holders": holders,
-            "peak_rss_mb": {" ".join(s.args) + f"-{n}": round(s.peak_rss_mb, 1) for n, s in enumerate(procs)},
-        }
+    results = client.xrange(result_stream)
+    return row | {
+        "results_by_status": dict(Counter(json.loads(f["payload"])["status"] for _i, f in results)),
+        "intents_per_partition": per_stream,
+        "lease_holders": holders,
+        "peak_rss_mb": {" ".join(s.args) + f"-{n}": round(s.peak_rss_mb, 1) for n, s in enumerate(procs)},
+    }
 
 
 def partitions(quick: bool) -> dict[str, Any]:
