@@ -327,7 +327,10 @@ class Execution:
             # On a cluster: the approvals (and the delivery before them) must survive a failover before
             # the orders leave, so that a new primary redelivers these intents and looks the orders up.
             await require_replicated(
-                self.redis, lane.stream, self.settings.cluster_replicas, self.settings.cluster_replica_wait_ms,
+                self.redis,
+                lane.stream,
+                self.settings.cluster_replicas,
+                self.settings.cluster_replica_wait_ms,
                 "orders held back",
             )
         if placed_before:

@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 
 from quantum_trader import keys, portfolio, risk
 from quantum_trader.bus.access import read_url_file
+from quantum_trader.bus.cluster import is_cluster_url, sync_cluster_client
 from quantum_trader.bus.embedded import client_name
 from quantum_trader.errors import (
     ConfigError,
@@ -435,15 +436,20 @@ class StateCollector(Collector):
             if self._client is None or url != self._client_url:
                 if self._client is not None:
                     self._client.close()
-                self._client = redis.Redis.from_url(
-                    url,
-                    decode_responses=True,
-                    encoding_errors="surrogateescape",
-                    client_name=client_name(),
-                    socket_connect_timeout=SCRAPE_TIMEOUT_S,
-                    socket_timeout=SCRAPE_TIMEOUT_S,
-                    retry_on_timeout=False,
-                )
+                # The key names follow the server's kind, as in the stages (``keys.use_cluster_names``).
+                keys.use_cluster_names(is_cluster_url(url))
+                if is_cluster_url(url):
+                    self._client = sync_cluster_client(url, SCRAPE_TIMEOUT_S)
+                else:
+                    self._client = redis.Redis.from_url(
+                        url,
+                        decode_responses=True,
+                        encoding_errors="surrogateescape",
+                        client_name=client_name(),
+                        socket_connect_timeout=SCRAPE_TIMEOUT_S,
+                        socket_timeout=SCRAPE_TIMEOUT_S,
+                        retry_on_timeout=False,
+                    )
                 self._client_url = url
             return self._client
 

@@ -49,8 +49,13 @@ DEFAULT_QUOTE_ASSETS = ("USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH", "EUR", "U
 _URL_FIELDS = frozenset({"redis_url", "exchange_api_url", "database_url"})
 _STREAMS = StreamNames()  # the one place the stream and group names have their defaults
 _STREAM_FIELDS = (
-    "candle_stream", "decision_stream", "intent_stream", "result_stream", "result_stream_legacy",
-    "rejected_stream", "dead_letter_stream",
+    "candle_stream",
+    "decision_stream",
+    "intent_stream",
+    "result_stream",
+    "result_stream_legacy",
+    "rejected_stream",
+    "dead_letter_stream",
 )
 _SEED_NAMES = {
     "result_stream": "EXECUTION_RESULT_STREAM",
@@ -134,7 +139,9 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=3600, description="a partition's lease: taken over this long after its holder died"
     )
     cluster_replicas: int = Field(
-        default=1, ge=0, le=16,
+        default=1,
+        ge=0,
+        le=16,
         description="on a cluster: replicas that must hold the state before an order leaves or the journal records",
     )
     cluster_replica_wait_ms: int = Field(

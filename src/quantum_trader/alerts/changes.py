@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from decimal import Decimal
 
+from quantum_trader import keys
 from quantum_trader.alerts.core import (
     BODY_CHARS,
     TITLE_CHARS,
@@ -56,7 +57,7 @@ def _kill_switch(previous: Observation, current: Observation) -> list[Alert]:
             Alert(
                 "kill:off",
                 "Kill switch OFF: trading allowed",
-                "quantum:kill is '0': the governor approves orders again.",
+                f"{keys.KILL_SWITCH} is '0': the governor approves orders again.",
                 Severity.SUCCESS,
             )
         ]
@@ -67,7 +68,7 @@ def _kill_switch(previous: Observation, current: Observation) -> list[Alert]:
         Alert(
             "kill:on",
             "Kill switch ON: no order is sent",
-            f"quantum:kill is {shown}: every intent ends REJECTED KILL_SWITCH.{halt} "
+            f"{keys.KILL_SWITCH} is {shown}: every intent ends REJECTED KILL_SWITCH.{halt} "
             "Once the cause is dealt with: quantum-trader kill off",
             Severity.FAILURE,
         )
@@ -210,7 +211,7 @@ def heartbeat_lost(name: str) -> Alert:
         f"heartbeat:{name}",
         clip(f"Heartbeat lost: {service} ({consumer})", TITLE_CHARS),
         clip(
-            f"quantum:heartbeat:{name} expired: the process stopped or hangs. "
+            f"{keys.HEARTBEAT_PREFIX}{name} expired: the process stopped or hangs. "
             f"Check: quantum-trader check {service}; its unit's journal (journalctl -u quantum-trader-{service})",
             BODY_CHARS,
         ),

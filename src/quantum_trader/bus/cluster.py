@@ -37,6 +37,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import REPLICA
+from redis.cluster import ClusterNode as SyncClusterNode
+from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from quantum_trader.bus.embedded import client_name
@@ -197,6 +199,23 @@ class Cluster(RedisCluster):
         for one in clients:
             await one.aclose()
         await super().aclose(*args, **kwargs)
+
+
+def sync_cluster_client(url: str, timeout_s: float) -> SyncRedisCluster:
+    """A synchronous cluster client (the metrics exporter's threads), with ``timeout_s`` for connecting and reading."""
+    target = parse_cluster_url(url)
+    options = {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, **target.options}
+    if target.tls:
+        options["ssl"] = True
+    return SyncRedisCluster(
+        startup_nodes=[SyncClusterNode(host, port) for host, port in target.seeds],  # type: ignore[no-untyped-call]
+        username=target.username,
+        password=target.password,
+        decode_responses=True,
+        encoding_errors="surrogateescape",
+        client_name=client_name(),
+        **options,
+    )
 
 
 def cluster_client(url: str) -> Cluster:

@@ -134,7 +134,7 @@ def kill_status(as_json: bool = JSON_OPT) -> None:
     else:
         # Anything but "0" halts; a value that is neither "0" nor "1" gets the fix on the same line.
         odd = "" if value in (None, "0", "1") else " (unexpected; `quantum-trader kill on|off` rewrites it)"
-        line = f"quantum:kill = {value!r}: trading {'ALLOWED' if allowed else 'HALTED'}{odd}"
+        line = f"{keys.KILL_SWITCH} = {value!r}: trading {'ALLOWED' if allowed else 'HALTED'}{odd}"
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(0 if allowed else 1)
 

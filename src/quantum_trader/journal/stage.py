@@ -131,8 +131,11 @@ class Journal:
         async with self._lock:
             # On a cluster: record only what a failover cannot take back (every key shares one primary).
             await require_replicated(
-                self.redis, self.streams.result, self.settings.cluster_replicas,
-                self.settings.cluster_replica_wait_ms, "journal waiting",
+                self.redis,
+                self.streams.result,
+                self.settings.cluster_replicas,
+                self.settings.cluster_replica_wait_ms,
+                "journal waiting",
             )
             try:
                 done = await asyncio.to_thread(self._transaction, work)

@@ -157,9 +157,9 @@ def check_version(server: str, version: tuple[int, ...]) -> Check:
 def check_kill(value: str | None) -> Check:
     """Trading only while the kill switch is exactly 0."""
     if value == "0":
-        return Check("kill switch", "PASS", "quantum:kill = '0': trading allowed")
+        return Check("kill switch", "PASS", f"{keys.KILL_SWITCH} = '0': trading allowed")
     shown = "absent" if value is None else repr(value)
-    return Check("kill switch", "WARN", f"quantum:kill is {shown}: trading halted (fail-closed)",
+    return Check("kill switch", "WARN", f"{keys.KILL_SWITCH} is {shown}: trading halted (fail-closed)",
                  "quantum-trader kill off  (when you mean to trade)")  # fmt: skip
 
 
