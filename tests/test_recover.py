@@ -66,6 +66,34 @@ async def test_stale_intents_of_a_dead_consumer_expire_and_fresh_ones_stay(
     assert len(await results(r)) == 3
 
 
+async def test_with_partitions_stale_intents_of_a_dead_consumer_expire_on_every_partition_stream(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    settings = settings_for(clean_url, max_intent_age_s=60, partitions=3)
+    streams = [keys.partition_stream(INTENTS, k, 3) for k in range(3)]
+    old_ids: list[str] = []
+    fresh: dict[str, list[str]] = {}
+    for n, stream in enumerate(streams):
+        await ensure_group(r, stream, GROUP)
+        old_ids += await publish(r, stream, [intent(600, 10 * n)])
+        fresh[stream] = await publish(r, stream, [intent(1, 10 * n + 1)])
+        await r.xreadgroup(GROUP, f"dead-exec-{n}", {stream: ">"}, count=5)  # then the process died
+    # An old intent no one read yet, at the head of a partition's backlog.
+    [head_id] = await publish(r, streams[1], [intent(600, 99)])
+
+    report = await recover(r, settings, idle_ms=0)
+
+    assert (report.stale_pending, report.expired) == (6, 4)
+    assert len(report.groups_created) == 2  # the decision stream's and the one intent stream's
+    out = await results(r)
+    assert sorted(res["intent_id"] for res in out) == sorted([*old_ids, head_id])
+    assert {res["status"] for res in out} == {"EXPIRED"}
+    for stream in streams:  # each acknowledged on its own stream; the fresh one still pending there
+        pending = await r.xpending_range(stream, GROUP, min="-", max="+", count=10)
+        assert [p["message_id"] for p in pending] == fresh[stream]
+    assert (await recover(r, settings, idle_ms=0)).expired == 0
+
+
 async def test_a_stale_intent_whose_order_exists_is_left_for_execution_to_report(
     r: Redis, settings_for: Callable[..., Settings], clean_url: str
 ) -> None:

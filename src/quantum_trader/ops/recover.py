@@ -34,7 +34,7 @@ class _Tools:
 
     limits: gov.Limits
     committer: Committer
-    consumer: GroupConsumer  # dead-letters undecodable intents
+    consumer: GroupConsumer  # dead-letters undecodable intents; its stream is the intent stream worked on
     now: datetime
 
 
@@ -66,7 +66,10 @@ async def _expire(tools: _Tools, entries: list[Entry], report: RecoveryReport) -
     expired = [job for job in jobs if gov.is_expired(job.intent, job.env.timestamp, tools.now, max_age)]
     detail = f"{gov.expiry_detail(max_age)} (found by recover)"
     await tools.committer.commit(
-        [(job, result_for(job, "EXPIRED", Reason.EXPIRED, detail)) for job in expired], (), tools.now
+        [(job, result_for(job, "EXPIRED", Reason.EXPIRED, detail)) for job in expired],
+        (),
+        tools.now,
+        stream=tools.consumer.stream,
     )
     report.expired += len(expired)
     done = {job.entry.id for job in expired}
@@ -78,28 +81,54 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
     moment = now or datetime.now(UTC)
     streams = settings.streams
     report = RecoveryReport()
-    for stream, group in ((streams.decision, streams.router_group), (streams.intent, streams.execution_group)):
+    # With QT_PARTITIONS > 1 execution reads each partition's stream instead (the one intent
+    # stream is still looked at: intents written before partitions were turned on).
+    intent_streams = (
+        [streams.intent]
+        + [keys.partition_stream(streams.intent, k, settings.partitions) for k in range(settings.partitions)]
+        if settings.partitions > 1
+        else [streams.intent]
+    )
+    worked = [(streams.decision, streams.router_group)] + [
+        (stream, streams.execution_group) for stream in intent_streams
+    ]
+    for stream, group in worked:
         if await ensure_group(redis, stream, group):
             report.groups_created.append(f"{stream} / {group}")
-
-    tools = _Tools(
-        limits=gov.Limits.from_settings(settings),
-        # No paper records to expire: recover finishes only intents whose order does not exist.
-        committer=Committer(
-            redis, streams, keep_s=settings.trim_keep_s, paper_records=False, quote_assets=settings.quote_assets
-        ),
-        consumer=GroupConsumer(
-            redis, streams.intent, streams.execution_group, RECOVER_CONSUMER, settings.dead_letter_stream
-        ),
-        now=moment,
+    # No paper records to expire: recover finishes only intents whose order does not exist.
+    committer = Committer(
+        redis, streams, keep_s=settings.trim_keep_s, paper_records=False, quote_assets=settings.quote_assets
     )
+    for intents in intent_streams:
+        consumer = GroupConsumer(redis, intents, streams.execution_group, RECOVER_CONSUMER, settings.dead_letter_stream)
+        tools = _Tools(limits=gov.Limits.from_settings(settings), committer=committer, consumer=consumer, now=moment)
+        await _recover_intents(redis, settings, tools, idle_ms, report)
 
+    # 3. Consumers that hold nothing and have been idle past the threshold. The listing is only a
+    # hint: each is deleted only if it still holds nothing when the server deletes it.
+    delete_if_empty = redis.register_script(_DELETE_IF_EMPTY)
+    for stream, group in worked:
+        for consumer_info in await redis.xinfo_consumers(stream, group):
+            name = str(consumer_info["name"])
+            min_idle = 0 if name == RECOVER_CONSUMER else idle_ms
+            if int(consumer_info["pending"]) == 0 and int(consumer_info["idle"]) >= min_idle:
+                deleted = await delete_if_empty(keys=[stream], args=[group, name, min_idle])
+                if deleted and name != RECOVER_CONSUMER:
+                    report.consumers_deleted.append(f"{group} / {name}")
+    return report
+
+
+async def _recover_intents(
+    redis: Redis, settings: Settings, tools: _Tools, idle_ms: int, report: RecoveryReport
+) -> None:
+    """Steps 1 and 2 on one intent stream (``tools.consumer.stream``)."""
+    intent, group = tools.consumer.stream, settings.streams.execution_group
     # 1. Intents held by consumers that are idle past the threshold AND have no live heartbeat.
     # Idle time alone is not death: a live order batch on an exchange (order wait plus retries)
     # can outlast any threshold, and its consumer's heartbeat keeps beating all the while.
     start = "-"
     while True:
-        page = await redis.xpending_range(streams.intent, streams.execution_group, min=start, max="+",
+        page = await redis.xpending_range(intent, group, min=start, max="+",
                                           count=1000, idle=idle_ms)  # fmt: skip
         if not page:
             break
@@ -113,7 +142,7 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
         ids = [p["message_id"] for p in pending]
         async with redis.pipeline(transaction=False) as pipe:
             for entry_id in ids:
-                pipe.xrange(streams.intent, min=entry_id, max=entry_id)
+                pipe.xrange(intent, min=entry_id, max=entry_id)
             found = [rows[0] for rows in await pipe.execute() if rows]
         entries = [Entry(entry_id, fields, 2) for entry_id, fields in found]
         stale = _stale_only(tools, entries)
@@ -125,12 +154,12 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
             # since then may be placing its order (an EXPIRED result would hide the fill).
             owner = {p["message_id"]: p["consumer"] for p in pending}
             args = [
-                streams.execution_group,
+                group,
                 RECOVER_CONSUMER,
                 idle_ms,
                 *[x for e in stale for x in (e.id, owner[e.id])],
             ]
-            taken = set(await redis.register_script(_CLAIM_FROM_DEAD)(keys=[streams.intent], args=args))
+            taken = set(await redis.register_script(_CLAIM_FROM_DEAD)(keys=[intent], args=args))
             claimed_entries = [entry for entry in stale if entry.id in taken]
             fresh = await _expire(tools, claimed_entries, report)
             report.left_for_execution += len(fresh)
@@ -138,8 +167,8 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
 
     # 2. Undelivered intents at the head of the backlog that are already too old.
     while True:
-        info = next(g for g in await redis.xinfo_groups(streams.intent) if g["name"] == streams.execution_group)
-        head = await redis.xrange(streams.intent, min=f"({info['last-delivered-id']}", max="+", count=1000)
+        info = next(g for g in await redis.xinfo_groups(intent) if g["name"] == group)
+        head = await redis.xrange(intent, min=f"({info['last-delivered-id']}", max="+", count=1000)
         entries = [Entry(entry_id, fields) for entry_id, fields in head]
         stale = _stale_only(tools, entries)
         prefix = 0
@@ -150,7 +179,7 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
                 break
         if prefix == 0:
             break
-        reply = await redis.xreadgroup(streams.execution_group, RECOVER_CONSUMER, {streams.intent: ">"}, count=prefix)
+        reply = await redis.xreadgroup(group, RECOVER_CONSUMER, {intent: ">"}, count=prefix)
         delivered = [Entry(entry_id, fields) for entry_id, fields in (reply[0][1] if reply else [])]
         fresh = await _expire(tools, delivered, report)
         # A fresh intent delivered here (execution read the same head meanwhile) stays pending on
@@ -158,19 +187,6 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
         report.left_for_execution += len(fresh)
         if prefix < 1000:
             break
-
-    # 3. Consumers that hold nothing and have been idle past the threshold. The listing is only a
-    # hint: each is deleted only if it still holds nothing when the server deletes it.
-    delete_if_empty = redis.register_script(_DELETE_IF_EMPTY)
-    for stream, group in ((streams.decision, streams.router_group), (streams.intent, streams.execution_group)):
-        for consumer in await redis.xinfo_consumers(stream, group):
-            name = str(consumer["name"])
-            min_idle = 0 if name == RECOVER_CONSUMER else idle_ms
-            if int(consumer["pending"]) == 0 and int(consumer["idle"]) >= min_idle:
-                deleted = await delete_if_empty(keys=[stream], args=[group, name, min_idle])
-                if deleted and name != RECOVER_CONSUMER:
-                    report.consumers_deleted.append(f"{group} / {name}")
-    return report
 
 
 # Claims each id for recover only if the consumer judged dead still holds it, idle long enough
