@@ -452,12 +452,15 @@ class Settings(BaseSettings):
         """The streams ``status``, the doctor, metrics and alerts look at: the pipeline's, and with
         QT_PARTITIONS > 1 every partition of the intent stream after it."""
         names = self.streams.pipeline()
-        if self.partitions > 1:
-            at = names.index(self.intent_stream) + 1
-            names[at:at] = [
-                keys.partition_stream(self.intent_stream, k, self.partitions) for k in range(self.partitions)
-            ]
+        at = names.index(self.intent_stream) + 1
+        names[at:at] = self.partition_streams()
         return names
+
+    def partition_streams(self) -> list[str]:
+        """The partitions' intent streams in partition order (none with QT_PARTITIONS=1)."""
+        if self.partitions <= 1:
+            return []
+        return [keys.partition_stream(self.intent_stream, k, self.partitions) for k in range(self.partitions)]
 
     @property
     def streams(self) -> StreamNames:

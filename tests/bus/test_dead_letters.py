@@ -105,3 +105,32 @@ async def test_a_dead_letter_that_does_not_decode_or_an_impossible_id_is_refused
     with pytest.raises(LookupError, match="is not a stream entry id"):
         await replay(r, DEAD_LETTERS, [f"{2**64}-0"])  # the server would refuse it with an error
     assert await r.xlen(DEAD_LETTERS) == 1  # nothing removed
+
+
+async def test_an_intent_replayed_onto_a_partition_takes_its_id_from_the_counter_never_another_partitions(
+    r: Redis,
+) -> None:
+    """Intent ids are unique across partitions (the counter); ``*`` on one partition's stream can repeat
+    an id the counter gave another partition when the counter ran ahead of the clock."""
+    p0, p1 = keys.partition_stream(INTENTS, 0, 2), keys.partition_stream(INTENTS, 1, 2)
+    ahead = 9_999_999_999_999  # the counter's newest ids, ahead of this machine's clock
+    await r.xadd(p1, {"payload": "{}"}, id=f"{ahead}-0")
+    await r.xadd(p0, {"payload": "{}"}, id=f"{ahead}-1")
+    await r.set(keys.PARTITION_IDS, f"{ahead}-1")
+    raw = envelope(
+        TRADE_INTENT, TradeIntent(symbol="ETHUSDT", side="BUY", qty=Decimal("0.1")), trace_id="t9",
+        correlation_id="c9", source="router",
+    )  # fmt: skip
+    fields = dead_letter_fields(
+        stream=p1, group="quantum:group:execution:trade.intent", entry=Entry("5-5", raw, 6), reason="test"
+    )
+    dead_id = str(await r.xadd(DEAD_LETTERS, fields))
+
+    [(_, origin, new_id)] = await replay(
+        r, DEAD_LETTERS, [dead_id], replay_refusal(r, "paper"), numbered=[p0, p1], counter=keys.PARTITION_IDS
+    )
+
+    assert origin == p1
+    assert new_id == f"{ahead}-2"  # "*" would have given {ahead}-1: partition 0's intent's id
+    assert await r.get(keys.PARTITION_IDS) == new_id
+    assert [entry_id for entry_id, _ in await r.xrange(p1)] == [f"{ahead}-0", new_id]

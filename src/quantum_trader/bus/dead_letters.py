@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from quantum_trader.bus.connection import Redis
@@ -39,11 +39,19 @@ def _is_entry_id(text: str) -> bool:
 
 
 async def replay(
-    redis: Redis, stream: str, ids: list[str], refuse: Refusal | None = None
+    redis: Redis,
+    stream: str,
+    ids: list[str],
+    refuse: Refusal | None = None,
+    numbered: Collection[str] = (),
+    counter: str = "",
 ) -> list[tuple[str, str, str]]:
     """Put dead-letter entries back on their origin stream (and remove them from the dead letters).
 
     ``refuse(dead_id, payload)`` is asked first for each entry; a message stops the replay.
+    An entry whose origin is one of ``numbered`` (the partitions' intent streams) gets its new id
+    from ``counter``, as the router gives those intents theirs: an id unique across the
+    partitions, where ``*`` could repeat one another partition's stream holds.
     Returns (dead-letter id, origin stream, new entry id) for each replayed entry. Raises
     LookupError, naming the id and what to do, for an id that is malformed, missing or refused.
     """
@@ -76,8 +84,9 @@ async def replay(
                 f"dead-letter entry {dead_id} cannot be replayed: its raw_base64 is not base64; "
                 "inspect it with: quantum-trader dlq list"
             ) from None
+        by_counter = [counter] if counter and origin in numbered else []
         new_id = await redis.register_script(_REPLAY)(
-            keys=[stream, origin], args=[dead_id, *[item for pair in raw.items() for item in pair]]
+            keys=[stream, origin, *by_counter], args=[dead_id, *[item for pair in raw.items() for item in pair]]
         )
         if new_id is None:
             raise LookupError(
@@ -90,8 +99,19 @@ async def replay(
 # The dead letter goes back only if this call is the one that removes it, in one step: two
 # replays of one id (two operators, a command retried) put it back once. A replayed intent
 # gets a new id, hence a new client order id: back twice, it would place two orders.
-# KEYS[1] dead-letter stream, KEYS[2] origin stream; ARGV dead-letter id, then field, value, ...
+# KEYS[1] dead-letter stream, KEYS[2] origin stream, KEYS[3] (a partition's intent stream) the intent
+# id counter, allocated as route.lua does; ARGV dead-letter id, then field, value, ...
 _REPLAY = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
-return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+local id = '*'
+if KEYS[3] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local ms, seq = string.match(redis.call('GET', KEYS[3]) or '0-0', '^(%d+)-(%d+)$')
+  ms, seq = tonumber(ms or '0'), tonumber(seq or '0')
+  if now > ms then ms, seq = now, 0 else seq = seq + 1 end
+  id = string.format('%.0f-%.0f', ms, seq)
+  redis.call('SET', KEYS[3], id)
+end
+return redis.call('XADD', KEYS[2], id, unpack(ARGV, 2))
 """

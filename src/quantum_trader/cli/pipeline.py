@@ -300,7 +300,12 @@ def dlq_replay(
         done = with_redis(
             settings,
             lambda r: dead_letters.replay(
-                r, settings.dead_letter_stream, ids, execution_stage.replay_refusal(r, settings.exchange)
+                r,
+                settings.dead_letter_stream,
+                ids,
+                execution_stage.replay_refusal(r, settings.exchange),
+                numbered=settings.partition_streams(),
+                counter=keys.PARTITION_IDS,
             ),
         )
     except LookupError as exc:

@@ -83,12 +83,7 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
     report = RecoveryReport()
     # With QT_PARTITIONS > 1 execution reads each partition's stream instead (the one intent
     # stream is still looked at: intents written before partitions were turned on).
-    intent_streams = (
-        [streams.intent]
-        + [keys.partition_stream(streams.intent, k, settings.partitions) for k in range(settings.partitions)]
-        if settings.partitions > 1
-        else [streams.intent]
-    )
+    intent_streams = [streams.intent, *settings.partition_streams()]
     worked = [(streams.decision, streams.router_group)] + [
         (stream, streams.execution_group) for stream in intent_streams
     ]
