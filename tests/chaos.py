@@ -49,7 +49,14 @@ async def _all(r: Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
 
 async def read_ledger(r: Redis, day_key: str) -> Ledger:
     """Read the decision, intent, rejection and result streams, the paper orders, balances and counter."""
-    decisions = await _all(r, named("quantum:stream:ai.decision"))
+    # The one decision stream and its partitions (publishers may write there, QT_PARTITIONS > 1): ids are
+    # unique across them and grow with time, so in id order a symbol's decisions are in publish order.
+    one = named("quantum:stream:ai.decision")
+    decision_streams = [one, *sorted({s async for s in r.scan_iter(match=f"{one}:*", _type="stream", count=1000)})]
+    decisions = sorted(
+        [entry for stream in decision_streams for entry in await _all(r, stream)],
+        key=lambda entry: tuple(int(part) for part in entry[0].split("-")),
+    )
     rejections = [json.loads(f["payload"]) for _, f in await _all(r, named("quantum:stream:decision.rejected"))]
     intents = [(i, json.loads(f["payload"])) for i, f in await _all(r, named("quantum:stream:trade.intent"))]
     results = [json.loads(f["payload"]) for _, f in await _all(r, named("quantum:stream:execution.result"))]

@@ -62,7 +62,13 @@ def test_a_cluster_url_tags_every_stream_and_a_plain_url_keeps_the_seeds_names()
     assert on.streams.decision == "{quantum}:desk:decisions"
     assert on.streams.router_group == "quantum:group:router:ai.decision"  # a group is not a key
     assert {key_slot(name.encode()) for name in on.pipeline_streams()} == {SLOT}
-    assert on.with_changes(partitions=4).pipeline_streams()[3] == "{quantum}:stream:trade.intent:{p0}"
+    partitioned = on.with_changes(partitions=4).pipeline_streams()
+    assert partitioned[1:7] == [
+        "{quantum}:desk:decisions",
+        *[f"{{quantum}}:desk:decisions:{{p{k}}}" for k in range(4)],
+        "{quantum}:stream:trade.intent",
+    ]
+    assert "{quantum}:stream:trade.intent:{p3}" in partitioned
 
 
 @pytest.mark.parametrize(

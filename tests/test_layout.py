@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "envfile": 0,
     "logs": 0,
     "events": 0,
+    "cluster_url": 0,  # parsing a cluster URL (the settings check it; bus.cluster connects)
     "settings": 1,
     "secrets_file": 1,
     "bus": 2,
@@ -37,6 +38,7 @@ LAYERS: dict[str, int] = {
     "metrics": 3,  # counted by the stages, so below them; reads the server and wraps an exchange
     "governor": 4,
     "router": 4,
+    "publisher": 4,  # decisions onto the decision stream's partitions (the router's symbol rules)
     "execution": 4,
     "commit": 4,
     "protect": 4,

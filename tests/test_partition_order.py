@@ -48,6 +48,8 @@ from quantum_trader.bus.connection import Redis, client, watching_client
 from quantum_trader.bus.embedded import EmbeddedValkey
 from quantum_trader.bus.streams import publish
 from quantum_trader.events import Fields, Reason
+from quantum_trader.publisher import publish_decisions
+from quantum_trader.settings import Settings
 from tests.chaos import Ledger, named, read_ledger, violations
 from tests.cluster import ValkeyCluster
 from tests.pipeline import decision
@@ -65,6 +67,7 @@ DECISION_COUNT = 2_400
 BURST = 60  # decisions per round of the chaos loop: 40 rounds, one kill each
 EXECUTIONS = [f"exec-{n}" for n in range(4)]
 ROUTER = "router-0"
+ROUTERS = ["router-0", "router-1"]  # the variant with decisions published to the decision partitions
 LEASE_S = 2
 # The seed's names; on a cluster each is used with its hash tag (``named``).
 DECISIONS = "quantum:stream:ai.decision"
@@ -124,6 +127,7 @@ class Fleet:
     killed: set[int] = dataclasses.field(default_factory=set)  # pids this fleet SIGKILLed
     kills: int = 0
     kills_holding_work: int = 0
+    router_kills: int = 0
 
     @property
     def env(self) -> dict[str, str]:
@@ -149,7 +153,7 @@ class Fleet:
         return open(self.logs / f"{name}.log", "ab")  # closed once the process holds it
 
     async def start(self, name: str) -> None:
-        stage = "router" if name == ROUTER else "execution"
+        stage = "router" if name.startswith("router") else "execution"
         with self._log(name) as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "quantum_trader", stage, env=self.env | {"QT_CONSUMER": name},
@@ -173,7 +177,10 @@ class Fleet:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check()
-            beats = [await r.exists(keys.heartbeat("router" if n == ROUTER else "execution", n)) for n in self.procs]
+            beats = [
+                await r.exists(keys.heartbeat("router" if n.startswith("router") else "execution", n))
+                for n in self.procs
+            ]
             if all(beats):
                 return
             await asyncio.sleep(0.05)
@@ -187,6 +194,7 @@ class Fleet:
         await proc.wait()
         _CHILDREN.discard(proc.pid)
         self.kills += 1
+        self.router_kills += name.startswith("router")
         self.kills_holding_work += name in await holders(r)
 
     async def revive_dead(self) -> None:
@@ -300,6 +308,7 @@ class Report:
     kills_holding_work: int = 0
     seconds: float = 0.0
     fills_checked: bool = False  # the server gave the paper orders' keyspace events
+    router_kills: int = 0
 
     @property
     def out_of_order(self) -> bool:
@@ -449,8 +458,19 @@ async def drain(r: Redis, fleet: Fleet, total: int, *, stall_s: float = 20, dead
         await asyncio.sleep(0.2)
 
 
-async def ordering_run(url: str, partitions: int, logs: Path, seed: int = 20260301) -> Report:
-    """The scenario under fire with ``QT_PARTITIONS=partitions``; the report of what it broke."""
+async def ordering_run(
+    url: str,
+    partitions: int,
+    logs: Path,
+    seed: int = 20260301,
+    routers: Sequence[str] = (ROUTER,),
+    to_partitions: bool = True,
+) -> Report:
+    """The scenario under fire with ``QT_PARTITIONS=partitions``; the report of what it broke.
+
+    With several ``routers`` the decisions are published to the decision stream's partitions
+    (``publish_decisions``; with ``to_partitions`` False to the one decision stream, which they then share),
+    and a router is SIGKILLed every third round as well."""
     began = time.monotonic()
     rng = random.Random(seed)
     r = client(url)
@@ -460,12 +480,18 @@ async def ordering_run(url: str, partitions: int, logs: Path, seed: int = 202603
         await r.set(keys.KILL_SWITCH, "0")
         await r.hset(keys.PRICE_HASH, mapping=PRICES)
         await fills.start()
-        for name in [ROUTER, *EXECUTIONS]:
+        for name in [*routers, *EXECUTIONS]:
             await fleet.start(name)
         await fleet.ready(r)
         made = decisions(spread_symbols(partitions))
         for first in range(0, len(made), BURST):
-            await publish(r, named(DECISIONS), made[first : first + BURST])
+            if len(routers) > 1:
+                cut = Settings(redis_url=url, partitions=partitions if to_partitions else 1)
+                await publish_decisions(r, cut, made[first : first + BURST])
+                if first // BURST % 3 == 1 and (alive_routers := fleet.alive(routers)):
+                    await fleet.kill(r, rng.choice(alive_routers))
+            else:
+                await publish(r, named(DECISIONS), made[first : first + BURST])
             await asyncio.sleep(rng.uniform(0.0, 0.05))  # mid-burst: the processes are busy
             fleet.check()
             alive = fleet.alive(EXECUTIONS)
@@ -491,6 +517,7 @@ async def ordering_run(url: str, partitions: int, logs: Path, seed: int = 202603
         report = order_report(ledger, intents, fill_order, partitions)
         report.fills_checked = fill_order is not None
         report.kills, report.kills_holding_work = fleet.kills, fleet.kills_holding_work
+        report.router_kills = fleet.router_kills
         report.seconds = time.monotonic() - began
         print(report.summary())
         return report
@@ -516,6 +543,17 @@ async def test_partitions_keep_each_symbol_in_publish_order_across_kills(
 
 
 @pytest.mark.timeout(180)
+async def test_two_routers_on_the_decision_partitions_keep_each_symbol_in_publish_order_across_kills(
+    valkey_factory: Callable[..., EmbeddedValkey], tmp_path: Path
+) -> None:
+    server = valkey_factory()
+    report = await asyncio.wait_for(ordering_run(server.url, 4, tmp_path / "logs", routers=ROUTERS), timeout=165)
+    assert report.problems == [], "\n".join([report.summary(), *report.problems[:20]])
+    assert_chaos_happened(report)
+    assert report.router_kills >= 10, report.summary()
+
+
+@pytest.mark.timeout(180)
 async def test_partitions_on_a_cluster_keep_each_symbol_in_publish_order_across_kills(
     cluster: ValkeyCluster, tmp_path: Path
 ) -> None:
@@ -537,6 +575,22 @@ async def test_without_partitions_the_same_kills_can_reorder_a_symbol(
         logs = tmp_path / f"logs{attempt}"
         reports.append(await asyncio.wait_for(ordering_run(server.url, 1, logs, seed=attempt), timeout=165))
         assert_chaos_happened(reports[-1])
+        if reports[-1].out_of_order:
+            break
+    assert any(report.out_of_order for report in reports), "; ".join(report.summary() for report in reports)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_two_routers_sharing_the_one_decision_stream_can_reorder_a_symbol(
+    valkey_factory: Callable[..., EmbeddedValkey], tmp_path: Path
+) -> None:
+    """The two-router checks are not vacuous: routers sharing one consumer group reorder a symbol's intents."""
+    reports = []
+    for attempt in range(3):
+        logs = tmp_path / f"logs{attempt}"
+        run = ordering_run(valkey_factory().url, 4, logs, seed=attempt, routers=ROUTERS, to_partitions=False)
+        reports.append(await asyncio.wait_for(run, timeout=165))
         if reports[-1].out_of_order:
             break
     assert any(report.out_of_order for report in reports), "; ".join(report.summary() for report in reports)

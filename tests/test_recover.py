@@ -84,7 +84,7 @@ async def test_with_partitions_stale_intents_of_a_dead_consumer_expire_on_every_
     report = await recover(r, settings, idle_ms=0)
 
     assert (report.stale_pending, report.expired) == (6, 4)
-    assert len(report.groups_created) == 2  # the decision stream's and the one intent stream's
+    assert len(report.groups_created) == 5  # the decision stream and its 3 partitions, the one intent stream
     out = await results(r)
     assert sorted(res["intent_id"] for res in out) == sorted([*old_ids, head_id])
     assert {res["status"] for res in out} == {"EXPIRED"}

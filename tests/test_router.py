@@ -271,3 +271,29 @@ async def test_bad_bytes_huge_fields_and_deep_nesting_are_rejected_alone_and_the
     assert "truncated: 1048576 characters" in rejected[2]["original"]["source"]
     assert (await r.xpending(DECISIONS, router.streams.router_group))["pending"] == 0
     assert await r.xlen("quantum:stream:dead_letter") == 0
+
+
+async def test_decisions_published_to_partitions_get_ids_no_other_decision_stream_holds(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    from quantum_trader import keys
+    from quantum_trader.publisher import publish_decisions
+
+    settings = settings_for(clean_url, partitions=3)
+    one = settings.decision_stream
+    # A publisher that knows nothing of partitions writes to the one stream at the same moments.
+    far = 9_999_999_999_999
+    await r.xadd(one, decision(corr="outside-0"), id=f"{far}-0")
+    symbols = ["ETHUSDT", "BTCUSDT", "SOLUSDT"] * 3
+    batch = [decision(symbol, "BUY", corr=f"c{n}") for n, symbol in enumerate(symbols)]
+    batch.append({"payload": "{not json", "trace_id": "t-bad"})  # no symbol to read: the one stream judges it
+
+    published = await publish_decisions(r, settings, batch)
+
+    for symbol, (stream, _id) in zip(symbols, published, strict=False):  # each symbol: its intents' partition
+        assert stream == keys.partition_stream(one, keys.partition_of(symbol, 3), 3)
+    assert published[-1][0] == one
+    ids = [entry_id for _, entry_id in published]
+    assert ids == [f"{far}-{n}" for n in range(1, 11)]  # past the one stream's newest id, never the same twice
+    later = await r.xadd(one, decision(corr="outside-1"))
+    assert later == f"{far}-11"  # the one stream's next "*" id is past every id given out

@@ -323,15 +323,9 @@ class Execution:
             elif answer.verdict != gov.GONE:
                 results[job.entry.id] = result_for(job, "REJECTED", Reason(answer.verdict), answer.detail)
         requests = [order_request(job) for job in approved]
-        if requests:
-            # On a cluster: the approvals (and the delivery before them) must survive a failover before
-            # the orders leave, so that a new primary redelivers these intents and looks the orders up.
+        if requests:  # on a cluster the approvals must survive a failover before the orders leave (README)
             await require_replicated(
-                self.redis,
-                lane.stream,
-                self.settings.cluster_replicas,
-                self.settings.cluster_replica_wait_ms,
-                "orders held back",
+                self.redis, lane.stream, self.settings.cluster_replicas, self.settings.cluster_replica_wait_ms, "orders"
             )
         if placed_before:
             await asyncio.wait(placed_before)

@@ -46,7 +46,9 @@ RISK_LOSSES = "quantum:risk:losses"  # sorted set: "<intent id>|<symbol>" of los
 PROTECT_STOPS = "quantum:protect:stops"  # symbol -> the position's stop-loss and take-profit (JSON)
 # Partitions (QT_PARTITIONS > 1): execution processes that read them, scored by their last heartbeat (ms).
 PARTITION_MEMBERS = "quantum:partition:members"
+PARTITION_ROUTER_MEMBERS = "quantum:partition:router:members"  # the router processes reading decision partitions
 PARTITION_IDS = "quantum:partition:last_intent_id"  # the newest intent id given out across every partition
+DECISION_IDS = "quantum:partition:last_decision_id"  # the newest id given to a decision on a decision partition
 PARTITION_PREFIX = "quantum:partition:"
 # Alerts: the stored looks (one field per look) and the lease of the one watcher that sends.
 ALERT_CURSORS = "quantum:alerts:cursors"
@@ -183,9 +185,17 @@ def partition_stream(stream: str, partition: int, partitions: int) -> str:
     return stream if partitions <= 1 else f"{stream}:{{p{partition}}}"
 
 
-def partition_lease(partition: int) -> str:
-    """The lease of a partition: "<consumer> <token>" of the execution process reading it, with a time to live."""
-    return f"{PARTITION_PREFIX}{{p{partition}}}:lease"
+def partition_lease(partition: int, service: str = EXECUTION) -> str:
+    """The lease of a partition: "<consumer> <token>" of the process of ``service`` reading it, with a time to
+    live (execution's reads the intent partition, the router's the decision partition)."""
+    if service == EXECUTION:
+        return f"{PARTITION_PREFIX}{{p{partition}}}:lease"
+    return f"{PARTITION_PREFIX}{{p{partition}}}:{service}:lease"
+
+
+def partition_members(service: str = EXECUTION) -> str:
+    """Sorted set of the processes of ``service`` sharing partitions, scored by their last renewal (ms)."""
+    return PARTITION_MEMBERS if service == EXECUTION else PARTITION_ROUTER_MEMBERS
 
 
 def cluster_name(name: str) -> str:

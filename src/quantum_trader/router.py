@@ -25,6 +25,7 @@ import msgspec
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.partitions import Fence, Partitioned
 from quantum_trader.bus.streams import Entry, GroupConsumer
 from quantum_trader.errors import DecodeError
 from quantum_trader.events import (
@@ -313,26 +314,34 @@ class Router:
         self.consumer = GroupConsumer.for_stage(
             redis, settings, keys.ROUTER, self.streams.decision, self.streams.router_group
         )
+        # With QT_PARTITIONS > 1, also the decision stream's partitions (``publisher``): one router at a time each.
+        self.partitioned = (
+            Partitioned(redis, settings, keys.ROUTER, self.streams.decision, self.streams.router_group)
+            if settings.partitions > 1
+            else None
+        )
         self.totals = {"intents": 0, "duplicates": 0, "invalid": 0, "skipped": 0}
         self._last_batch: asyncio.Future[None] | None = None
 
-    async def handle(self, entries: list[Entry]) -> None:
+    async def handle(self, entries: list[Entry], lane: GroupConsumer | None = None, fence: Fence | None = None) -> None:
         """Route one batch in one script call.
 
         With batches in flight, each batch's script runs after the one read before it has
-        finished, so intents keep the decisions' order (the planning still overlaps).
+        finished, so intents keep the decisions' order (the planning still overlaps). ``lane``: the
+        decision partition read from (default: the one decision stream). No ``fence`` is needed: the
+        new holder routes the old one's decisions first, and route.lua skips what is acknowledged.
         """
         earlier = self._last_batch
         finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._last_batch = finished
         try:
-            await self._route_batch(entries, earlier)
+            await self._route_batch(entries, earlier, (lane or self.consumer).stream)
         finally:
             finished.set_result(None)
             if self._last_batch is finished:
                 self._last_batch = None
 
-    async def _route_batch(self, entries: list[Entry], earlier: asyncio.Future[None] | None) -> None:
+    async def _route_batch(self, entries: list[Entry], earlier: asyncio.Future[None] | None, stream: str) -> None:
         now = self.clock()
         plan = plan_batch(entries, self.settings, now)
         valid: list[str] = []
@@ -348,7 +357,7 @@ class Router:
             pack(invalid),
             "1" if self.settings.partitions > 1 else "0",
         ]
-        script_keys = [self.streams.decision, self.intent_streams[0], self.streams.rejected]
+        script_keys = [stream, self.intent_streams[0], self.streams.rejected]
         script_keys += [routed.dedup_key for routed in plan.valid]
         script_keys += self.intent_streams[1:]
         if self.settings.partitions > 1:

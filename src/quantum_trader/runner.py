@@ -84,12 +84,18 @@ def consumers_of(stage: Stage) -> list[Callable[[asyncio.Event], Coroutine[Any, 
     if isinstance(partitioned, Partitioned) and isinstance(stage, Execution):
         return [functools.partial(partitioned.run, stage.handle)]
     handler: Handler = stage.handle
-    return [functools.partial(stage.consumer.run, handler)]
+    loops: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = [functools.partial(stage.consumer.run, handler)]
+    if isinstance(partitioned, Partitioned) and isinstance(stage, Router):
+        # The one decision stream (publishers that know nothing of partitions) and the decision partitions.
+        loops.append(functools.partial(partitioned.run, stage.handle))
+    return loops
 
 
 def input_streams(stage: Stage) -> list[str]:
     """The streams a stage consumes (every partition of the intent stream, partitioned)."""
     partitioned = getattr(stage, "partitioned", None)
+    if isinstance(partitioned, Partitioned) and isinstance(stage, Router):
+        return [stage.consumer.stream, *partitioned.streams]
     if isinstance(partitioned, Partitioned):
         return list(partitioned.streams)
     return [stage.consumer.stream]

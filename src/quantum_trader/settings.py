@@ -32,7 +32,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from quantum_trader import keys
-from quantum_trader.bus.cluster import is_cluster_url, parse_cluster_url
+from quantum_trader.cluster_url import is_cluster_url, parse_cluster_url
 from quantum_trader.envfile import read_env_file
 from quantum_trader.errors import ConfigError
 from quantum_trader.keys import StreamNames
@@ -454,7 +454,15 @@ class Settings(BaseSettings):
         names = self.streams.pipeline()
         at = names.index(self.intent_stream) + 1
         names[at:at] = self.partition_streams()
+        at = names.index(self.decision_stream) + 1
+        names[at:at] = self.decision_partition_streams()
         return names
+
+    def decision_partition_streams(self) -> list[str]:
+        """The partitions of the decision stream publishers may write to (none with QT_PARTITIONS=1)."""
+        if self.partitions <= 1:
+            return []
+        return [keys.partition_stream(self.decision_stream, k, self.partitions) for k in range(self.partitions)]
 
     def partition_streams(self) -> list[str]:
         """The partitions' intent streams in partition order (none with QT_PARTITIONS=1)."""

@@ -75,6 +75,8 @@ class Partitioned:
         self.partitions = settings.partitions
         self.ttl_ms = int(settings.partition_lease_s * 1000)
         self.name = settings.consumer_name(service)
+        self.service = service
+        self.members = keys.partition_members(service)
         # A new token each start: a restarted process is a new holder, never mistaken for its former self.
         self.holds = f"{self.name} {secrets.token_hex(8)}"
         self.group = group
@@ -110,7 +112,7 @@ class Partitioned:
                         batch = await self._next(partition)
                         if batch:
                             lane = self.lanes[partition]
-                            fence = Fence(keys.partition_lease(partition), self.holds)
+                            fence = Fence(keys.partition_lease(partition, self.service), self.holds)
                             await lane.process(functools.partial(_in_lane, handler, lane, fence), batch)
                             busy = True
                     if not busy:
@@ -134,9 +136,9 @@ class Partitioned:
         seconds, micros = await self.redis.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(keys.PARTITION_MEMBERS, {self.name: now_ms})
-            pipe.zremrangebyscore(keys.PARTITION_MEMBERS, "-inf", f"({now_ms - self.ttl_ms}")
-            pipe.zcard(keys.PARTITION_MEMBERS)
+            pipe.zadd(self.members, {self.name: now_ms})
+            pipe.zremrangebyscore(self.members, "-inf", f"({now_ms - self.ttl_ms}")
+            pipe.zcard(self.members)
             *_ignored, live = await pipe.execute()
         until = began + self.ttl_ms / 1000 * 0.9  # what the server counts from is a little later than ``began``
         for partition in list(self.owned):
@@ -167,7 +169,7 @@ class Partitioned:
                 log.warning("partition_release_failed", partition=partition, error=str(exc))
         self.owned.clear()
         try:
-            await self.redis.zrem(keys.PARTITION_MEMBERS, self.name)  # the others' shares grow at their next renewal
+            await self.redis.zrem(self.members, self.name)  # the others' shares grow at their next renewal
         except TRANSIENT_ERRORS as exc:
             log.warning("partition_leave_failed", error=str(exc))
 
@@ -209,7 +211,7 @@ class Partitioned:
     async def _call(self, op: str, partition: int, *, count: int = 0, consumer: str = "") -> Any:
         size = count if op == "read" else self.ttl_ms
         return await self._script(
-            keys=[keys.partition_lease(partition), self.streams[partition]],
+            keys=[keys.partition_lease(partition, self.service), self.streams[partition]],
             args=[op, self.holds, size, self.group, consumer],
         )
 

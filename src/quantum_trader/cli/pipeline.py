@@ -27,11 +27,11 @@ from quantum_trader.bus.access import write_url_file
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.embedded import EmbeddedValkey
 from quantum_trader.bus.inspect import last_ids, pipeline_status, wait_for_outcome
-from quantum_trader.bus.streams import publish
 from quantum_trader.cli.common import JSON_OPT, configured, console, err, run_stages, with_redis
 from quantum_trader.cli.views import describe_outcome, describe_state, governor_table, status_table
 from quantum_trader.errors import ConfigError, DecodeError
 from quantum_trader.events import DECISION, StateChange, TradingState, envelope
+from quantum_trader.publisher import publish_decisions
 from quantum_trader.redaction import redact_url
 from quantum_trader.router import validate as validate_decision
 
@@ -100,12 +100,13 @@ def status(
 
     async def show_partitions(redis: Redis) -> None:
         """Who holds each partition's lease, and for how long still (the lag is in the table above)."""
-        for k in range(settings.partitions):
-            lease = keys.partition_lease(k)
-            holder, left_ms = await redis.get(lease), await redis.pttl(lease)
-            held = f"held by {holder.split(' ')[0]} ({left_ms} ms left)" if holder else "free"
-            name = keys.partition_stream(settings.intent_stream, k, settings.partitions)
-            console.print(f"partition {k} ({name}): {held}", highlight=False, markup=False)
+        for service, stream in ((keys.EXECUTION, settings.intent_stream), (keys.ROUTER, settings.decision_stream)):
+            for k in range(settings.partitions):
+                lease = keys.partition_lease(k, service)
+                holder, left_ms = await redis.get(lease), await redis.pttl(lease)
+                held = f"held by {holder.split(' ')[0]} ({left_ms} ms left)" if holder else "free"
+                name = keys.partition_stream(stream, k, settings.partitions)
+                console.print(f"partition {k} ({name}): {held}", highlight=False, markup=False)
 
     with_redis(settings, show)
 
@@ -259,8 +260,8 @@ def decide(
 
     async def publish_and_wait(redis: Redis) -> tuple[str, dict[str, Any] | None]:
         since = await last_ids(redis, [settings.result_stream, settings.streams.rejected])
-        [entry_id] = await publish(redis, settings.decision_stream, [fields])
-        console.print(f"published {entry_id} on {settings.decision_stream} (trace_id {fields['trace_id']})")
+        [(stream, entry_id)] = await publish_decisions(redis, settings, [fields])
+        console.print(f"published {entry_id} on {stream} (trace_id {fields['trace_id']})")
         if not wait:
             return entry_id, None
         return entry_id, await wait_for_outcome(redis, settings.streams, entry_id, since, wait_s)

@@ -84,7 +84,8 @@ async def recover(redis: Redis, settings: Settings, *, idle_ms: int, now: dateti
     # With QT_PARTITIONS > 1 execution reads each partition's stream instead (the one intent
     # stream is still looked at: intents written before partitions were turned on).
     intent_streams = [streams.intent, *settings.partition_streams()]
-    worked = [(streams.decision, streams.router_group)] + [
+    decision_streams = [streams.decision, *settings.decision_partition_streams()]
+    worked = [(stream, streams.router_group) for stream in decision_streams] + [
         (stream, streams.execution_group) for stream in intent_streams
     ]
     for stream, group in worked:
