@@ -142,19 +142,36 @@ def stages(url: str, specs: list[tuple[str, str]], extra: dict[str, str] | None 
     return [Stage([command], env | {"QT_REDIS_URL": url, "QT_CONSUMER": name}) for command, name in specs]
 
 
-def wait_for(client: redis.Redis, stream: str, target: int, procs: list[Stage], limit_s: float) -> float:
-    """Sample RSS until ``stream`` holds ``target`` entries; returns the wall time waited."""
-    started = time.perf_counter()
+def wait_for(
+    client: redis.Redis,
+    stream: str,
+    target: int,
+    procs: list[Stage],
+    limit_s: float,
+    stall_s: float | None = None,
+) -> float:
+    """Sample RSS until ``stream`` holds ``target`` entries; returns the wall time waited.
+
+    Fails after ``limit_s``, or as soon as ``stream`` has not grown for ``stall_s`` (when given).
+    """
+    started = last_change = time.perf_counter()
     for stage in procs:
         stage.sample()
-    while client.xlen(stream) < target:
+    seen = client.xlen(stream)
+    while seen < target:
         for stage in procs:
             stage.sample()
             if stage.proc is not None and stage.proc.poll() is not None:
                 raise RuntimeError(f"{stage.args} exited with {stage.proc.returncode}; see {stage.log}")
-        if time.perf_counter() - started > limit_s:
-            raise RuntimeError(f"{stream} reached {client.xlen(stream)} of {target} within {limit_s:.0f}s")
+        now = time.perf_counter()
+        if now - started > limit_s:
+            raise RuntimeError(f"{stream} reached {seen} of {target} within {limit_s:.0f}s")
+        if stall_s is not None and now - last_change > stall_s:
+            raise RuntimeError(f"{stream} stuck at {seen} of {target} for {stall_s:.0f}s")
         time.sleep(0.05)
+        count = client.xlen(stream)
+        if count != seen:
+            seen, last_change = count, time.perf_counter()
     return time.perf_counter() - started
 
 

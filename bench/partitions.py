@@ -29,6 +29,7 @@ SYMBOLS = [f"X{a}{b}USDT" for a in "ABCDEFGH" for b in "ABCDEFGH"]  # 64: every 
 # (execution processes, QT_PARTITIONS): partitions of 1, 2 and 4, and 4 processes sharing one stream.
 LAYOUTS = [(1, 1), (2, 2), (4, 4), (4, 1)]
 SIZES = {False: 20_000, True: 4_000}
+STALL_S = 60.0  # a row whose results stop coming for this long fails, naming where the intents wait
 
 
 def decision(n: int, stamp: str) -> dict[str, str]:
@@ -75,6 +76,29 @@ def wait_idle(client: redis.Redis, procs: list[Stage], partitions: int, limit_s:
     raise RuntimeError(f"partition leases not spread within {limit_s:.0f}s: {holders}")
 
 
+def where_things_are(client: redis.Redis, partitions: int) -> str:
+    """The decision and intent streams' groups (lag, pending, consumers) and the leases, for a row that stalled."""
+    intent_stream = named(keys.StreamNames().intent)
+    streams = [named(DECISIONS), *(keys.partition_stream(intent_stream, k, partitions) for k in range(partitions))]
+    names = keys.StreamNames()
+    parts = []
+    for stream in streams:
+        if not client.exists(stream):
+            parts.append(f"{stream}: none")
+            continue
+        groups = client.xinfo_groups(stream)
+        shown = [f"{g['name']} lag {g.get('lag')} pending {g['pending']} consumers {g['consumers']}" for g in groups]
+        added = client.xinfo_stream(stream)["entries-added"]
+        parts.append(f"{stream}: {added} added, {'; '.join(shown) or 'no group'}")
+    for stream in (named(names.rejected), named(names.dead_letter)):
+        last = client.xrevrange(stream, count=1)
+        parts.append(f"{stream}: {client.xlen(stream)} entries{f', last {last[0][1]}' if last else ''}")
+    if partitions > 1:
+        parts.append(f"leases {[client.get(keys.partition_lease(k)) for k in range(partitions)]}")
+        parts.append(f"members {client.zrange(keys.PARTITION_MEMBERS, 0, -1, withscores=True)}")
+    return ", ".join(parts)
+
+
 def named(stream: str) -> str:
     """A stream's name under the key names in force: the seed's, or on a cluster with its hash tag."""
     return keys.cluster_name(stream) if keys.cluster_names_in_use() else stream
@@ -116,7 +140,10 @@ def measure(
         holders = wait_idle(client, procs, partitions)
         server0, client0 = {name: server_cpu_s(node) for name, node in nodes.items()}, client_cpu_s(procs)
         client.xgroup_setid(decision_stream, ROUTER_GROUP, id="0")
-        wall = wait_for(client, result_stream, decisions, procs, limit_s=900)
+        try:
+            wall = wait_for(client, result_stream, decisions, procs, limit_s=900, stall_s=STALL_S)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; {where_things_are(client, partitions)}") from None
         server_s = {name: server_cpu_s(node) - server0[name] for name, node in nodes.items()}
         client_s = client_cpu_s(procs) - client0
     finally:
