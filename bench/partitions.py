@@ -4,8 +4,11 @@ Each row reports intents/s over the results' span (as the drain rows do) and wha
 on the server (INFO cpu, user + sys) and in the stage processes (router and execution, user + sys), both
 counted from the moment every process is up and idle to the last result. The decisions are preloaded behind
 a router group created at their end; once the processes are idle the group is moved back to the start, so
-neither the preload nor the processes' start-up is counted. On a machine with few cores the rows show the
-cost per intent, not how far partitions scale: the capacity needed at a rate is rate x cost.
+neither the preload nor the processes' start-up is counted. Until then a second group of the bench's own, at
+the start, keeps the router's trim passes from removing them (to the trimmer, entries at or below every
+group's position are consumed); it goes in the transaction that moves the router's group back. On a machine
+with few cores the rows show the cost per intent, not how far partitions scale: the capacity needed at a rate
+is rate x cost.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from quantum_trader import keys
 from quantum_trader.events import DECISION, envelope, now_iso
 
 ROUTER_GROUP = keys.StreamNames().router_group
+HOLD_GROUP = "bench:hold"  # holds the preloaded decisions against trimming until the router's group is moved back
 SYMBOLS = [f"X{a}{b}USDT" for a in "ABCDEFGH" for b in "ABCDEFGH"]  # 64: every partition gets some
 # (execution processes, QT_PARTITIONS): partitions of 1, 2 and 4, and 4 processes sharing one stream.
 LAYOUTS = [(1, 1), (2, 2), (4, 4), (4, 1)]
@@ -45,12 +49,17 @@ def server_cpu_s(client: redis.Redis) -> float:
 
 
 def client_cpu_s(procs: list[Stage]) -> float:
-    total = 0.0
+    return sum(client_cpu_by_stage(procs).values())
+
+
+def client_cpu_by_stage(procs: list[Stage]) -> dict[str, float]:
+    """User + sys CPU seconds of the processes, summed per stage (``router``, ``execution``)."""
+    totals: dict[str, float] = {}
     for stage in procs:
         assert stage.proc is not None
         times = psutil.Process(stage.proc.pid).cpu_times()
-        total += times.user + times.system
-    return total
+        totals[stage.args[0]] = totals.get(stage.args[0], 0.0) + times.user + times.system
+    return totals
 
 
 def wait_idle(client: redis.Redis, procs: list[Stage], partitions: int, limit_s: float = 30.0) -> dict[str, str]:
@@ -89,7 +98,7 @@ def where_things_are(client: redis.Redis, partitions: int) -> str:
         groups = client.xinfo_groups(stream)
         shown = [f"{g['name']} lag {g.get('lag')} pending {g['pending']} consumers {g['consumers']}" for g in groups]
         added = client.xinfo_stream(stream)["entries-added"]
-        parts.append(f"{stream}: {added} added, {'; '.join(shown) or 'no group'}")
+        parts.append(f"{stream}: {added} added, {client.xlen(stream)} left, {'; '.join(shown) or 'no group'}")
     for stream in (named(names.rejected), named(names.dead_letter)):
         last = client.xrevrange(stream, count=1)
         parts.append(f"{stream}: {client.xlen(stream)} entries{f', last {last[0][1]}' if last else ''}")
@@ -130,6 +139,7 @@ def measure(
     client.hset(keys.PRICE_HASH, mapping=dict.fromkeys(SYMBOLS, "100"))
     preload(client, decision_stream, decisions, decision)
     client.xgroup_create(decision_stream, ROUTER_GROUP, id="$")  # held back until the processes are idle
+    client.xgroup_create(decision_stream, HOLD_GROUP, id="0")  # and kept from the trim passes until then
     balances = ",".join(["USDT=1000000000000", *(f"{s.removesuffix('USDT')}=1000000000" for s in SYMBOLS)])
     extra = {"QT_PARTITIONS": str(partitions), "QT_PAPER_BALANCES": balances, **(env or {})}
     specs = [("router", "bench-router"), *(("execution", f"bench-exec-{n}") for n in range(processes))]
@@ -138,14 +148,17 @@ def measure(
         stage.start()
     try:
         holders = wait_idle(client, procs, partitions)
-        server0, client0 = {name: server_cpu_s(node) for name, node in nodes.items()}, client_cpu_s(procs)
-        client.xgroup_setid(decision_stream, ROUTER_GROUP, id="0")
+        server0, client0 = {name: server_cpu_s(node) for name, node in nodes.items()}, client_cpu_by_stage(procs)
+        release = client.pipeline(transaction=True)
+        release.xgroup_setid(decision_stream, ROUTER_GROUP, id="0")
+        release.xgroup_destroy(decision_stream, HOLD_GROUP)
+        release.execute()
         try:
             wall = wait_for(client, result_stream, decisions, procs, limit_s=900, stall_s=STALL_S)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}; {where_things_are(client, partitions)}") from None
         server_s = {name: server_cpu_s(node) - server0[name] for name, node in nodes.items()}
-        client_s = client_cpu_s(procs) - client0
+        client_s = {name: seconds - client0[name] for name, seconds in client_cpu_by_stage(procs).items()}
     finally:
         for stage in procs:
             stage.stop()
@@ -161,7 +174,8 @@ def measure(
         "intents_per_s": round(span_rate(client, result_stream, decisions)),
         "wall_s": round(wall, 2),
         "server_cpu_us_per_intent": round(sum(server_s.values()) / decisions * 1e6, 1),
-        "client_cpu_us_per_intent": round(client_s / decisions * 1e6, 1),
+        "client_cpu_us_per_intent": round(sum(client_s.values()) / decisions * 1e6, 1),
+        "client_cpu_us_per_intent_by_stage": {name: round(t / decisions * 1e6, 1) for name, t in client_s.items()},
     }
     if len(nodes) > 1:
         row["server_cpu_us_per_intent_by_node"] = {
