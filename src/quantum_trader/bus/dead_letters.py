@@ -100,7 +100,8 @@ async def replay(
 # replays of one id (two operators, a command retried) put it back once. A replayed intent
 # gets a new id, hence a new client order id: back twice, it would place two orders.
 # KEYS[1] dead-letter stream, KEYS[2] origin stream, KEYS[3] (a partition's intent stream) the intent
-# id counter, allocated as route.lua does; ARGV dead-letter id, then field, value, ...
+# id counter, allocated as route.lua does (and past the origin's newest id: someone may have written
+# there directly, and an XADD below it would fail after the XDEL); ARGV dead-letter id, then field, value, ...
 _REPLAY = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 local id = '*'
@@ -109,6 +110,16 @@ if KEYS[3] then
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local ms, seq = string.match(redis.call('GET', KEYS[3]) or '0-0', '^(%d+)-(%d+)$')
   ms, seq = tonumber(ms or '0'), tonumber(seq or '0')
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[2])
+    for at = 1, #info, 2 do
+      if info[at] == 'last-generated-id' then
+        local top_ms, top_seq = string.match(info[at + 1], '^(%d+)-(%d+)$')
+        top_ms, top_seq = tonumber(top_ms), tonumber(top_seq)
+        if top_ms > ms or (top_ms == ms and top_seq > seq) then ms, seq = top_ms, top_seq end
+      end
+    end
+  end
   if now > ms then ms, seq = now, 0 else seq = seq + 1 end
   id = string.format('%.0f-%.0f', ms, seq)
   redis.call('SET', KEYS[3], id)

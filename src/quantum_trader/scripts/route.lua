@@ -11,6 +11,8 @@
 -- With partitions (ARGV[6] = "1", the last KEYS the id counter): each intent gets its id from one counter for
 -- every partition, so intent ids stay unique across the partitions' streams (the gate's counts, the in-flight
 -- orders and the results name an intent by its id alone); "*" in one script would number each stream alike.
+-- A partition's stream someone wrote to directly may hold an id at or past the counter's: the intent then
+-- takes an id past that stream's newest (an XADD below it would fail after the decision's XACK, losing it).
 local group = ARGV[1]
 local allocate = nil
 local last_ms, last_seq = 0, 0
@@ -41,10 +43,21 @@ for i = 1, n_valid do
   pos = pos + 6
   if redis.call('XACK', KEYS[1], group, id) == 1 then
     if redis.call('SET', KEYS[3 + i], id, 'NX', 'EX', window) then
-      local intent_id = '*'
-      if allocate then intent_id = allocate() end
-      redis.call('XADD', stream, intent_id, 'event_type', 'trade.intent', 'payload', payload, 'trace_id', trace,
-                 'correlation_id', corr, 'timestamp', stamp, 'source', 'router')
+      local fields = {'event_type', 'trade.intent', 'payload', payload, 'trace_id', trace, 'correlation_id', corr,
+                      'timestamp', stamp, 'source', 'router'}
+      if not allocate then
+        redis.call('XADD', stream, '*', unpack(fields))
+      elseif type(redis.pcall('XADD', stream, allocate(), unpack(fields))) == 'table' then
+        local info = redis.call('XINFO', 'STREAM', stream)
+        for at = 1, #info, 2 do
+          if info[at] == 'last-generated-id' then
+            local ms, seq = string.match(info[at + 1], '^(%d+)-(%d+)$')
+            ms, seq = tonumber(ms), tonumber(seq)
+            if ms > last_ms or (ms == last_ms and seq > last_seq) then last_ms, last_seq = ms, seq end
+          end
+        end
+        redis.call('XADD', stream, allocate(), unpack(fields))
+      end
       intents = intents + 1
     else
       local detail = 'decision already routed within ' .. window .. 's (dedup key ' .. KEYS[3 + i] .. ')'
