@@ -20,8 +20,8 @@ under leases, each partition read by its holder only). Whatever comes in:
 - garbage never fills; the paper balances are the starting ones plus the fills; the gate's records
   of each intent are gone once it is committed.
 
-Known limit (``xfail``): the gate counts an intent against the daily limit by its id alone, so two
-partitions holding one id at once, in two processes, count one order where two left.
+Two partitions holding one id at once, in two processes, count two orders: the gate counts an intent, and
+holds its order in flight, by its id and its partition's stream (``keys.intent_record``), not its id alone.
 
 The router and ``dlq replay`` write to the partitions too, with ids from the counter: an entry written
 there directly past the counter must not make them fail (and lose the decision or the dead letter).
@@ -337,11 +337,6 @@ async def test_a_valid_intent_on_another_symbols_partition_is_traded_where_it_li
     await execute_on_partitions(clean_url, settings, Layout(partitions, placed))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the gate's counted-intents hash and in-flight orders are keyed by intent id alone: the router's ids "
-    "are unique across partitions (one counter), a direct XADD's need not be",
-)
 async def test_two_partitions_holding_one_intent_id_count_one_order_each(
     clean_url: str, settings_for: Callable[..., Settings]
 ) -> None:

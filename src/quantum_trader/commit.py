@@ -117,6 +117,9 @@ class Committer:
         fills = [(job.entry.id, fill) for job, result in done if (fill := portfolio.fill_of(result, self.quote_assets))]
         levels = {job.entry.id: (job.intent.stop_loss, job.intent.take_profit) for job, _result in done}
         packed_items = pack(items)
+        # On a partition's stream the gate counted each intent by its id and that stream (``keys.intent_record``).
+        partition = stream if stream is not None and stream != self.streams.intent else None
+        packed_records = [pack([keys.intent_record(job.entry.id, partition) for job, _r in done])] if partition else []
         # A protective exit that did not fill all it was to sell (refused, expired, partly filled) can
         # no longer sell more: its position's levels are armed again, so the next crossing fires anew.
         packed_rearm = pack(
@@ -145,6 +148,7 @@ class Committer:
                 str(now_ms - int(self.losses_kept_s * 1000)),
                 str(REALISED_KEPT_S),
                 packed_rearm,
+                *packed_records,
             ]
             reply = await self._script(keys=script_keys, args=args)
             if isinstance(reply, list):

@@ -129,14 +129,14 @@ def result_not_sent(job: Job, outcome: OrderOutcome) -> ExecutionResult:
     return result_for(job, outcome.status, outcome.reason, outcome.detail)
 
 
-def candidate(job: Job, prices: Mapping[str, Decimal]) -> risk.Candidate:
-    """The intent as the risk rules see it: valued at its limit price, else the market's, else its own."""
-    intent = job.intent
-    if intent.order_type == "LIMIT" and intent.price is not None:
-        price = intent.price
-    else:
-        price = prices.get(intent.symbol, intent.price or Decimal(0))
-    return risk.Candidate(job.entry.id, intent.symbol, intent.side, intent.qty, price)
+def candidate(job: Job, prices: Mapping[str, Decimal], partition: str | None = None) -> risk.Candidate:
+    """The intent as the rules see it: at its limit price, else the market's, else its own (``keys.intent_record``)."""
+    intent, record = job.intent, keys.intent_record(job.entry.id, partition)
+    limit = intent.order_type == "LIMIT" and intent.price is not None
+    price = (
+        intent.price if limit and intent.price is not None else prices.get(intent.symbol, intent.price or Decimal(0))
+    )
+    return risk.Candidate(record, intent.symbol, intent.side, intent.qty, price, job.entry.id if partition else "")
 
 
 def order_request(job: Job) -> OrderRequest:
@@ -309,7 +309,7 @@ class Execution:
         too old meanwhile (EXPIRED). Approved orders leave at once, so the rate holds at the exchange.
         """
         now = self.clock()
-        candidates = [candidate(job, prices) for job in gated]
+        candidates = [candidate(job, prices, None if lane is self.consumer else lane.stream) for job in gated]
         if lane is self.consumer and fence is None:
             gate = await self.governor.gate(candidates, now, lane.consumer)
         else:

@@ -195,7 +195,8 @@ class Governor:
         TransientError when the book is unreadable or the state keeps moving: the caller leaves the
         batch pending and retries, so nothing is approved while the state is unknown.
         """
-        ids = [c.intent_id for c in batch]
+        ids = [c.intent_id for c in batch]  # what the snapshot and the records name them by
+        entry_ids = [c.entry_id or c.intent_id for c in batch]  # what the stream's pending entries name them by
         day = now.astimezone(UTC).date()
         script_keys = [
             keys.KILL_SWITCH,
@@ -224,10 +225,11 @@ class Governor:
             strict = self.risk.needs_book or self.risk.throttled or snap.state.state is TradingState.REDUCING
             items = [
                 [
-                    c.intent_id,
+                    c.entry_id or c.intent_id,
                     j.verdict.value,
                     risk.InFlight(c.symbol, c.side, c.qty).text(),
                     f"{c.intent_id}|{c.symbol}",
+                    *([c.intent_id] if c.entry_id else []),
                 ]
                 for c, j in zip(batch, plan.judged, strict=True)
             ]
@@ -237,8 +239,8 @@ class Governor:
                     self.group,
                     consumer,
                     counter_ttl(now),
-                    min(ids, key=parse_id) if ids else "0-0",
-                    max(ids, key=parse_id) if ids else "0-0",
+                    min(entry_ids, key=parse_id) if entry_ids else "0-0",
+                    max(entry_ids, key=parse_id) if entry_ids else "0-0",
                     str(snap.epoch) if strict else "",
                     pack(items),
                     int(now.timestamp() * 1000),

@@ -198,6 +198,13 @@ def partition_members(service: str = EXECUTION) -> str:
     return PARTITION_MEMBERS if service == EXECUTION else PARTITION_ROUTER_MEMBERS
 
 
+def intent_record(entry_id: str, partition_stream: str | None = None) -> str:
+    """What the gate counts an intent by, and records its order in flight under: its id on the one intent
+    stream; on a partition's stream the id and that stream (an id is unique within one stream only: an
+    entry written there by something other than the router may repeat another partition's)."""
+    return entry_id if partition_stream is None else f"{entry_id}@{partition_stream}"
+
+
 def cluster_name(name: str) -> str:
     """``name`` on a cluster: the seed's ``quantum:`` names become ``{quantum}:``, any other name gets
     ``{quantum}:`` in front; the first hash tag of a key decides its slot, so every name shares one.

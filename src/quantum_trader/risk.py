@@ -191,11 +191,12 @@ class Snapshot:
 class Candidate:
     """One intent as the rules see it: ``price`` values it (the market's, else its own)."""
 
-    intent_id: str
+    intent_id: str  # what the intent is counted and held in flight by (``keys.intent_record``)
     symbol: str
     side: str
     qty: Decimal
     price: Decimal
+    entry_id: str = ""  # its entry id on its stream, when that differs from ``intent_id`` (partitions)
 
 
 @dataclass(frozen=True, slots=True)

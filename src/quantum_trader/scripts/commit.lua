@@ -67,16 +67,20 @@ if #book > 0 then
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', '(' .. ARGV[11])
 end
+-- ARGV[14], when present: MessagePack array of what the gate counted each intent by (its id and its
+-- partition's stream); without it, the intent ids.
+local records = ARGV[14] and cmsgpack.unpack(ARGV[14]) or nil
 local written, finished = 0, {}
 for pos = 1, #items, 6 do
   local id = items[pos]
-  finished[#finished + 1] = id
+  local rec = records and records[(pos - 1) / 6 + 1] or id
+  finished[#finished + 1] = rec
   if redis.call('XACK', KEYS[1], group, id) == 1 then
     local fields = {'event_type', event_type, 'payload', items[pos + 3], 'trace_id', items[pos + 1],
                     'correlation_id', items[pos + 2], 'timestamp', stamp, 'source', source}
     redis.call('XADD', KEYS[2], '*', unpack(fields))
     if KEYS[12] then redis.call('XADD', KEYS[12], '*', unpack(fields)) end
-    local was_counted = redis.call('HDEL', KEYS[3], id) == 1
+    local was_counted = redis.call('HDEL', KEYS[3], rec) == 1
     -- DECR keeps the key's expiry; never below zero (an expired counter is not recreated).
     if was_counted and items[pos + 4] ~= '1' and tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then
       redis.call('DECR', KEYS[4])

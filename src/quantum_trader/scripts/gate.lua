@@ -78,13 +78,14 @@ if #items > 0 then
   -- pcall: GET on a list (say) answers an error table instead of failing the batch.
   local kill = redis.pcall('GET', KEYS[1])
   if type(kill) ~= 'string' then kill = false end
-  local ids = {}
-  for i, item in ipairs(items) do ids[i] = item[1] end
-  local seen = redis.call('HMGET', KEYS[3], unpack(ids))
+  -- item[5], when present: what the intent is counted and held in flight by (its id and its partition's stream).
+  local records = {}
+  for i, item in ipairs(items) do records[i] = item[5] or item[1] end
+  local seen = redis.call('HMGET', KEYS[3], unpack(records))
   local count = tonumber(redis.call('GET', KEYS[2]) or '0')
   local counted, inflight, orders = {}, {}, {}
   for i, item in ipairs(items) do
-    local id, verdict = item[1], item[2]
+    local id, verdict, rec = item[1], item[2], records[i]
     if not mine[id] then
       out[i] = 'GONE'
     elseif kill ~= '0' then
@@ -96,9 +97,9 @@ if #items > 0 then
     else
       if not seen[i] then
         count = count + 1
-        counted[#counted + 1] = id
+        counted[#counted + 1] = rec
         counted[#counted + 1] = '1'
-        inflight[#inflight + 1] = id
+        inflight[#inflight + 1] = rec
         inflight[#inflight + 1] = item[3]
         if item[4] ~= '' then
           orders[#orders + 1] = now
