@@ -33,7 +33,7 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -53,6 +53,7 @@ from quantum_trader.settings import Settings
 from tests.chaos import Ledger, named, read_ledger, violations
 from tests.cluster import ValkeyCluster
 from tests.pipeline import decision
+from tests.test_effectively_once import published
 
 # The candidate symbols, each with its market price; a run trades four of them (``spread_symbols``).
 PRICES = {
@@ -465,12 +466,15 @@ async def ordering_run(
     seed: int = 20260301,
     routers: Sequence[str] = (ROUTER,),
     to_partitions: bool = True,
+    failover: Callable[[int], Awaitable[None]] | None = None,
 ) -> Report:
     """The scenario under fire with ``QT_PARTITIONS=partitions``; the report of what it broke.
 
     With several ``routers`` the decisions are published to the decision stream's partitions
     (``publish_decisions``; with ``to_partitions`` False to the one decision stream, which they then share),
-    and a router is SIGKILLed every third round as well."""
+    and a router is SIGKILLed every third round as well. ``failover(round)`` runs after each round's kill (a
+    cluster's primary SIGKILLed): decisions are then published as a publisher that loses nothing must (until a
+    replica holds them), and the paper fills' order is not read (the node that told it may die)."""
     began = time.monotonic()
     rng = random.Random(seed)
     r = client(url)
@@ -479,7 +483,8 @@ async def ordering_run(
     try:
         await r.set(keys.KILL_SWITCH, "0")
         await r.hset(keys.PRICE_HASH, mapping=PRICES)
-        await fills.start()
+        if failover is None:
+            await fills.start()
         for name in [*routers, *EXECUTIONS]:
             await fleet.start(name)
         await fleet.ready(r)
@@ -490,6 +495,8 @@ async def ordering_run(
                 await publish_decisions(r, cut, made[first : first + BURST])
                 if first // BURST % 3 == 1 and (alive_routers := fleet.alive(routers)):
                     await fleet.kill(r, rng.choice(alive_routers))
+            elif failover is not None:
+                await published(r, named(DECISIONS), made[first : first + BURST])
             else:
                 await publish(r, named(DECISIONS), made[first : first + BURST])
             await asyncio.sleep(rng.uniform(0.0, 0.05))  # mid-burst: the processes are busy
@@ -500,6 +507,8 @@ async def ordering_run(
                 await fleet.kill(r, rng.choice(busy))  # one holding unfinished intents: they must wait for it
             elif alive:
                 await fleet.kill(r, rng.choice(alive))
+            if failover is not None:
+                await failover(first // BURST)
             if rng.random() < 0.75:
                 await fleet.revive_dead()  # otherwise it stays dead a round: the others take over its work
             await asyncio.sleep(rng.uniform(0.05, 0.3))
@@ -560,6 +569,30 @@ async def test_partitions_on_a_cluster_keep_each_symbol_in_publish_order_across_
     report = await asyncio.wait_for(ordering_run(cluster.url, 4, tmp_path / "logs"), timeout=165)
     assert report.problems == [], "\n".join([report.summary(), *report.problems[:20]])
     assert report.fills_checked, "the paper fills' order must have been read from the cluster's node"
+    assert_chaos_happened(report)
+
+
+@pytest.mark.timeout(180)
+async def test_partitions_keep_each_symbol_in_publish_order_across_failovers_of_the_pipelines_primary(
+    cluster: ValkeyCluster, tmp_path: Path
+) -> None:
+    """A failover takes the pipeline's state back to what the replica held; the stages redo it in order."""
+    pipeline_key = keys.cluster_name(keys.KILL_SWITCH)
+    failed_over: list[tuple[int, int]] = []
+
+    async def failover(round_no: int) -> None:
+        if round_no not in (10, 26):
+            return
+        old = cluster.primary_for(pipeline_key)
+        cluster.kill(old)
+        new = await asyncio.to_thread(cluster.wait_for_failover, pipeline_key)
+        await asyncio.to_thread(cluster.restart, old)  # back as the new primary's replica
+        failed_over.append((old, new))
+
+    run = ordering_run(cluster.url, 4, tmp_path / "logs", failover=failover)
+    report = await asyncio.wait_for(run, timeout=170)
+    assert [old != new for old, new in failed_over] == [True, True]
+    assert report.problems == [], "\n".join([report.summary(), *report.problems[:20]])
     assert_chaos_happened(report)
 
 

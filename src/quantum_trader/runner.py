@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from quantum_trader import alerts, keys
 from quantum_trader.bus.connection import Redis, server_version
 from quantum_trader.bus.partitions import Partitioned
-from quantum_trader.bus.streams import Handler, sleep_or_stop
+from quantum_trader.bus.streams import Handler, sleep_or_stop, until_reachable
 from quantum_trader.bus.trim import Retention, has_native_acked_trim, trim_consumed, trim_retained
 from quantum_trader.errors import ConfigError
 from quantum_trader.exchanges.factory import build_exchange
@@ -165,7 +165,7 @@ class Runner:
 
     async def run(self) -> None:
         """Run every stage, the heartbeat, the trimmer and reconciliation; return once stopped."""
-        await announce_kill_state(self.redis)
+        await until_reachable(functools.partial(announce_kill_state, self.redis), self.stop, "kill switch")
         # QT_ALERT_URLS from the secrets file: a file that is unsafe or a URL that is unusable stops the
         # start here, in one line, rather than inside a task where the error would go unseen.
         alert_urls = alerts.alert_urls(self.settings) if self.alerting else []
@@ -273,7 +273,12 @@ async def serve(
         metrics = exported.Metrics.for_process(settings)
         exporter = exported.start_exporter(settings, metrics)  # a port in use stops here, before any stage
     try:
-        stages = {name: await build_stage(name, redis, settings, metrics) for name in stage_names}
+        stages = {
+            name: await until_reachable(
+                functools.partial(build_stage, name, redis, settings, metrics), stop, f"starting {name}"
+            )
+            for name in stage_names
+        }
         runner = Runner(redis, settings, stages, stop, web=web, alerting=alerting, metrics=metrics)
         if duration is not None:
             asyncio.get_running_loop().call_later(duration, stop.set)

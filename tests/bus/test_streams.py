@@ -334,3 +334,35 @@ async def test_entries_whose_counts_outages_inflated_are_still_handled_together(
     assert await r.xlen(DLQ) == 0
     assert await r.hlen(keys.suspects(STREAM, GROUP)) == 0
     assert len(ids) == 30
+
+
+async def test_a_start_step_is_tried_again_while_the_server_cannot_answer_and_only_then() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError as RedisResponseError
+
+    from quantum_trader.bus.streams import until_reachable
+
+    stop = asyncio.Event()
+    tries: list[int] = []
+
+    async def down_twice() -> str:
+        tries.append(1)
+        if len(tries) <= 2:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+        return "up"
+
+    assert await until_reachable(down_twice, stop, "test") == "up"
+    assert len(tries) == 3
+
+    async def wrong_type() -> str:  # an answer, not an outage: the start stops as before
+        raise RedisResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    with pytest.raises(RedisResponseError):
+        await until_reachable(wrong_type, stop, "test")
+
+    async def always_down() -> str:
+        stop.set()  # the process is told to stop while the server is still away
+        raise RedisConnectionError("down")
+
+    with pytest.raises(RedisConnectionError):
+        await until_reachable(always_down, stop, "test")

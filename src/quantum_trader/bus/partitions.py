@@ -31,7 +31,7 @@ from typing import Any
 
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
-from quantum_trader.bus.streams import TRANSIENT_ERRORS, Entry, GroupConsumer, sleep_or_stop
+from quantum_trader.bus.streams import TRANSIENT_ERRORS, Entry, GroupConsumer, sleep_or_stop, until_reachable
 from quantum_trader.logs import get_logger
 from quantum_trader.scripts import register
 from quantum_trader.settings import Settings
@@ -95,7 +95,7 @@ class Partitioned:
     async def run(self, handler: PartitionHandler, stop: asyncio.Event) -> None:
         """Hold a fair share of the partitions and handle their entries until ``stop``; give them back at the end."""
         for lane in self.lanes:
-            await lane.setup()
+            await until_reachable(lane.setup, stop, f"consumer group of {lane.stream}")
         backoff = 0.1
         try:
             task = asyncio.current_task()

@@ -26,9 +26,11 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ClusterError, RedisError, ResponseError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quantum_trader import keys
@@ -39,6 +41,9 @@ from quantum_trader.logs import get_logger
 from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
 
+T = TypeVar("T")
+# The server (or the slot's primary) cannot answer now: what a restart or a cluster's failover looks like.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError, SlotNotCoveredError)
 log = get_logger("bus")
 
 # Failures that are not the entry's: the batch stays pending and is retried whole.
@@ -365,7 +370,7 @@ class GroupConsumer:
         A server error or a transient exchange error leaves the batch pending; it is
         retried (and counted towards the poison limit) after a back-off.
         """
-        await self.setup()
+        await until_reachable(self.setup, stop, f"consumer group of {self.stream}")
         flying: set[asyncio.Future[None]] = set()
         try:
             await self._loop(handler, stop, on_idle, flying)
@@ -444,6 +449,23 @@ async def _reconnect_group(consumer: GroupConsumer) -> None:
         await consumer.setup()
     except (RedisError, OSError):
         return
+
+
+async def until_reachable(step: Callable[[], Awaitable[T]], stop: asyncio.Event, what: str) -> T:
+    """``step()``, again after a pause while the stream server cannot answer (restarting, a cluster failing
+    over): for the steps a process takes before it handles anything (nothing done yet, so trying again is
+    safe). Other errors (a database that cannot be reached, a bad setting) stop the start as before. Gives
+    up, raising the last error, once ``stop`` is set."""
+    backoff = 0.1
+    while True:
+        try:
+            return await step()
+        except UNREACHABLE as exc:
+            if stop.is_set():
+                raise
+            log.error("start_retry", step=what, error=str(exc), retry_in_s=backoff)
+            await sleep_or_stop(stop, backoff)
+            backoff = min(backoff * 2, 5.0)
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
