@@ -20,8 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quantum_trader.bus.connection import Redis, client
-from quantum_trader.events import EXECUTION_RESULT, ExecutionResult, envelope
+from quantum_trader.bus.streams import Entry, dead_letter_fields
+from quantum_trader.events import EXECUTION_RESULT, ExecutionResult, envelope, is_utf8, printable
 from quantum_trader.journal import ledger
+from quantum_trader.journal.rows import set_aside_entry
 from quantum_trader.journal.stage import Journal
 from quantum_trader.settings import Settings
 from tests.fuzz_strategies import INVALID_UTF8
@@ -172,3 +174,29 @@ def test_every_hostile_entry_ends_as_one_row_and_the_journal_never_stops(
                 assert (await r.xpending(stream, JOURNAL_GROUP))["pending"] == 0, stream
 
     asyncio.run(scenario())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=20),
+        st.text(max_size=5000) | st.sampled_from(INVALID_UTF8).map(lambda raw: raw.decode("utf-8", "surrogateescape")),
+        max_size=6,
+    ),
+    st.sampled_from([JOURNAL_GROUP, "quantum:group:alerts"]),
+    st.sampled_from([RESULTS, REJECTED, DEAD]),
+)
+def test_only_the_journals_own_whole_entries_come_back_from_their_dead_letters(
+    original: dict[str, str], group: str, stream: str
+) -> None:
+    """A dead letter gives back the entry it holds only when it is exactly the entry (nothing cut, every
+    byte UTF-8) and the journal's own group set it aside from a stream the journal records."""
+    dead = Entry("9-0", dead_letter_fields(stream=stream, group=group, entry=Entry("5-1", original), reason="died"))
+    found = set_aside_entry(dead, JOURNAL_GROUP, [RESULTS, REJECTED])
+    exact = all(is_utf8(value) and printable(value) == value for value in original.values())
+    if group == JOURNAL_GROUP and stream != DEAD and exact:
+        assert found is not None
+        assert found[0] == stream
+        assert (found[1].id, found[1].fields) == ("5-1", original)
+    else:
+        assert found is None

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from quantum_trader import keys
+from quantum_trader.bus import dead_letters
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.embedded import free_port
 from quantum_trader.bus.streams import Entry, publish
@@ -21,8 +22,10 @@ from quantum_trader.errors import TransientError
 from quantum_trader.events import EXECUTION_RESULT, envelope
 from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.execution import Execution
+from quantum_trader.journal import ledger
 from quantum_trader.journal.database import Database, engine_for
-from quantum_trader.journal.stage import DeadLetterConsumer, Journal
+from quantum_trader.journal.rows import result_row
+from quantum_trader.journal.stage import DeadLetterConsumer, Journal, replay_refusal
 from quantum_trader.redaction import redact_url
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
@@ -193,6 +196,54 @@ async def test_a_dead_letter_the_journal_fails_on_is_recorded_not_sent_back(r: R
         assert row["payload"]["raw"] == {"reason": "x", "payload": "{}"}
         assert await r.xlen(DEAD) == 1  # nothing new on the stream it reads
         assert await pending(r, DEAD) == 0
+    finally:
+        journal.close()
+
+
+async def test_a_result_set_aside_after_outside_kills_is_still_recorded_once_and_moves_the_book(
+    r: Redis, settings: Settings, log_trap: LogTrap
+) -> None:
+    """SIGKILLed again and again while it handles one result alone (an OOM killer, a watchdog, an
+    operator), the journal sets that result aside as if it were poison. It must still land in
+    ``results`` exactly once, under its own entry id, and move the book; and a replay, which would
+    record it a second time, is refused."""
+    await run_pipeline(r, settings, mixed_decisions())
+    stream = await r.xrange(RESULTS)
+    fills = [entry_id for entry_id, fields in stream if '"FILLED"' in fields["payload"]]
+    unrecorded, committed = fills[0], fills[1]
+    journal = await Journal.open(r, settings)
+    try:
+        consumer = journal._consumer_of(RESULTS)
+        await consumer.setup()
+        while await consumer.read_new(wait=False):
+            pass
+        for _restart in range(settings.max_deliveries):  # every restart reads its pending entries again
+            await r.xreadgroup(consumer.group, consumer.consumer, {RESULTS: "0"})
+        # The stage died twice on each of these alone; one of them had committed its row before the kill.
+        await r.hset(keys.suspects(RESULTS, consumer.group), mapping={unrecorded: 3, committed: 3})
+        [(_id, fields)] = await r.xrange(RESULTS, min=committed, max=committed)
+        row = result_row(Entry(committed, fields), settings.quote_assets)
+        await journal.write(lambda conn: ledger.record_results(conn, [row], journal.clock()))
+
+        await drain_journal(journal)
+
+        dead = await r.xrange(DEAD)
+        assert sorted(fields["origin_id"] for _id, fields in dead) == sorted([unrecorded, committed])
+        assert all("stopped 2 times while handling it alone" in fields["reason"] for _id, fields in dead)
+        rows = result_rows(journal.database)
+        assert [row["entry_id"] for row in rows] == [entry_id for entry_id, _ in stream]  # each once, in order
+        from quantum_trader.journal import queries
+
+        assert queries.positions(journal.database) == await redis_book(r) == replayed_from_rows(rows)
+        assert sorted(row["origin_id"] for row in dead_letter_rows(journal.database)) == sorted([unrecorded, committed])
+        assert await pending(r, RESULTS) == await pending(r, DEAD) == 0
+        assert len(log_trap.lines("set_aside_entry_recorded")) == 2
+
+        refusal = dead_letters.refusing(replay_refusal(settings))
+        with pytest.raises(LookupError, match="replaying it would record it twice"):
+            await dead_letters.replay(r, DEAD, [dead[0][0]], refusal)
+        assert await r.xlen(DEAD) == 2
+        assert await r.xlen(RESULTS) == len(stream)
     finally:
         journal.close()
 

@@ -19,6 +19,19 @@ from quantum_trader.bus.connection import Redis
 # Why a dead letter must not go back (a message naming the fix), or None when it may.
 Refusal = Callable[[str, dict[str, Any]], Awaitable[str | None]]
 
+
+def refusing(*checks: Refusal) -> Refusal:
+    """One refusal that asks each of ``checks`` in turn; the first message wins."""
+
+    async def refuse(dead_id: str, payload: dict[str, Any]) -> str | None:
+        for check in checks:
+            if (reason := await check(dead_id, payload)) is not None:
+                return reason
+        return None
+
+    return refuse
+
+
 _ENTRY_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?\Z")
 
 

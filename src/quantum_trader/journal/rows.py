@@ -233,3 +233,24 @@ def unreadable_dead_letter_row(entry: Entry, problem: str) -> Row:
         "timestamp": None,
         "source": clean(fields.get("source", "")),
     }
+
+
+def set_aside_entry(entry: Entry, group: str, streams: Sequence[str]) -> tuple[str, Entry] | None:
+    """The entry a dead letter holds, as it was, when ``group`` set it aside from one of ``streams``.
+
+    A stage that keeps dying while it handles one entry alone sets that entry aside, though the
+    deaths may have come from outside (an OOM killer, a watchdog, an operator's SIGKILL). The
+    journal then records the entry from its dead letter all the same, under its own entry id, so
+    a result set aside this way still moves the book. None when the dead letter came from
+    elsewhere or does not hold the entry whole (a field that was not UTF-8 or was cut).
+    """
+    try:
+        letter = decode_payload(entry.fields, DeadLetter)
+    except Exception:
+        return None
+    if letter.group != group or letter.stream not in streams or letter.raw_base64:
+        return None
+    fields = dict(letter.raw)
+    if any(printable(value) != value for value in fields.values()):
+        return None  # recorded as printable text, not as it was
+    return letter.stream, Entry(letter.entry_id, fields)

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from quantum_trader import keys
 from quantum_trader.bus.cluster import require_replicated
 from quantum_trader.bus.connection import Redis
+from quantum_trader.bus.dead_letters import Refusal
 from quantum_trader.bus.streams import Entry, GroupConsumer, Handler
 from quantum_trader.errors import DecodeError, TransientError
 from quantum_trader.journal import ledger
@@ -38,6 +39,7 @@ from quantum_trader.journal.rows import (
     dead_letter_row,
     rejection_row,
     result_row,
+    set_aside_entry,
     trading_state_row,
     unreadable_dead_letter_row,
 )
@@ -196,11 +198,57 @@ class Journal:
         await self._set_aside(self.streams.risk_state, bad)
 
     async def handle_dead_letters(self, entries: list[Entry]) -> None:
-        """Record a batch of dead letters (each one, decoded or by its raw fields), then acknowledge it."""
+        """Record a batch of dead letters (each one, decoded or by its raw fields), then acknowledge it.
+
+        An entry the journal itself set aside is also recorded as what it was (see ``set_aside_rows``),
+        in the same transaction.
+        """
         rows = [dead_letter_row(entry) for entry in entries]
-        await self.write(lambda conn: ledger.record_dead_letters(conn, rows))
+        results, rejections, states = self.set_aside_rows(entries)
+        now = self.clock()
+
+        def work(conn: sa.Connection) -> None:
+            ledger.record_dead_letters(conn, rows)
+            if results:
+                ledger.record_results(conn, results, now)
+            ledger.record_rejections(conn, rejections)
+            ledger.record_trading_states(conn, states)
+
+        await self.write(work)
         await self._acknowledge(self.streams.dead_letter, rows)
         self.totals["dead_letters"] += len(rows)
+
+    def set_aside_rows(self, entries: list[Entry]) -> tuple[list[Row], list[Row], list[Row]]:
+        """The result, rejection and trading-state rows of the entries this journal's group set aside whole.
+
+        The journal sets an entry aside when it kept dying while handling it alone, which an outside
+        kill (an OOM killer, a watchdog) can look like. Recorded from its dead letter under its own
+        entry id, it still lands in its table exactly once (ids already there are skipped) and a
+        result still moves the book. One that does not decode stays a dead letter only.
+        """
+        decoders: dict[str, Callable[[Entry], Row]] = {
+            self.streams.result: lambda entry: result_row(entry, self.settings.quote_assets),
+            self.streams.rejected: rejection_row,
+            self.streams.risk_state: trading_state_row,
+        }
+        found: dict[str, list[Row]] = {stream: [] for stream in decoders}
+        for entry in entries:
+            held = set_aside_entry(entry, self.group, list(decoders))
+            if held is None:
+                continue
+            stream, original = held
+            try:
+                found[stream].append(decoders[stream](original))
+            except DecodeError:
+                continue
+            log.warning(
+                "set_aside_entry_recorded",
+                stream=stream,
+                entry_id=original.id,
+                dead_letter_id=entry.id,
+                effect="recorded from its dead letter; dlq replay refuses it (it would be recorded twice)",
+            )
+        return found[self.streams.result], found[self.streams.rejected], found[self.streams.risk_state]
 
     async def record_unreadable(self, entries: list[Entry], reason: str) -> None:
         """Record dead letters the journal failed on by their raw fields alone, and acknowledge them.
@@ -224,6 +272,25 @@ class Journal:
             )
         await self._acknowledge(self.streams.dead_letter, rows)
         self.totals["dead_letters"] += len(rows)
+
+
+def replay_refusal(settings: Settings) -> Refusal:
+    """The check ``dlq replay`` runs for the journal: an entry it set aside was recorded from its dead letter.
+
+    Put back, it would come in again under a new entry id and be recorded twice (a fill counted twice).
+    """
+    journaled = {settings.streams.result, settings.streams.rejected, settings.streams.risk_state}
+
+    async def refuse(dead_id: str, payload: dict[str, object]) -> str | None:
+        if payload.get("group") == settings.journal_group and payload.get("stream") in journaled:
+            return (
+                f"dead-letter entry {dead_id} was set aside by the journal, which records it from the dead letter "
+                f"(see the journal's dead_letters and {payload.get('stream')} rows); replaying it would record it "
+                "twice. Remove the entry with XDEL once it is checked"
+            )
+        return None
+
+    return refuse
 
 
 def _decode(entries: list[Entry], decode: Callable[[Entry], Row]) -> tuple[list[Row], list[tuple[Entry, DecodeError]]]:
