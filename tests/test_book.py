@@ -135,3 +135,27 @@ async def test_results_without_a_fill_leave_the_book_alone(r: Redis, make_pipeli
     out: list[dict[str, Any]] = await make_pipeline().run(decision(), decision(symbol="BTCUSDT"))
     assert [res["reason"] for res in out] == ["KILL_SWITCH", "KILL_SWITCH"]
     assert await r.hgetall(keys.BOOK_POSITIONS) == {}
+
+
+async def test_two_losing_exits_sharing_an_id_on_two_partitions_are_two_losing_exits(r: Redis) -> None:
+    """Something other than the router writes a SELL onto each of two partitions' streams with one id of its
+    choosing; both fill at a loss. The cooldown counts losing exits: these are two, not one."""
+    bought = Fill(symbol="ETHUSDT", base="ETH", quote="USDT", side="BUY", qty=D(5), price=D(200), fee_asset="USDT")
+    await r.hset(keys.BOOK_POSITIONS, "ETHUSDT", portfolio.encode(portfolio.replay([bought])["ETHUSDT"]))
+    sell = {**one_intent(), "payload": one_intent()["payload"].replace('"BUY"', '"SELL"')}
+    for partition in (0, 1):
+        stream = f"{STREAMS.intent}:{{p{partition}}}"
+        await ensure_group(r, stream, STREAMS.execution_group)
+        await r.xadd(stream, sell, id="1700000000000-7")
+        reply = await r.xreadgroup(STREAMS.execution_group, "exec-a", {stream: ">"})
+        jobs, bad = decode([Entry(entry_id, fields) for entry_id, fields in reply[0][1]])
+        assert not bad
+        assert jobs[0].intent.side == "SELL"
+        sold = OrderOutcome(jobs[0].coid, "FILLED", filled_qty=D(1), avg_price=D(100), fee=D("0.1"), fee_asset="USDT")
+        result = result_for(jobs[0], "FILLED", outcome=sold, exchange="paper")
+        assert await committer(r).commit([(jobs[0], result)], {jobs[0].entry.id}, datetime.now(UTC), stream=stream) == 1
+
+    members = [member for member, _score in await r.zrange(keys.RISK_LOSSES, 0, -1, withscores=True)]
+    assert len(members) == 2, members
+    assert all(member.endswith("|ETHUSDT") for member in members)
+    assert (await book_positions(r))["ETHUSDT"].qty == D(3)

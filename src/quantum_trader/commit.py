@@ -133,7 +133,7 @@ class Committer:
         gone: set[str] = set()
         for _attempt in range(self.MAX_ATTEMPTS):
             updates = await self._book_updates(
-                [(entry_id, f) for entry_id, f in fills if entry_id not in gone], levels, now
+                [(entry_id, f) for entry_id, f in fills if entry_id not in gone], levels, now, partition
             )
             args: list[str | bytes] = [
                 self.streams.execution_group,
@@ -164,14 +164,14 @@ class Committer:
         )
 
     async def _book_updates(
-        self, fills: Sequence[tuple[str, Fill]], levels: Mapping[str, Levels], now: datetime
+        self, fills: Sequence[tuple[str, Fill]], levels: Mapping[str, Levels], now: datetime, partition: str | None
     ) -> list[list[object]]:
         """The positions of the symbols filled, read now, and ``book_updates`` over them."""
         if not fills:
             return []
         symbols = list(dict.fromkeys(fill.symbol for _id, fill in fills))
         stored = await self.redis.hmget(keys.BOOK_POSITIONS, symbols)
-        return book_updates(fills, dict(zip(symbols, stored, strict=True)), levels, self.defaults, now)
+        return book_updates(fills, dict(zip(symbols, stored, strict=True)), levels, self.defaults, now, partition)
 
 
 def book_updates(
@@ -180,11 +180,14 @@ def book_updates(
     levels: Mapping[str, Levels],
     defaults: protect.Defaults,
     now: datetime,
+    partition: str | None = None,
 ) -> list[list[object]]:
     """Per symbol filled: [symbol, its stored position (``stored``, "" when absent), the position after the
     fills, their intent ids, the PnL they realised, the quote asset, the losing exits' members, the new stop]
     (pure: ``commit.lua`` applies it; the backtest's twin of the script too).
 
+    A losing exit's member names its intent as the gate counted it (``keys.intent_record``: on a partition's
+    stream, id and stream), so two intents sharing an id on two partitions are two losing exits.
     An unreadable stored position is a TransientError: results wait until the book is sound (fail closed).
     """
     if not fills:
@@ -211,7 +214,11 @@ def book_updates(
         exits: list[Decimal] = []
         book[symbol] = portfolio.apply_all(was, run, strict=False, exits=exits)
         sells = [entry_id for entry_id, fill in zip(ids[symbol], run, strict=True) if fill.side == "SELL"]
-        losing = [f"{entry_id}|{symbol}" for entry_id, gain in zip(sells, exits, strict=True) if gain < 0]
+        losing = [
+            f"{keys.intent_record(entry_id, partition)}|{symbol}"
+            for entry_id, gain in zip(sells, exits, strict=True)
+            if gain < 0
+        ]
         buys = [entry_id for entry_id, fill in zip(ids[symbol], run, strict=True) if fill.side == "BUY"]
         stop = protect.stop_after(book[symbol], [levels.get(i, (None, None)) for i in buys], defaults, now)
         extra[symbol] = [f"{book[symbol].realised - was.realised:f}", book[symbol].quote, losing, stop]
