@@ -283,3 +283,58 @@ async def test_undecodable_intent_goes_to_dead_letter(r: Redis, make_pipeline: C
     assert "undecodable trade intent" in dead["reason"]
     assert (await r.xpending(INTENTS, GROUP))["pending"] == 0
     assert await r.xlen("quantum:stream:execution.result") == 0
+
+
+class Killed(BaseException):
+    """The process gone (SIGKILL, an OOM killer): nothing in it runs on, no ``except Exception`` sees it."""
+
+
+async def test_an_intent_whose_order_left_is_never_set_aside_however_often_the_stage_dies_on_it(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    """Execution places an order and is killed before its result is written; every restart is killed again
+    while it looks that order up, until the intent counts as poison (delivered more than QT_MAX_DELIVERIES
+    times, the stage dead twice while handling it alone). Set aside, the order would stay at the exchange
+    with no result and the book would miss it. Once the killing stops, the intent gets its FILLED result,
+    once, from the order that left; no second order, no dead letter."""
+    await allow(r)
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "3000")
+    settings = settings_for(clean_url, block_ms=10, paper_balances={"USDT": Decimal(10_000)})
+    paper = PaperExchange(r, quote_assets=settings.quote_assets, starting_balances=settings.paper_balances)
+    await paper.fund()
+    await publish(r, DECISIONS, [decision(qty="0.5")])
+    await drain(Router(r, settings))
+    kills = {"left": 8}
+
+    class KilledMidway(PaperExchange):
+        async def place_orders(self, orders: list[Any], guard: Any = None) -> Any:
+            await super().place_orders(orders, guard=guard)
+            kills["left"] -= 1
+            raise Killed  # after the order left
+
+        async def fetch_orders(self, client_order_ids: list[str]) -> Any:
+            if kills["left"] > 0:
+                kills["left"] -= 1
+                raise Killed  # while looking the order up
+            return await super().fetch_orders(client_order_ids)
+
+    exchange = KilledMidway(r, quote_assets=settings.quote_assets, starting_balances=settings.paper_balances)
+    for _life in range(12):
+        execution = Execution(r, settings, exchange)  # a restart: a new process, the same consumer name
+        consumer = execution.consumer
+        await consumer.setup()
+        batch = await consumer.next_batch() or await consumer.read_new(wait=False)
+        if not batch:
+            break
+        try:
+            await consumer.process(execution.handle, batch)
+        except Killed:
+            continue
+    assert kills["left"] == 0, "the killer landed every time"
+
+    [res] = await results(r, settings.result_stream)
+    assert (res["status"], Decimal(res["filled_qty"])) == ("FILLED", Decimal("0.5"))
+    assert await r.xlen(settings.dead_letter_stream) == 0
+    assert (await r.xpending(settings.intent_stream, settings.execution_group))["pending"] == 0
+    balances = await r.hgetall(keys.paper_balances())
+    assert Decimal(balances["ETH"]) == Decimal("0.5")  # one order

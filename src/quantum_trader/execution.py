@@ -13,6 +13,14 @@ Per batch, in order:
 6. one ``commit.lua`` call acknowledges every intent and writes its result (and the legacy
    copy), atomically; an intent someone else already finished gets no second result, and an
    intent the gate counted that ends without an order gives its count back.
+
+An intent whose order may exist is never set aside as poison, however often the process dies
+while handling it (``GroupConsumer.must_finish``): only this stage can look its order up and
+write its result.
+
+One piece: decoding, the look-up of orders already sent, the gate, placing and the commit share
+each batch's jobs and its per-symbol turn; a reader follows an intent to its one order and one
+result in this file alone.
 """
 
 from __future__ import annotations
@@ -206,9 +214,17 @@ class Execution:
             if settings.partitions > 1
             else None
         )
+        for lane in [self.consumer, *(self.partitioned.lanes if self.partitioned else [])]:
+            lane.must_finish = self._orders_may_exist
         self.totals: dict[str, int] = {"FILLED": 0, "REJECTED": 0, "EXPIRED": 0, "FAILED": 0}
         # Per symbol, the batch in flight that holds it last (see ``handle``).
         self._last_for_symbol: dict[str, _Turn] = {}
+
+    async def _orders_may_exist(self, entries: list[Entry]) -> set[str]:
+        """The ids of ``entries`` whose order may exist: only this stage can finish those (it looks the order up)."""
+        fields = [(e.id, e.fields.get("trace_id", ""), e.fields.get("correlation_id", "")) for e in entries]
+        found = await orders_may_exist(self.redis, self.exchange.name, [client_order_id(*f) for f in fields])
+        return {entry.id for entry, may in zip(entries, found, strict=True) if may}
 
     async def handle(self, entries: list[Entry], lane: GroupConsumer | None = None, fence: Fence | None = None) -> None:
         """Execute one batch (see the module docstring for the steps).

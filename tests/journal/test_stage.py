@@ -24,8 +24,8 @@ from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.execution import Execution
 from quantum_trader.journal import ledger
 from quantum_trader.journal.database import Database, engine_for
-from quantum_trader.journal.rows import result_row
-from quantum_trader.journal.stage import DeadLetterConsumer, Journal, replay_refusal
+from quantum_trader.journal.rows import replay_refusal, result_row
+from quantum_trader.journal.stage import DeadLetterConsumer, Journal
 from quantum_trader.redaction import redact_url
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
@@ -239,7 +239,7 @@ async def test_a_result_set_aside_after_outside_kills_is_still_recorded_once_and
         assert await pending(r, RESULTS) == await pending(r, DEAD) == 0
         assert len(log_trap.lines("set_aside_entry_recorded")) == 2
 
-        refusal = dead_letters.refusing(replay_refusal(settings))
+        refusal = dead_letters.refusing(replay_refusal(settings.streams))
         with pytest.raises(LookupError, match="replaying it would record it twice"):
             await dead_letters.replay(r, DEAD, [dead[0][0]], refusal)
         assert await r.xlen(DEAD) == 2

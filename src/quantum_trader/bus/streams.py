@@ -143,6 +143,9 @@ class GroupConsumer:
     max_deliveries: int = 5
     claim_every_s: float = 5.0
     depth: int = 1
+    # Ids among the given entries that may have acted outside (an order sent): never set aside for the
+    # stage's deaths alone, since only the stage can finish them (execution's order look-up).
+    must_finish: Callable[[list[Entry]], Awaitable[set[str]]] | None = None
     _recheck_own: bool = field(default=True, init=False)
     _last_claim: float = field(default=0.0, init=False)
     # Suspects whose last lone try failed for a transient reason: their next try is not counted.
@@ -248,8 +251,9 @@ class GroupConsumer:
         try:
             if together:
                 await self._try_suspects(handler, key, together)
+            kept = await self._kept([entry for entry, n in alone if n > SUSPECT_TRIES])
             for entry, n in alone:
-                if n > SUSPECT_TRIES:
+                if n > SUSPECT_TRIES and entry.id not in kept:
                     reason = (
                         f"delivered {entry.deliveries} times; the stage stopped {n - 1} times while handling it alone"
                     )
@@ -260,6 +264,24 @@ class GroupConsumer:
         except TRANSIENT_ERRORS:
             self._retrying.update(entry.id for entry in entries)
             raise
+
+    async def _kept(self, entries: list[Entry]) -> set[str]:
+        """The ids of ``entries`` due to be set aside that must be handled again instead (``must_finish``)."""
+        if not entries or self.must_finish is None:
+            return set()
+        kept = await self.must_finish(entries)
+        for entry in entries:
+            if entry.id in kept:
+                log.error(
+                    "suspect_kept",
+                    stream=self.stream,
+                    entry_id=entry.id,
+                    deliveries=entry.deliveries,
+                    effect="the stage keeps dying while it handles this entry alone, but it may have acted outside "
+                    "(an order sent): it is handled again, never set aside",
+                    fix="find why the process dies (its log, the OOM killer, a watchdog); the entry stays pending",
+                )
+        return kept
 
     async def _try_suspects(self, handler: Handler, key: str, entries: list[Entry]) -> None:
         counted = [entry.id for entry in entries if entry.id not in self._retrying]

@@ -31,7 +31,7 @@ from quantum_trader.cli.common import JSON_OPT, configured, console, err, run_st
 from quantum_trader.cli.views import describe_outcome, describe_state, governor_table, status_table
 from quantum_trader.errors import ConfigError, DecodeError
 from quantum_trader.events import DECISION, StateChange, TradingState, envelope
-from quantum_trader.journal import stage as journal_stage
+from quantum_trader.journal import rows as journal_rows
 from quantum_trader.publisher import publish_decisions
 from quantum_trader.redaction import redact_url
 from quantum_trader.router import validate as validate_decision
@@ -306,7 +306,7 @@ def dlq_replay(
                 settings.dead_letter_stream,
                 ids,
                 dead_letters.refusing(
-                    journal_stage.replay_refusal(settings), execution_stage.replay_refusal(r, settings.exchange)
+                    journal_rows.replay_refusal(settings.streams), execution_stage.replay_refusal(r, settings.exchange)
                 ),
                 numbered=settings.partition_streams(),
                 counter=keys.PARTITION_IDS,

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from quantum_trader.bus.dead_letters import Refusal
 from quantum_trader.bus.streams import Entry, parse_id
 from quantum_trader.errors import DecodeError
 from quantum_trader.events import (
@@ -37,6 +38,7 @@ from quantum_trader.events import (
     printable,
     record_fields,
 )
+from quantum_trader.keys import StreamNames
 from quantum_trader.portfolio import fill_of
 
 Row = dict[str, Any]
@@ -254,3 +256,22 @@ def set_aside_entry(entry: Entry, group: str, streams: Sequence[str]) -> tuple[s
     if any(printable(value) != value for value in fields.values()):
         return None  # recorded as printable text, not as it was
     return letter.stream, Entry(letter.entry_id, fields)
+
+
+def replay_refusal(streams: StreamNames) -> Refusal:
+    """The check ``dlq replay`` runs for the journal: an entry it set aside was recorded from its dead letter.
+
+    Put back, it would come in again under a new entry id and be recorded twice (a fill counted twice).
+    """
+    journaled = {streams.result, streams.rejected, streams.risk_state}
+
+    async def refuse(dead_id: str, payload: dict[str, object]) -> str | None:
+        if payload.get("group") == streams.journal_group and payload.get("stream") in journaled:
+            return (
+                f"dead-letter entry {dead_id} was set aside by the journal, which records it from the dead letter "
+                f"(see the journal's dead_letters and {payload.get('stream')} rows); replaying it would record it "
+                "twice. Remove the entry with XDEL once it is checked"
+            )
+        return None
+
+    return refuse

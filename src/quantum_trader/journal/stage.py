@@ -29,7 +29,6 @@ import sqlalchemy as sa
 from quantum_trader import keys
 from quantum_trader.bus.cluster import require_replicated
 from quantum_trader.bus.connection import Redis
-from quantum_trader.bus.dead_letters import Refusal
 from quantum_trader.bus.streams import Entry, GroupConsumer, Handler
 from quantum_trader.errors import DecodeError, TransientError
 from quantum_trader.journal import ledger
@@ -272,25 +271,6 @@ class Journal:
             )
         await self._acknowledge(self.streams.dead_letter, rows)
         self.totals["dead_letters"] += len(rows)
-
-
-def replay_refusal(settings: Settings) -> Refusal:
-    """The check ``dlq replay`` runs for the journal: an entry it set aside was recorded from its dead letter.
-
-    Put back, it would come in again under a new entry id and be recorded twice (a fill counted twice).
-    """
-    journaled = {settings.streams.result, settings.streams.rejected, settings.streams.risk_state}
-
-    async def refuse(dead_id: str, payload: dict[str, object]) -> str | None:
-        if payload.get("group") == settings.journal_group and payload.get("stream") in journaled:
-            return (
-                f"dead-letter entry {dead_id} was set aside by the journal, which records it from the dead letter "
-                f"(see the journal's dead_letters and {payload.get('stream')} rows); replaying it would record it "
-                "twice. Remove the entry with XDEL once it is checked"
-            )
-        return None
-
-    return refuse
 
 
 def _decode(entries: list[Entry], decode: Callable[[Entry], Row]) -> tuple[list[Row], list[tuple[Entry, DecodeError]]]:
