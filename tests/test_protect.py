@@ -299,3 +299,58 @@ async def test_a_stop_crossed_fires_one_exit_even_with_execution_killed_around_i
     assert await r.hget(keys.PROTECT_STOPS, "ETHUSDT") is None  # the close removed the levels
     balances = await r.hgetall(keys.paper_balances())
     assert Decimal(balances.get("ETH", "0")) == 0  # one sale of what one purchase bought
+
+
+# ---- candles no one may believe fire no stop ---------------------------------------------------------------
+
+
+async def test_a_candle_with_an_impossible_price_fires_no_stop_and_a_real_crossing_still_does(
+    r: Redis, clean_url: str, settings_for: Any, log_trap: Any
+) -> None:
+    """Anyone who can write to the candle stream can publish a candle whose low is 0 (or negative, or below
+    its own close while its high sits under its open): such a candle must not sell the position. The stage
+    skips it, says why in one line, acknowledges it, and the next real candle that crosses the stop fires
+    the exit, once."""
+    settings = settings_for(clean_url, block_ms=10)
+    await r.hset(keys.BOOK_POSITIONS, "ETHUSDT", portfolio.encode(held("0.5", "1500")))
+    await r.hset(keys.PROTECT_STOPS, "ETHUSDT", protect.encode(armed("2850")))
+    stage = protect.Protect(r, settings)
+    await stage.consumer.setup()
+    impossible = [
+        candle(0.0, high=3000.0, close=2990.0),
+        candle(-5.0, high=3000.0, close=2990.0, minute=1),
+        Candle(
+            symbol="ETHUSDT",
+            interval="1m",
+            open_time=1_768_688_820_000,
+            open=2990.0,
+            high=2900.0,
+            low=2800.0,
+            close=2995.0,
+            volume=1.0,
+        ),
+        Candle(
+            symbol="ETHUSDT",
+            interval="1m",
+            open_time=1_768_688_880_000,
+            open=2990.0,
+            high=3000.0,
+            low=2800.0,
+            close=2995.0,
+            volume=-1.0,
+        ),
+    ]
+    await publish(r, CANDLES, [feed.candle_fields(c) for c in impossible])
+    await stage.handle(await stage.consumer.read_new(wait=False))
+
+    assert await r.xlen(DECISIONS) == 0, "an impossible candle fired the stop"
+    assert len(log_trap.lines("candle_skipped")) == len(impossible)
+    assert (await r.xpending(CANDLES, PROTECT_GROUP))["pending"] == 0
+    assert not protect.decode(await r.hget(keys.PROTECT_STOPS, "ETHUSDT") or "").fired
+
+    await publish(
+        r, CANDLES, [feed.candle_fields(candle(2840.0, minute=5)), feed.candle_fields(candle(2830.0, minute=6))]
+    )
+    await stage.handle(await stage.consumer.read_new(wait=False))
+    [exit_] = await payloads(r, DECISIONS)
+    assert (exit_["symbol"], exit_["side"], exit_["qty"]) == ("ETHUSDT", "SELL", "0.5")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -222,6 +223,20 @@ class Candle(msgspec.Struct, frozen=True, kw_only=True):
     low: float
     close: float
     volume: float
+
+
+def candle_problem(candle: Candle) -> str | None:
+    """Why a decoded candle cannot be believed (no strategy sees it, no stop fires on it), or None."""
+    prices = (candle.open, candle.high, candle.low, candle.close)
+    if not all(math.isfinite(p) for p in (*prices, candle.volume)):
+        return "non-finite price or volume"
+    if min(prices) <= 0:
+        return "zero or negative price"
+    if candle.volume < 0:
+        return "negative volume"
+    if candle.high < max(candle.open, candle.close, candle.low) or candle.low > min(candle.open, candle.close):
+        return "high/low do not contain open and close"
+    return None
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):

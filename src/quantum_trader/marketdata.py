@@ -11,7 +11,6 @@ market). Publishing candles, replaying them and polling an exchange: ``feed``.
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from quantum_trader.errors import ConfigError
 
 # Re-exported while cli/market.py still imports Candle from here (its home is events).
 from quantum_trader.events import Candle as Candle
+from quantum_trader.events import candle_problem
 from quantum_trader.logs import get_logger
 
 log = get_logger("marketdata")
@@ -136,15 +136,8 @@ def clean(candles: Iterable[Candle], last: dict[str, int] | None = None) -> tupl
     skipped: list[Skipped] = []
     last = {} if last is None else last
     for candle in candles:
-        prices = (candle.open, candle.high, candle.low, candle.close)
-        if not all(math.isfinite(p) for p in (*prices, candle.volume)):
-            skipped.append(Skipped(candle, "non-finite price or volume"))
-        elif min(prices) <= 0:
-            skipped.append(Skipped(candle, "zero or negative price"))
-        elif candle.volume < 0:
-            skipped.append(Skipped(candle, "negative volume"))
-        elif candle.high < max(candle.open, candle.close, candle.low) or candle.low > min(candle.open, candle.close):
-            skipped.append(Skipped(candle, "high/low do not contain open and close"))
+        if problem := candle_problem(candle):
+            skipped.append(Skipped(candle, problem))
         elif candle.symbol in last and candle.open_time == last[candle.symbol]:
             skipped.append(Skipped(candle, "duplicate open time"))
         elif candle.symbol in last and candle.open_time < last[candle.symbol]:

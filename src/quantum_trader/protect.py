@@ -42,7 +42,16 @@ from quantum_trader import governor, keys, portfolio
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import Entry, GroupConsumer
 from quantum_trader.errors import DecodeError, TransientError
-from quantum_trader.events import DECISION, MARKET_CANDLE, Candle, Decision, decode_event, envelope, now_iso
+from quantum_trader.events import (
+    DECISION,
+    MARKET_CANDLE,
+    Candle,
+    Decision,
+    candle_problem,
+    decode_event,
+    envelope,
+    now_iso,
+)
 from quantum_trader.logs import get_logger
 from quantum_trader.portfolio import PortfolioError, Position
 from quantum_trader.scripts import register
@@ -174,9 +183,14 @@ class Protect:
         candles: list[Candle] = []
         for entry in entries:
             try:
-                candles.append(decode_event(entry.fields, Candle, MARKET_CANDLE)[1])
+                candle = decode_event(entry.fields, Candle, MARKET_CANDLE)[1]
             except DecodeError:
                 continue  # the AI engine, reading the same stream, records the bad candle in the dead letters
+            if problem := candle_problem(candle):
+                # A low of 0 would sell the whole position: a candle no strategy may see fires no stop either.
+                log.warning("candle_skipped", entry_id=entry.id, symbol=candle.symbol, reason=problem)
+                continue
+            candles.append(candle)
         if candles:
             await self._check(candles)
             await self.governor.watch(self.clock(), self.consumer.consumer)
