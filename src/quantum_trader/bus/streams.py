@@ -245,6 +245,7 @@ class GroupConsumer:
         died on alone ``SUSPECT_TRIES`` times is set aside. A transient failure is not counted.
         """
         key = keys.suspects(self.stream, self.group)
+        await self._forget_finished_suspects(key)
         started = [int(n or 0) for n in await self.redis.hmget(key, [entry.id for entry in entries])]
         together = [entry for entry, n in zip(entries, started, strict=True) if n == 0]
         alone = [(entry, n) for entry, n in zip(entries, started, strict=True) if n > 0]
@@ -282,6 +283,18 @@ class GroupConsumer:
                     fix="find why the process dies (its log, the OOM killer, a watchdog); the entry stays pending",
                 )
         return kept
+
+    async def _forget_finished_suspects(self, key: str) -> None:
+        """Drop the tries counted for entries older than the group's oldest pending one: acknowledged, they never
+        come back. A try whose commit landed just before its process died, or whose reply was lost, never
+        deletes its own count, and every new suspect moves the key's expiry: such counts would pile up forever."""
+        summary = await self.redis.xpending(self.stream, self.group)
+        if not int(summary["pending"]):
+            return
+        oldest = str(summary["min"])
+        finished = [entry_id for entry_id in await self.redis.hkeys(key) if _older(entry_id, oldest)]
+        if finished:
+            await self.redis.hdel(key, *finished)
 
     async def _try_suspects(self, handler: Handler, key: str, entries: list[Entry]) -> None:
         counted = [entry.id for entry in entries if entry.id not in self._retrying]
@@ -334,9 +347,15 @@ class GroupConsumer:
         pending = await self.redis.xpending_range(
             self.stream, self.group, min="-", max="+", count=self.count, consumername=self.consumer
         )
+        counts = {item["message_id"]: int(item["times_delivered"]) + 1 for item in pending}
+        if self._retrying:
+            # A suspect no longer pending on us (its lost reply was a success, another consumer took it) never
+            # comes back to clear itself: forget it, or the set grows with every outage. Our pending list is
+            # in id order: past the end of a full page, an id may still be ours.
+            last = str(pending[-1]["message_id"]) if len(pending) >= self.count else None
+            self._retrying = {i for i in self._retrying if i in counts or (last is not None and _older(last, i))}
         if not pending:
             return []
-        counts = {item["message_id"]: int(item["times_delivered"]) + 1 for item in pending}
         reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=self.count)
         entries, deleted = [], []
         for entry_id, fields in reply[0][1] if reply else []:
@@ -456,6 +475,14 @@ class GroupConsumer:
                 await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 await _reconnect_group(self)
+
+
+def _older(entry_id: str, than: str) -> bool:
+    """Whether a stream id comes before another; a name that is no stream id (written by hand) never does."""
+    try:
+        return parse_id(entry_id) < parse_id(than)
+    except ValueError:
+        return False
 
 
 def _raise_first(done: set[asyncio.Future[None]]) -> None:
