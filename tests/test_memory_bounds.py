@@ -13,6 +13,8 @@ keep (throttle, losing exits), and stays inside one UTC day.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -381,3 +383,39 @@ async def test_a_retried_suspect_is_forgotten_only_once_it_is_no_longer_ours(r: 
     await r.xack(lane.stream, lane.group, ids[1], ids[3])
     await lane.own_pending()  # the whole list: ids[2]
     assert lane._retrying == {ids[2]}
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+async def test_an_intent_set_aside_after_its_approval_leaves_no_order_in_flight(
+    r: Redis, clean_url: str, settings_for: Callable[..., Settings], partitions: int
+) -> None:
+    """The gate records each order it approves as in flight until its intent's result is committed. An intent the
+    process keeps dying on between its approval and its order is set aside (a dead letter, no result): its record
+    must go with it, or every such intent stays in flight forever (and counts against the exposure rules)."""
+    settings = settings_for(clean_url, partitions=partitions, max_deliveries=1)
+    await r.set(keys.KILL_SWITCH, "0")
+    paper = PaperExchange(r, quote_assets=settings.quote_assets, starting_balances=settings.paper_balances)
+    await paper.fund()
+    router = Router(r, settings)
+
+    async def dies(*_args: object, **_kwargs: object) -> list[object]:
+        raise Died
+
+    paper.place_orders = dies  # type: ignore[method-assign]  # the process dies as each order would leave
+    execution = Execution(r, settings, paper)
+    lanes = execution.partitioned.lanes if execution.partitioned is not None else [execution.consumer]
+    lane = lanes[keys.partition_of("ETHUSDT", partitions)]
+    await lane.setup()
+    in_flight: dict[int, int] = {}
+    for wave in range(1, WAVES + 1):
+        await publish(r, settings.decision_stream, [decision("ETHUSDT", "BUY", "0.01", "3000")])
+        await _drain_router(router)
+        await lane.read_new(wait=False)  # delivery 1: the process dies before handling it
+        for _restart in range(4):  # together, then alone until it is set aside
+            with contextlib.suppress(Died):
+                await lane.process(functools.partial(execution.handle, lane=lane if partitions > 1 else None),
+                                   await lane.own_pending())  # fmt: skip
+        assert await r.xlen(settings.dead_letter_stream) == wave
+        assert (await r.xpending(lane.stream, lane.group))["pending"] == 0
+        in_flight[wave] = await r.hlen(keys.RISK_INFLIGHT)
+    assert in_flight[WAVES] == in_flight[2], in_flight

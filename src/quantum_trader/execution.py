@@ -26,6 +26,7 @@ result in this file alone.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -147,6 +148,11 @@ def candidate(job: Job, prices: Mapping[str, Decimal], partition: str | None = N
     return risk.Candidate(record, intent.symbol, intent.side, intent.qty, price, job.entry.id if partition else "")
 
 
+def _in_flight_record(partition: str | None, entry_id: str) -> tuple[str, str]:
+    """Where the gate holds an intent's order in flight: the hash and the intent's record (``keys.intent_record``)."""
+    return keys.RISK_INFLIGHT, keys.intent_record(entry_id, partition)
+
+
 def order_request(job: Job) -> OrderRequest:
     """The order an approved intent places (its client order id makes placing it idempotent)."""
     intent = job.intent
@@ -216,6 +222,8 @@ class Execution:
         )
         for lane in [self.consumer, *(self.partitioned.lanes if self.partitioned else [])]:
             lane.must_finish = self._orders_may_exist
+            # An intent set aside takes the gate's record of its order in flight with it (nothing else would).
+            lane.record_of = functools.partial(_in_flight_record, None if lane is self.consumer else lane.stream)
         self.totals: dict[str, int] = {"FILLED": 0, "REJECTED": 0, "EXPIRED": 0, "FAILED": 0}
         # Per symbol, the batch in flight that holds it last (see ``handle``).
         self._last_for_symbol: dict[str, _Turn] = {}

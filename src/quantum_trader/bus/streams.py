@@ -146,6 +146,9 @@ class GroupConsumer:
     # Ids among the given entries that may have acted outside (an order sent): never set aside for the
     # stage's deaths alone, since only the stage can finish them (execution's order look-up).
     must_finish: Callable[[list[Entry]], Awaitable[set[str]]] | None = None
+    # Entry id -> (hash, field): what the stage keeps of an entry until its outcome (execution: the gate's order in
+    # flight), deleted with the entry's dead letter, the outcome that writes no result: nothing else would.
+    record_of: Callable[[str], tuple[str, str]] | None = None
     _recheck_own: bool = field(default=True, init=False)
     _last_claim: float = field(default=0.0, init=False)
     # Suspects whose last lone try failed for a transient reason: their next try is not counted.
@@ -321,10 +324,16 @@ class GroupConsumer:
                 stream=self.stream, group=self.group, entry=entry, reason=reason, field_name=field_name
             )
             items.append([entry.id, [part for pair in fields.items() for part in pair]])
+        script_keys = [self.stream, self.dead_letter_stream]
+        if self.record_of is not None:
+            records = [self.record_of(entry.id) for entry in entries]
+            script_keys.append(records[0][0])
+            for item, (_hash, record) in zip(items, records, strict=True):
+                item.append(record)
         if self._dead_letter is None:
             self._dead_letter = register(self.redis, "dead_letter")
         done = {str(entry_id) for entry_id in await self._dead_letter(
-            keys=[self.stream, self.dead_letter_stream], args=[self.group, pack(items)]
+            keys=script_keys, args=[self.group, pack(items)]
         )}  # fmt: skip
         for entry in entries:
             if entry.id not in done:
