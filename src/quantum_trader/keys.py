@@ -38,7 +38,7 @@ BOOK_RECONCILED = "quantum:book:reconciled"  # JSON of the latest reconciliation
 # Risk: the trading state and what the gate's rules read and write (see ``risk`` and ``gate.lua``).
 TRADING_STATE = "quantum:trading_state"  # hash: state, reason, detail, by, at, until, loss_ack_day
 RISK_EPOCH = "quantum:risk:epoch"  # bumped by every write the rules read: a gate's snapshot is current while it holds
-RISK_INFLIGHT = "quantum:risk:inflight"  # intent id -> the order the gate approved, until its result is committed
+RISK_INFLIGHT = "quantum:risk:inflight"  # intent id -> the order the gate approved, until its result or dead letter
 RISK_ORDERS = "quantum:risk:orders"  # sorted set: "<intent id>|<symbol>" scored by approval time (ms), the throttle
 RISK_PEAK = "quantum:risk:peak"  # quote asset -> highest equity seen (drawdown)
 RISK_REALISED_PREFIX = "quantum:risk:realised:"
