@@ -9,7 +9,9 @@ Per batch, in order:
 4. the governor's gate script for the rest (kill switch, daily limit) in one call, right
    before the orders leave;
 5. place the approved orders (idempotent per client order id); the exchange reads the kill
-   switch again right before each order leaves, and an order it stops is REJECTED KILL_SWITCH;
+   switch and the trading state again right before each order leaves, and an order they stop
+   is REJECTED KILL_SWITCH (or HALTED); with partitions it reads the batch's lease too, and
+   an order it stops is left, with no result, to the partition's new holder;
 6. one ``commit.lua`` call acknowledges every intent and writes its result (and the legacy
    copy), atomically; an intent someone else already finished gets no second result, and an
    intent the gate counted that ends without an order gives its count back.
@@ -353,13 +355,22 @@ class Execution:
             )
         if placed_before:
             await asyncio.wait(placed_before)
-        outcomes = await self.exchange.place_orders(requests, guard=gov.send_guard()) if requests else []
+        outcomes = await self.exchange.place_orders(requests, guard=gov.send_guards(fence)) if requests else []
+        gone = 0
         for job, outcome in zip(approved, outcomes, strict=True):
             if outcome.sent:
                 sent.add(job.entry.id)
                 results[job.entry.id] = result_from_outcome(job, outcome, self.exchange.name)
+            elif outcome.reason == gov.GONE:
+                # The partition changed hands since the gate (this process was frozen, cut off): its new
+                # holder claimed the intent and gives it its one order and result; a result from us could
+                # contradict what it did (filled, refused, expired), so none is written here.
+                gone += 1
             else:
                 results[job.entry.id] = result_not_sent(job, outcome)
+        if gone:
+            log.warning("partition_lost_before_orders", stream=lane.stream, intents=gone,
+                        effect="not sent; the partition's new holder handles them")  # fmt: skip
         if not waiting:
             return []
         log.info("throttled", intents=len(waiting), wait_s=gate.wait.total_seconds())

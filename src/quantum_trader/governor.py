@@ -11,6 +11,8 @@ counted once per intent even when it is delivered again.
 The gate checks the switch once per batch; the exchange adapters read it again right
 before each order leaves (``send_guard``), so turning it on also stops the orders of a
 batch already approved: they end REJECTED KILL_SWITCH, not sent, their count given back.
+They read the trading state (HALTED: REJECTED HALTED) and, with partitions, the batch's
+lease with it (``send_guards``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,35 @@ log = get_logger("governor")
 def send_guard() -> SendGuard:
     """The kill switch as a ``SendGuard``: read right before each order leaves (under the key name in force)."""
     return SendGuard(keys.KILL_SWITCH, allowed="0", reason=Reason.KILL_SWITCH)
+
+
+# The trading states that let an approved order leave: the key absent (ACTIVE), ACTIVE, REDUCING (its rule
+# judged the order at the gate). HALTED, an unknown word or a key of another type stops it (``risk.read_state``).
+_SENDING_STATES: frozenset[str | None] = frozenset({None, TradingState.ACTIVE.value, TradingState.REDUCING.value})
+
+
+def send_guards(fence: Fence | None = None) -> list[SendGuard]:
+    """Everything read right before an approved order leaves, in the order it is judged.
+
+    The gate approved the batch, but the batch may wait before its orders leave (a process frozen, a slow
+    exchange): the partition's lease first (``fence``: held by anyone else, the intents are the new holder's
+    and answered GONE, no result from us; otherwise a holder frozen past its lease would send, after waking,
+    orders the new holder had already sent, or refused, or found too old), then the kill switch, then the
+    trading state (``quantum-trader state halted`` stops approved orders as the switch does).
+    """
+    lease = (
+        [SendGuard(fence.key, allowed=fence.value, reason=GONE, detail="not sent; the partition's lease changed hands")]
+        if fence is not None
+        else []
+    )
+    state = SendGuard(
+        keys.TRADING_STATE,
+        allowed=_SENDING_STATES,
+        reason=Reason.HALTED,
+        field="state",
+        detail="not sent; the trading state is HALTED (or unreadable)",
+    )
+    return [*lease, send_guard(), state]
 
 
 @dataclass(frozen=True, slots=True)

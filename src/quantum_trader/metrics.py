@@ -62,7 +62,7 @@ from quantum_trader.errors import (
     TransientExchangeError,
 )
 from quantum_trader.events import TradingState
-from quantum_trader.exchanges.base import Exchange, ExchangeOrder, OrderOutcome, OrderRequest, SendGuard
+from quantum_trader.exchanges.base import Exchange, ExchangeOrder, Guards, OrderOutcome, OrderRequest
 from quantum_trader.logs import get_logger
 from quantum_trader.portfolio import PortfolioError, Position
 from quantum_trader.redaction import redact_url, redact_urls
@@ -285,7 +285,7 @@ class InstrumentedExchange:
         """The adapter's ``fetch_orders``, timed."""
         return await self._timed("fetch_orders", self.inner.fetch_orders(client_order_ids))
 
-    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
+    async def place_orders(self, orders: list[OrderRequest], guard: Guards | None = None) -> list[OrderOutcome]:
         """The adapter's ``place_orders``, timed; orders it answers FAILED count as errors of their reason."""
         outcomes = await self._timed("place_orders", self.inner.place_orders(orders, guard))
         failed: dict[str, int] = {}

@@ -4,8 +4,9 @@ Placement is idempotent by client order id: ``place_orders`` must return the
 existing order instead of placing a second one, and ``fetch_orders`` must find an
 order the exchange already has. Execution relies on both after a crash.
 
-Placement also honours a ``SendGuard`` (the kill switch): it is read right before each
-order leaves, so an operator's halt stops orders already approved by the governor.
+Placement also honours ``SendGuard``s (the kill switch, the trading state, the lease of the
+batch's partition): they are read right before each order leaves, so an operator's halt stops
+orders already approved by the governor, and a process that lost its partition sends nothing.
 
 Reconciliation reads the account through the same interface: ``balances`` (total per asset)
 and ``fetch_activity`` (the orders of some symbols, open or recent, each with its client order
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from typing import Literal, Protocol
 
+from quantum_trader.bus.connection import Redis
 from quantum_trader.events import Reason, Status
 
 
@@ -78,21 +81,29 @@ class ExchangeOrder:
 
 @dataclass(frozen=True, slots=True)
 class SendGuard:
-    """A switch read right before each order leaves: orders go only while ``key`` holds exactly ``allowed``.
+    """A switch read right before each order leaves: orders go only while ``key`` holds ``allowed``.
 
-    Absent, another value or another type (read with MGET, which answers nil for a key that is
-    not a string) stops them. The paper exchange reads it inside its placement transaction, with
-    the key WATCHed (a flip before EXEC makes it read again); ccxt right before each order request
-    goes on the wire. An order it stops is REJECTED ``reason`` and not sent.
+    ``allowed`` is one value, or a set of them (None there: the key is absent). A string key is read
+    with MGET, which answers nil for a key that is not a string, so absent, another value or another
+    type stops the orders. With ``field``, the key is a hash and that field is read: an absent key
+    reads as None, a hash without the field as ``""``, a key of another type as ``"<type>"``. The
+    paper exchange reads every guard inside its placement transaction, the keys WATCHed (a flip
+    before EXEC makes it read again); ccxt right before each order request goes on the wire. An
+    order a guard stops is REJECTED ``reason`` and not sent (``detail`` says why, else the value
+    that was expected).
     """
 
     key: str
-    allowed: str = "0"
-    reason: Reason = Reason.KILL_SWITCH
+    allowed: str | frozenset[str | None] = "0"
+    reason: str = Reason.KILL_SWITCH
+    field: str = ""
+    detail: str = ""
 
     def stops(self, value: str | None) -> bool:
         """True when orders must not leave while the switch holds ``value``."""
-        return value != self.allowed
+        if isinstance(self.allowed, str):
+            return value != self.allowed
+        return value not in self.allowed
 
     def stopped(self, client_order_id: str) -> OrderOutcome:
         """The outcome of an order the switch stopped before it left."""
@@ -100,9 +111,58 @@ class SendGuard:
             client_order_id,
             "REJECTED",
             reason=self.reason,
-            detail=f"not sent; {self.key} is no longer {self.allowed!r}",
+            detail=self.detail or f"not sent; {self.key} is no longer {self.allowed!r}",
             sent=False,
         )
+
+
+# What ``place_orders`` takes: one guard, or several read in the same step (the first that stops an order
+# names its outcome).
+Guards = SendGuard | Sequence[SendGuard]
+
+
+def guard_list(guard: Guards | None) -> list[SendGuard]:
+    """The guards of a ``place_orders`` call, in the order they are judged."""
+    if guard is None:
+        return []
+    return [guard] if isinstance(guard, SendGuard) else list(guard)
+
+
+def first_stop(guards: Sequence[SendGuard], values: Sequence[str | None]) -> SendGuard | None:
+    """The first guard that stops the orders, given each one's value as read; None when all let them go."""
+    return next((g for g, value in zip(guards, values, strict=True) if g.stops(value)), None)
+
+
+def hash_field_value(kind: str, value: str | None) -> str | None:
+    """A ``field`` guard's value from the key's TYPE and HGET (see ``SendGuard``)."""
+    if kind == "none":
+        return None
+    if kind != "hash":
+        return f"<{kind}>"
+    return value or ""
+
+
+async def stopping(redis: Redis, guard: Guards) -> SendGuard | None:
+    """The first guard that stops orders now (None: all let them go), read in one round trip: MGET for a
+    string key (nil for a key of another type), TYPE and HGET for a hash's field (HGET fails on a key of
+    another type: its TYPE says what it is)."""
+    guards = guard_list(guard)
+    async with redis.pipeline(transaction=False) as pipe:
+        for one in guards:
+            if one.field:
+                pipe.type(one.key)
+                pipe.hget(one.key, one.field)
+            else:
+                pipe.execute_command("MGET", one.key)  # by its command: a cluster pipeline refuses the method
+        replies = iter(await pipe.execute(raise_on_error=False))
+    values: list[str | None] = []
+    for one in guards:
+        if one.field:
+            kind, field = str(next(replies)), next(replies)
+            values.append(hash_field_value(kind, None if isinstance(field, Exception) else field))
+        else:
+            values.append(next(replies)[0])
+    return first_stop(guards, values)
 
 
 class Exchange(Protocol):
@@ -123,11 +183,11 @@ class Exchange(Protocol):
         """Orders the exchange already has, by client order id; unknown ids are absent."""
         ...
 
-    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
+    async def place_orders(self, orders: list[OrderRequest], guard: Guards | None = None) -> list[OrderOutcome]:
         """Place each order once; an id the exchange already has returns that order.
 
-        With ``guard``, an order is sent only if the switch allows it right before it leaves;
-        otherwise its outcome is ``guard.stopped`` (``sent=False``).
+        With ``guard`` (one or several), an order is sent only if every switch allows it right before
+        it leaves; otherwise its outcome is ``stopped`` of the first that does not (``sent=False``).
         """
         ...
 

@@ -9,9 +9,11 @@ execution processes, and an order id already stored is returned, never placed ag
 
 Each order is one key (``quantum:paper:order:<client order id>``) with no expiry while its
 intent may be delivered again; execution's commit gives it one when the intent's result is
-written, so the records of finished intents do not accumulate. The kill switch (a
-``SendGuard``) is read inside the same transaction, its key WATCHed: no order is placed
-after the switch was turned off "0", not even one of a batch the governor had approved.
+written, so the records of finished intents do not accumulate. The guards (``SendGuard``: the
+kill switch, the trading state, the lease of the batch's partition) are read inside the same
+transaction, their keys WATCHed: no order is placed after the switch was turned off "0" or the
+state set to HALTED, not even one of a batch the governor had approved, nor by a process whose
+partition changed hands since its gate.
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ from redis.exceptions import WatchError
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, watching_client
 from quantum_trader.events import Reason
-from quantum_trader.exchanges.base import ExchangeOrder, OrderOutcome, OrderRequest, SendGuard, split_symbol
+from quantum_trader.exchanges.base import (
+    ExchangeOrder,
+    Guards,
+    OrderOutcome,
+    OrderRequest,
+    SendGuard,
+    first_stop,
+    guard_list,
+    hash_field_value,
+    split_symbol,
+)
 
 _BPS = Decimal(10_000)
 
@@ -212,34 +224,42 @@ class PaperExchange:
                 )
         return out
 
-    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
+    async def place_orders(self, orders: list[OrderRequest], guard: Guards | None = None) -> list[OrderOutcome]:
         """Fill a batch atomically (optimistic WATCH on balances, orders and ``guard``); idempotent per id.
 
-        An order the batch would place while ``guard`` stops it is not placed (``guard.stopped``);
-        an order already stored is returned whatever the switch says.
+        An order the batch would place while a guard stops it is not placed (``stopped`` of the first
+        guard that does); an order already stored is returned whatever the guards say.
         """
         if not orders:
             return []
         async with self._placing:
-            return await self._place(orders, guard)
+            return await self._place(orders, guard_list(guard))
 
-    async def _place(self, orders: list[OrderRequest], guard: SendGuard | None) -> list[OrderOutcome]:
+    async def _place(self, orders: list[OrderRequest], guards: list[SendGuard]) -> list[OrderOutcome]:
         record_keys = [keys.paper_order(order.client_order_id) for order in orders]
-        # The switch's key is read in the same MGET as the orders (nil for a key of another type).
-        switch = [guard.key] if guard is not None else []
+        # String switches are read in the same MGET as the orders (nil for a key of another type).
+        strings = [g for g in guards if not g.field]
         # Every placement that writes an order also bumps one version key: watching it (not the
         # orders themselves) sees another process's placement, and one WATCH of a thousand keys
         # costs the server ~18 ms (it scans the keys already watched for each new one).
-        watched = [keys.paper_balances(), keys.paper_version(), *switch]
+        watched = list(dict.fromkeys([keys.paper_balances(), keys.paper_version(), *(g.key for g in guards)]))
         while True:
             client = await watching_client(self.redis, keys.paper_version())
             async with client.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(*watched)
                     pipe_any: Any = pipe
-                    raw = await pipe_any.mget([*switch, *record_keys])
-                    halted = guard is not None and guard.stops(raw[0])
-                    existing_raw = raw[len(switch) :]
+                    raw = await pipe_any.mget([*(g.key for g in strings), *record_keys])
+                    read, values = iter(raw), []
+                    for g in guards:
+                        if not g.field:
+                            values.append(next(read))
+                            continue
+                        kind = await pipe_any.type(g.key)  # before HGET, which fails on a key of another type
+                        field = await pipe_any.hget(g.key, g.field) if kind == "hash" else None
+                        values.append(hash_field_value(kind, field))
+                    stop = first_stop(guards, values)
+                    existing_raw = raw[len(strings) :]
                     balance_raw = await pipe_any.hgetall(keys.paper_balances())
                     prices = await self.last_prices([order.symbol for order in orders])
                     balances = {a: Decimal(v) for a, v in balance_raw.items()}
@@ -253,8 +273,8 @@ class PaperExchange:
                         if order.client_order_id in new:
                             outcomes.append(_outcome_from_json(new[order.client_order_id]))
                             continue
-                        if guard is not None and halted:
-                            outcomes.append(guard.stopped(order.client_order_id))
+                        if stop is not None:
+                            outcomes.append(stop.stopped(order.client_order_id))
                             continue
                         outcome, changes = fill(
                             order,
@@ -270,7 +290,7 @@ class PaperExchange:
                         new[order.client_order_id] = _outcome_to_json(outcome)
                         outcomes.append(outcome)
                     if not new:
-                        # Nothing to write: every order was stored already or stopped by the switch.
+                        # Nothing to write: every order was stored already or stopped by a guard.
                         return outcomes
                     pipe.multi()
                     # No expiry yet: the intent may be delivered again until its result is written.
@@ -279,7 +299,7 @@ class PaperExchange:
                     pipe.incr(keys.paper_version())
                     if changed:
                         pipe.hset(keys.paper_balances(), mapping={a: str(v) for a, v in balances.items()})
-                    # EXEC fails if the balances, the switch or any order (the version) changed since WATCH.
+                    # EXEC fails if the balances, a guard or any order (the version) changed since WATCH.
                     await pipe.execute()
                     return outcomes
                 except WatchError:

@@ -7,8 +7,8 @@ Placing one order::
          MIN_NOTIONAL locally ─► REJECTED naming the rule, nothing sent
     sent before (a write-ahead record in Redis)? ─► look it up by client order id first
     write-ahead record, then send with the deterministic client order id
-      ├─ kill switch (read right before the request goes on the wire, after ccxt's rate
-      │     limiter) not "0" ─► REJECTED KILL_SWITCH, nothing sent
+      ├─ guards (read right before the request goes on the wire, after ccxt's rate limiter):
+      │     kill switch not "0", trading state HALTED, partition lease lost ─► nothing sent
       ├─ answered ─► track until final (bounded), fees from the response or the trades
       ├─ timeout / network / 5xx ─► look the order up; only an order the exchange
       │     provably does not have (not found twice, a grace period apart) is sent again
@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 from quantum_trader.bus.connection import Redis
 from quantum_trader.errors import ConfigError, ExchangeError, FatalExchangeError, TransientExchangeError
 from quantum_trader.events import Reason
-from quantum_trader.exchanges.base import ExchangeOrder, OrderOutcome, OrderRequest, SendGuard
+from quantum_trader.exchanges.base import ExchangeOrder, Guards, OrderOutcome, OrderRequest, SendGuard, stopping
 from quantum_trader.exchanges.ccxt.account import fetch_activity
 from quantum_trader.exchanges.ccxt.config import CcxtConfig, check_config
 from quantum_trader.exchanges.ccxt.connection import CcxtConnection
@@ -213,11 +213,12 @@ class CcxtExchange:
                 raise OrderStateUnknown(f"cannot look order {coid} up on {self.name}: {exc}") from None
         return found
 
-    async def place_orders(self, orders: list[OrderRequest], guard: SendGuard | None = None) -> list[OrderOutcome]:
+    async def place_orders(self, orders: list[OrderRequest], guard: Guards | None = None) -> list[OrderOutcome]:
         """Place each order once (see the module docstring); outcomes in the same order.
 
-        With ``guard``, each order request is sent only if the switch allows it when the request
-        is about to go on the wire (after ccxt's rate limiter); otherwise ``guard.stopped``.
+        With ``guard`` (one or several), each order request is sent only if every switch allows it
+        when the request is about to go on the wire (after ccxt's rate limiter); otherwise
+        ``stopped`` of the first that does not.
         """
         if not orders:
             return []
@@ -251,19 +252,18 @@ class CcxtExchange:
 
     # ---- placing one order ----------------------------------------------------------------
 
-    async def _send_order(self, guard: SendGuard | None, send: Callable[[], Awaitable[Any]]) -> Any:
-        """``send()``, its request stopped with _NotSent if ``guard`` halts right before it leaves."""
+    async def _send_order(self, guard: Guards | None, send: Callable[[], Awaitable[Any]]) -> Any:
+        """``send()``, its request stopped with _NotSent if a guard halts right before it leaves."""
         if guard is None:
             return await send()
 
         async def check() -> None:
-            (value,) = await self.redis.mget([guard.key])  # MGET: nil for a key of another type
-            if guard.stops(value):
-                raise _NotSent(guard)
+            if (stop := await stopping(self.redis, guard)) is not None:
+                raise _NotSent(stop)
 
         return await self.conn.checked(check, send)
 
-    async def _place_one(self, order: OrderRequest, guard: SendGuard | None = None) -> OrderOutcome:
+    async def _place_one(self, order: OrderRequest, guard: Guards | None = None) -> OrderOutcome:
         coid = order.client_order_id
         rules = await self.conn.market(order.symbol)
         if rules is None:
