@@ -49,6 +49,7 @@ PARTITION_MEMBERS = "quantum:partition:members"
 PARTITION_ROUTER_MEMBERS = "quantum:partition:router:members"  # the router processes reading decision partitions
 PARTITION_IDS = "quantum:partition:last_intent_id"  # the newest intent id given out across every partition
 DECISION_IDS = "quantum:partition:last_decision_id"  # the newest id given to a decision on a decision partition
+PARTITION_LAYOUT = "quantum:partition:layout"  # the QT_PARTITIONS the router and execution last started with
 PARTITION_PREFIX = "quantum:partition:"
 # Alerts: the stored looks (one field per look) and the lease of the one watcher that sends.
 ALERT_CURSORS = "quantum:alerts:cursors"

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from quantum_trader import alerts, keys
 from quantum_trader.bus.connection import Redis, server_version
-from quantum_trader.bus.partitions import Partitioned
+from quantum_trader.bus.partitions import Partitioned, check_layout
 from quantum_trader.bus.streams import Handler, sleep_or_stop, until_reachable
 from quantum_trader.bus.trim import Retention, has_native_acked_trim, trim_consumed, trim_retained
 from quantum_trader.errors import ConfigError
@@ -273,6 +273,9 @@ async def serve(
         metrics = exported.Metrics.for_process(settings)
         exporter = exported.start_exporter(settings, metrics)  # a port in use stops here, before any stage
     try:
+        if {keys.ROUTER, keys.EXECUTION} & set(stage_names):
+            # Another QT_PARTITIONS while the last layout's streams hold work: refused before anything is read.
+            await until_reachable(functools.partial(check_layout, redis, settings), stop, "partition layout")
         stages = {
             name: await until_reachable(
                 functools.partial(build_stage, name, redis, settings, metrics), stop, f"starting {name}"

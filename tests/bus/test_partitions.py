@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -12,7 +15,15 @@ from typing import Any
 from quantum_trader import keys, risk
 from quantum_trader.bus import connection
 from quantum_trader.bus.connection import Redis
-from quantum_trader.bus.partitions import LOST, Fence, Partitioned, fair_share, preference
+from quantum_trader.bus.partitions import (
+    LOST,
+    Fence,
+    Partitioned,
+    fair_share,
+    layout_problem,
+    layout_streams,
+    preference,
+)
 from quantum_trader.bus.streams import GroupConsumer, publish
 from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.execution import Execution
@@ -174,3 +185,71 @@ def test_status_and_alerts_look_at_every_partition_of_the_intent_stream() -> Non
     at = names.index(STREAM)
     assert names[at + 1 : at + 4] == [STREAM + ":{p0}", STREAM + ":{p1}", STREAM + ":{p2}"]
     assert Settings().pipeline_streams() == Settings().streams.pipeline()  # one partition: as it always was
+
+
+# ---- changing QT_PARTITIONS while the old layout still holds work ----------------------------------------
+
+
+def test_a_new_layout_is_refused_only_while_the_old_one_holds_unfinished_entries() -> None:
+    held = {"quantum:stream:trade.intent": 3}
+    problem = layout_problem(4, 1, held)
+    assert problem is not None
+    assert "QT_PARTITIONS=1" in problem
+    assert "quantum:stream:trade.intent (3)" in problem
+    assert layout_problem(4, 1, {"quantum:stream:trade.intent": 0}) is None
+    assert layout_problem(4, 4, held) is None
+    streams = [s for s, _g in layout_streams(Settings(partitions=1), 3)]
+    assert streams[:3] == [f"{STREAM}:{{p{k}}}" for k in range(3)]
+    assert streams[3:] == [f"quantum:stream:ai.decision:{{p{k}}}" for k in range(3)]
+
+
+def execution_cli(url: str, partitions: int, duration: str = "0.5") -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "quantum_trader", "execution"],
+        env=base
+        | {
+            "QT_REDIS_URL": url,
+            "QT_PARTITIONS": str(partitions),
+            "QT_DURATION": duration,
+            "QT_CONSUMER": "exec-a",
+            "QT_BLOCK_MS": "20",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_execution_refuses_another_partition_count_until_the_old_intents_are_done(
+    r: Redis, clean_url: str, settings_for: Callable[..., Settings]
+) -> None:
+    """The router has written intents for one execution process (QT_PARTITIONS=1), which is stopped; the
+    operator restarts execution with QT_PARTITIONS=4. Those intents would sit on a stream no one reads:
+    execution refuses, in one line naming the stream and the fix, and trades nothing. Back on 1 partition it
+    executes them; then 4 starts and is recorded."""
+    await r.set(keys.KILL_SWITCH, "0")
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "3000")
+    settings = settings_for(clean_url, block_ms=10)
+    await publish(r, settings.decision_stream, [decision(qty="0.01", corr=f"c{n}") for n in range(3)])
+    router = Router(r, settings)
+    await router.consumer.setup()
+    await router.handle(await router.consumer.read_new(wait=False))
+    assert await r.xlen(STREAM) == 3
+
+    refused = execution_cli(clean_url, 4)
+    assert refused.returncode != 0
+    assert "Traceback" not in refused.stderr
+    assert "QT_PARTITIONS=4, but the pipeline last ran with QT_PARTITIONS=1" in refused.stderr
+    assert f"{STREAM} (3)" in refused.stderr
+    assert await results(r) == []
+    assert await r.get(keys.PARTITION_LAYOUT) is None
+
+    done = execution_cli(clean_url, 1, duration="3")
+    assert done.returncode == 0, done.stderr
+    assert [res["status"] for res in await results(r)] == ["FILLED"] * 3
+    assert await r.get(keys.PARTITION_LAYOUT) == "1"
+
+    moved = execution_cli(clean_url, 4)
+    assert moved.returncode == 0, moved.stderr
+    assert await r.get(keys.PARTITION_LAYOUT) == "4"

@@ -16,6 +16,10 @@ QT_PARTITION_LEASE_S, renewed every third of it):
 - processes announce themselves (``keys.PARTITION_MEMBERS``, scored by the server's time at each renewal)
   and each holds at most its fair share (partitions / live processes, rounded up): a process that joins gets
   partitions as the others give back their surplus between batches, and the leases of one that died expire.
+
+The layout is recorded (``keys.PARTITION_LAYOUT``): a router or execution started with another QT_PARTITIONS
+while the recorded layout's streams still hold unfinished entries refuses to start (``check_layout``). Its
+streams would be read by no one, or a symbol's old intents would run beside its new ones, out of order.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis
 from quantum_trader.bus.streams import TRANSIENT_ERRORS, Entry, GroupConsumer, sleep_or_stop, until_reachable
+from quantum_trader.errors import ConfigError
 from quantum_trader.logs import get_logger
 from quantum_trader.scripts import register
 from quantum_trader.settings import Settings
@@ -220,3 +225,58 @@ class Partitioned:
         self._fresh.discard(partition)
         log.warning("partition_lost", partition=partition, consumer=self.name, at=when,
                     effect="another process holds its lease: nothing more is read or approved here")  # fmt: skip
+
+
+def layout_streams(settings: Settings, partitions: int) -> list[tuple[str, str]]:
+    """(stream, group) of every stream the router and execution read only under ``partitions`` (pure): the one
+    intent stream with one partition; else the intent partitions and the decision partitions."""
+    if partitions <= 1:
+        return [(settings.intent_stream, settings.execution_group)]
+    return [
+        *((keys.partition_stream(settings.intent_stream, k, partitions), settings.execution_group)
+          for k in range(partitions)),
+        *((keys.partition_stream(settings.decision_stream, k, partitions), settings.router_group)
+          for k in range(partitions)),
+    ]  # fmt: skip
+
+
+def layout_problem(partitions: int, recorded: int, unfinished: dict[str, int]) -> str | None:
+    """Why a process with QT_PARTITIONS=``partitions`` must not start, or None (pure). ``unfinished``: entries
+    not yet acknowledged (or not yet read) by their group, per stream of the ``recorded`` layout."""
+    held = {stream: count for stream, count in unfinished.items() if count}
+    if partitions == recorded or not held:
+        return None
+    shown = ", ".join(f"{stream} ({count})" for stream, count in sorted(held.items())[:4])
+    more = f" and {len(held) - 4} more" if len(held) > 4 else ""
+    return (
+        f"QT_PARTITIONS={partitions}, but the pipeline last ran with QT_PARTITIONS={recorded} and its streams still "
+        f"hold unfinished entries: {shown}{more}. Under {partitions} partitions no one would read them, or a "
+        f"symbol's old intents would run beside its new ones. Start with QT_PARTITIONS={recorded} until "
+        "`quantum-trader status` shows those streams with nothing pending or lagging, then change it"
+    )
+
+
+async def check_layout(redis: Redis, settings: Settings) -> None:
+    """Refuse to start (ConfigError) under another QT_PARTITIONS while the recorded layout has unfinished
+    entries; otherwise record this one. Run by the router and execution before they read anything."""
+    raw = await redis.get(keys.PARTITION_LAYOUT)
+    recorded = int(raw) if raw and str(raw).isdigit() else 1  # none yet: the seed's one intent stream
+    if recorded != settings.partitions:
+        unfinished = {stream: await _unfinished(redis, stream, group) for stream, group in
+                      layout_streams(settings, recorded)}  # fmt: skip
+        problem = layout_problem(settings.partitions, recorded, unfinished)
+        if problem is not None:
+            raise ConfigError(problem)
+        log.info("partition_layout_changed", was=recorded, now=settings.partitions)
+    await redis.set(keys.PARTITION_LAYOUT, str(settings.partitions))
+
+
+async def _unfinished(redis: Redis, stream: str, group: str) -> int:
+    """Entries of ``stream`` its ``group`` has pending, plus whether any is still unread (0 when neither)."""
+    if not await redis.exists(stream):
+        return 0
+    found = next((g for g in await redis.xinfo_groups(stream) if g["name"] == group), None)
+    if found is None:
+        return int(await redis.xlen(stream))  # never read by the group: everything is unread
+    unread = await redis.xrange(stream, min=f"({found['last-delivered-id']}", max="+", count=1)
+    return int(found["pending"]) + len(unread)
