@@ -49,8 +49,8 @@ async def test_kill_on_landing_right_after_the_gate_stops_the_approved_batch(
     operator = client(clean_url)
     approve = execution.governor.gate
 
-    async def gate_then_the_operator_halts(*args: Any) -> Any:
-        verdicts = await approve(*args)
+    async def gate_then_the_operator_halts(*args: Any, **kwargs: Any) -> Any:
+        verdicts = await approve(*args, **kwargs)
         await operator.set(keys.KILL_SWITCH, "1")  # `quantum-trader kill on`, from another client
         return verdicts
 

@@ -533,17 +533,12 @@ async def test_a_holder_frozen_after_its_gate_trades_nothing_the_next_holder_fou
     assert log.orders() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: on the one intent stream (QT_PARTITIONS=1) nothing fences an approved batch after a "
-    "reclaim; the orders of a process frozen between its gate and its orders still leave when it wakes",
-)
-async def test_without_partitions_a_consumer_frozen_after_its_gate_still_trades_what_the_reclaimer_expired(
+async def test_without_partitions_a_consumer_frozen_after_its_gate_trades_nothing_the_reclaimer_expired(
     trading_server: Any, tmp_path: Path
 ) -> None:
-    """The control of the test above on the one intent stream: exec-a approves three intents and freezes;
-    exec-b reclaims them after QT_CLAIM_IDLE_MS, finds them too old and writes EXPIRED; exec-a wakes and
-    places the three orders. There is no lease to read again before the orders leave, so this fails."""
+    """The test above on the one intent stream: exec-a approves three intents and freezes; exec-b reclaims
+    them after QT_CLAIM_IDLE_MS (moving exec-a's fence in the same step), finds them too old and writes
+    EXPIRED; exec-a wakes: its fence moved, so not one order leaves."""
     server, r, log = trading_server
     settings = settings_on(server.url, tmp_path, partitions=1, max_intent_age_s=1, claim_idle_ms=300, pipeline_depth=1)
     published = time.time()

@@ -230,6 +230,11 @@ class Execution:
         # Per symbol, the batch in flight that holds it last (see ``handle``).
         self._last_for_symbol: dict[str, _Turn] = {}
 
+    async def _consumer_fence(self, lane: GroupConsumer) -> Fence:
+        """This consumer's fence as the batch begins (``keys.consumer_fence``; INCRBY 0 creates it at 0)."""
+        key = keys.consumer_fence(lane.stream, lane.group, lane.consumer)
+        return Fence(key, str(await self.redis.incrby(key, 0)), lost="another consumer claimed this batch's intents")
+
     async def _orders_may_exist(self, entries: list[Entry]) -> set[str]:
         """The ids of ``entries`` whose order may exist: only this stage can finish those (it looks the order up)."""
         fields = [(e.id, e.fields.get("trace_id", ""), e.fields.get("correlation_id", "")) for e in entries]
@@ -254,6 +259,8 @@ class Execution:
         for symbol in symbols:
             self._last_for_symbol[symbol] = turn
         try:
+            if fence is None and jobs:
+                fence = await self._consumer_fence(lane or self.consumer)
             await self._execute(jobs, bad, earlier, turn, lane or self.consumer, fence)
         finally:
             for step in (turn.placed, turn.committed):
@@ -336,10 +343,7 @@ class Execution:
         """
         now = self.clock()
         candidates = [candidate(job, prices, None if lane is self.consumer else lane.stream) for job in gated]
-        if lane is self.consumer and fence is None:
-            gate = await self.governor.gate(candidates, now, lane.consumer)
-        else:
-            gate = await self.governor.gate(candidates, now, lane.consumer, stream=lane.stream, fence=fence)
+        gate = await self.governor.gate(candidates, now, lane.consumer, stream=lane.stream, fence=fence)
         approved, waiting = [], []
         for job, answer in zip(gated, gate.answers, strict=True):
             if answer.verdict == "APPROVED":
@@ -371,6 +375,8 @@ class Execution:
         if gone:
             log.warning("partition_lost_before_orders", stream=lane.stream, intents=gone,
                         effect="not sent; the partition's new holder handles them")  # fmt: skip
+        if gone or any(answer.verdict == gov.GONE for answer in gate.answers):
+            lane.recheck_own()  # those still ours (a fence moved for others' sake) are handled again at once
         if not waiting:
             return []
         log.info("throttled", intents=len(waiting), wait_s=gate.wait.total_seconds())

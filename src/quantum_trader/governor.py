@@ -58,7 +58,7 @@ def send_guards(fence: Fence | None = None) -> list[SendGuard]:
     trading state (``quantum-trader state halted`` stops approved orders as the switch does).
     """
     lease = (
-        [SendGuard(fence.key, allowed=fence.value, reason=GONE, detail="not sent; the partition's lease changed hands")]
+        [SendGuard(fence.key, allowed=fence.value, reason=GONE, detail=f"not sent; {fence.lost}")]
         if fence is not None
         else []
     )

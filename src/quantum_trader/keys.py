@@ -25,6 +25,7 @@ COUNTED_PREFIX = "quantum:governor:counted:"
 DEDUP_PREFIX = "quantum:dedup:decision:"
 HEARTBEAT_PREFIX = "quantum:heartbeat:"
 SUSPECTS_PREFIX = "quantum:bus:suspects:"
+FENCE_PREFIX = "quantum:bus:fence:"
 PAPER_PREFIX = "quantum:paper:"
 PRICE_HASH = "quantum:market:last_price"
 LAST_OPEN_HASH = "quantum:market:last_open_time"  # symbol -> newest open time published (epoch ms)
@@ -124,6 +125,12 @@ def risk_realised(day: date) -> str:
 def dedup(identity: str) -> str:
     """Router dedup key for one decision identity."""
     return f"{DEDUP_PREFIX}{identity}"
+
+
+def consumer_fence(stream: str, group: str, consumer: str) -> str:
+    """Counter moved each time another consumer claims entries ``consumer`` held: an approved batch's orders
+    leave only while it still holds the value read when the batch began (its entries are no one else's)."""
+    return f"{FENCE_PREFIX}{stream}:{group}:{consumer}"
 
 
 def suspects(stream: str, group: str) -> str:

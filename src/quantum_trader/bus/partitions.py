@@ -52,6 +52,7 @@ class Fence:
 
     key: str
     value: str
+    lost: str = "the partition's lease changed hands"  # what it means once ``key`` holds anything else
 
 
 PartitionHandler = Callable[[list[Entry], GroupConsumer, Fence], Awaitable[None]]

@@ -155,7 +155,8 @@ async def _recover_intents(
                 idle_ms,
                 *[x for e in stale for x in (e.id, owner[e.id])],
             ]
-            taken = set(await redis.register_script(_CLAIM_FROM_DEAD)(keys=[intent], args=args))
+            fences = [keys.consumer_fence(intent, group, owner[e.id]) for e in stale]
+            taken = set(await redis.register_script(_CLAIM_FROM_DEAD)(keys=[intent, *fences], args=args))
             claimed_entries = [entry for entry in stale if entry.id in taken]
             fresh = await _expire(tools, claimed_entries, report)
             report.left_for_execution += len(fresh)
@@ -186,8 +187,10 @@ async def _recover_intents(
 
 
 # Claims each id for recover only if the consumer judged dead still holds it, idle long enough
-# (checked and claimed in one step). KEYS[1] intent stream; ARGV group, claimer, min idle ms, then
-# id, owner pairs. Returns the ids claimed (JUSTID: recover finishes them at once).
+# (checked and claimed in one step), moving the owner's fence with it (a consumer only frozen sends none of
+# the orders it approved for them once it wakes). KEYS[1] intent stream, then the owner's fence of each id;
+# ARGV group, claimer, min idle ms, then id, owner pairs. Returns the ids claimed (JUSTID: recover finishes
+# them at once).
 _CLAIM_FROM_DEAD = """
 local group, claimer, min_idle = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local taken = {}
@@ -196,6 +199,7 @@ for i = 4, #ARGV, 2 do
   if held and held[2] == ARGV[i + 1] and held[3] >= min_idle then
     if #redis.call('XCLAIM', KEYS[1], group, claimer, min_idle, ARGV[i], 'JUSTID') > 0 then
       taken[#taken + 1] = ARGV[i]
+      redis.call('INCR', KEYS[(i - 4) / 2 + 2])
     end
   end
 end
