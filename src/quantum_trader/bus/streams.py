@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterError, RedisError, ResponseError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MovedError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -42,8 +50,11 @@ from quantum_trader.scripts import pack, register
 from quantum_trader.settings import Settings
 
 T = TypeVar("T")
-# The server (or the slot's primary) cannot answer now: what a restart or a cluster's failover looks like.
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError, SlotNotCoveredError)
+# The server (or the slot's primary) cannot answer now: what a restart or a cluster's failover looks like
+# (a slot moved under a pipeline whose map of the cluster is stale answers MOVED or ASK: its next try has
+# the new map).
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError, SlotNotCoveredError, MovedError,
+               AskError)  # fmt: skip
 log = get_logger("bus")
 
 # Failures that are not the entry's: the batch stays pending and is retried whole.
@@ -207,7 +218,14 @@ class GroupConsumer:
         if not pending:
             return []
         counts = {item["message_id"]: int(item["times_delivered"]) + 1 for item in pending}
-        claimed = await self.redis.xclaim(self.stream, self.group, self.consumer, min_idle_ms, list(counts))
+        owners = sorted({str(item["consumer"]) for item in pending} - {self.consumer})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xclaim(self.stream, self.group, self.consumer, min_idle_ms, list(counts))
+            for owner in owners:
+                # With the claim, in one step: an owner only frozen (not dead) sends none of the orders it
+                # approved for these entries once it wakes (execution reads its fence right before they leave).
+                pipe.incr(keys.consumer_fence(self.stream, self.group, owner))
+            claimed = (await pipe.execute())[0]
         # An id XCLAIM does not return is not ours to touch: another consumer took it first (its
         # idle time was reset), or it was deleted (the server then drops it from the pending list
         # itself, Redis >= 7). Acknowledging it would lose an intent another consumer is executing.
