@@ -19,11 +19,12 @@ from typing import Any
 from quantum_trader import keys
 from quantum_trader.bus.connection import Redis, client
 from quantum_trader.bus.streams import ensure_group, publish
-from quantum_trader.events import TRADE_INTENT, TradeIntent, envelope, now_iso
+from quantum_trader.events import TRADE_INTENT, TradeIntent, TradingState, envelope, now_iso
 from quantum_trader.exchanges.paper import PaperExchange
 from quantum_trader.execution import Execution
 from quantum_trader.router import Router
 from quantum_trader.settings import Settings
+from quantum_trader.trading import set_state
 from tests.pipeline import decision, drain, results
 
 DECISIONS = "quantum:stream:ai.decision"
@@ -178,3 +179,43 @@ async def test_kill_status_reports_a_switch_of_another_type_in_one_line(r: Redis
     )
     assert kill_cli(clean_url, "off").returncode == 0  # the fix it names works
     assert kill_cli(clean_url, "status").stdout.strip() == "quantum:kill = '0': trading ALLOWED"
+
+
+async def test_reducing_landing_right_after_the_gate_stops_the_approved_buys_and_lets_the_sells_go(
+    r: Redis, settings_for: Callable[..., Settings], clean_url: str
+) -> None:
+    """The gate approves a batch of buys and sells; before the orders leave, the state becomes REDUCING (the
+    operator's `state reducing`, or the drawdown breaker). REDUCING lets only orders that reduce a position
+    pass: the buys end REJECTED REDUCING, never sent, their counts given back; the sells fill."""
+    await r.set(keys.KILL_SWITCH, "0")
+    await r.hset(keys.PRICE_HASH, "ETHUSDT", "3000")
+    held = {"USDT": Decimal(100_000), "ETH": Decimal(10)}
+    settings = settings_for(clean_url, block_ms=10, paper_balances=held)
+    paper = PaperExchange(r, quote_assets=settings.quote_assets, starting_balances=held)
+    await paper.fund()
+    execution = Execution(r, settings, paper)
+    operator = client(clean_url)
+    approve = execution.governor.gate
+
+    async def gate_then_the_state_becomes_reducing(*args: Any, **kwargs: Any) -> Any:
+        verdicts = await approve(*args, **kwargs)
+        await set_state(operator, settings, TradingState.REDUCING, "OPERATOR", "operator")
+        return verdicts
+
+    execution.governor.gate = gate_then_the_state_becomes_reducing  # type: ignore[method-assign]
+    await publish(r, DECISIONS, [decision(side=side, qty="0.01") for side in ["BUY", "SELL"] * 10])
+    await drain(Router(r, settings))
+    try:
+        await drain(execution)
+    finally:
+        await operator.aclose()
+
+    out = await results(r)
+    assert sorted({(o["side"], o["status"], o["reason"]) for o in out}) == [
+        ("BUY", "REJECTED", "REDUCING"),
+        ("SELL", "FILLED", ""),
+    ]
+    assert len(out) == 20
+    balances = await paper.balances()
+    assert balances["ETH"] == Decimal(10) - Decimal("0.1")  # ten sells, no buy
+    assert await r.get(today_count_key()) == "10"  # the sells: the buys' counts given back

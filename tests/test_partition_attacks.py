@@ -708,7 +708,8 @@ async def test_a_real_exchange_adapter_reads_the_same_guards_right_before_each_r
 ) -> None:
     """The ccxt adapter (against the fake Binance) gets the same guards as the paper exchange: the order of
     a holder whose partition changed hands since its gate is not sent (GONE, left to the new holder), nor
-    one approved before the state went HALTED (REJECTED HALTED); back in hand and ACTIVE, it is sent once.
+    one approved before the state went HALTED (REJECTED HALTED), nor a buy under REDUCING; back in hand and
+    ACTIVE, it is sent once.
     (It reads them right before the request goes on the wire, not atomically with it: see the README.)"""
     fake = FakeBinance()
     await fake.start()
@@ -725,6 +726,8 @@ async def test_a_real_exchange_adapter_reads_the_same_guards_right_before_each_r
         await r.set(fence.key, fence.value)
         await r.hset(keys.TRADING_STATE, mapping={"state": "HALTED"})  # `quantum-trader state halted`
         [halted] = await exchange.place_orders([order], guard=send_guards(fence))
+        await r.hset(keys.TRADING_STATE, mapping={"state": "REDUCING"})  # no new entries: this buy stays
+        [reducing] = await exchange.place_orders([order], guard=send_guards(fence))
         await r.hset(keys.TRADING_STATE, mapping={"state": "ACTIVE"})
         [filled] = await exchange.place_orders([order], guard=send_guards(fence))
     finally:
@@ -732,6 +735,7 @@ async def test_a_real_exchange_adapter_reads_the_same_guards_right_before_each_r
         await fake.stop()
     assert (gone.status, gone.reason, gone.sent) == ("REJECTED", GONE, False)
     assert (halted.status, halted.reason, halted.sent) == ("REJECTED", "HALTED", False)
+    assert (reducing.status, reducing.reason, reducing.sent) == ("REJECTED", "REDUCING", False)
     assert filled.status == "FILLED"
     assert fake.calls("POST", "/api/v3/order") == 1
 

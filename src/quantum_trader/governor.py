@@ -46,6 +46,7 @@ def send_guard() -> SendGuard:
 # The trading states that let an approved order leave: the key absent (ACTIVE), ACTIVE, REDUCING (its rule
 # judged the order at the gate). HALTED, an unknown word or a key of another type stops it (``risk.read_state``).
 _SENDING_STATES: frozenset[str | None] = frozenset({None, TradingState.ACTIVE.value, TradingState.REDUCING.value})
+_ENTRY_STATES: frozenset[str | None] = frozenset({None, TradingState.ACTIVE.value})  # where a BUY may still leave
 
 
 def send_guards(fence: Fence | None = None) -> list[SendGuard]:
@@ -55,7 +56,8 @@ def send_guards(fence: Fence | None = None) -> list[SendGuard]:
     exchange): the partition's lease first (``fence``: held by anyone else, the intents are the new holder's
     and answered GONE, no result from us; otherwise a holder frozen past its lease would send, after waking,
     orders the new holder had already sent, or refused, or found too old), then the kill switch, then the
-    trading state (``quantum-trader state halted`` stops approved orders as the switch does).
+    trading state (``quantum-trader state halted`` stops approved orders as the switch does; REDUCING stops
+    approved buys).
     """
     lease = (
         [SendGuard(fence.key, allowed=fence.value, reason=GONE, detail=f"not sent; {fence.lost}")]
@@ -69,7 +71,17 @@ def send_guards(fence: Fence | None = None) -> list[SendGuard]:
         field="state",
         detail="not sent; the trading state is HALTED (or unreadable)",
     )
-    return [*lease, send_guard(), state]
+    # REDUCING lets only orders that reduce a position pass (spot, long only: sells), so an entry approved
+    # a moment before the state became REDUCING (an operator, the drawdown breaker) does not leave either.
+    reducing = SendGuard(
+        keys.TRADING_STATE,
+        allowed=_ENTRY_STATES,
+        reason=Reason.REDUCING,
+        field="state",
+        detail="not sent; the trading state is REDUCING: no new entries",
+        side="BUY",
+    )
+    return [*lease, send_guard(), state, reducing]
 
 
 @dataclass(frozen=True, slots=True)

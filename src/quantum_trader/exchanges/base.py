@@ -98,6 +98,7 @@ class SendGuard:
     reason: str = Reason.KILL_SWITCH
     field: str = ""
     detail: str = ""
+    side: str = ""  # "BUY" or "SELL": the guard judges only orders of that side ("": every order)
 
     def stops(self, value: str | None) -> bool:
         """True when orders must not leave while the switch holds ``value``."""
@@ -128,9 +129,11 @@ def guard_list(guard: Guards | None) -> list[SendGuard]:
     return [guard] if isinstance(guard, SendGuard) else list(guard)
 
 
-def first_stop(guards: Sequence[SendGuard], values: Sequence[str | None]) -> SendGuard | None:
-    """The first guard that stops the orders, given each one's value as read; None when all let them go."""
-    return next((g for g, value in zip(guards, values, strict=True) if g.stops(value)), None)
+def first_stop(guards: Sequence[SendGuard], values: Sequence[str | None], side: str = "") -> SendGuard | None:
+    """The first guard that stops an order of ``side``, given each one's value as read; None when all let it go."""
+    return next(
+        (g for g, value in zip(guards, values, strict=True) if (not g.side or g.side == side) and g.stops(value)), None
+    )
 
 
 def hash_field_value(kind: str, value: str | None) -> str | None:
@@ -142,7 +145,7 @@ def hash_field_value(kind: str, value: str | None) -> str | None:
     return value or ""
 
 
-async def stopping(redis: Redis, guard: Guards) -> SendGuard | None:
+async def stopping(redis: Redis, guard: Guards, side: str = "") -> SendGuard | None:
     """The first guard that stops orders now (None: all let them go), read in one round trip: MGET for a
     string key (nil for a key of another type), TYPE and HGET for a hash's field (HGET fails on a key of
     another type: its TYPE says what it is)."""
@@ -162,7 +165,7 @@ async def stopping(redis: Redis, guard: Guards) -> SendGuard | None:
             values.append(hash_field_value(kind, None if isinstance(field, Exception) else field))
         else:
             values.append(next(replies)[0])
-    return first_stop(guards, values)
+    return first_stop(guards, values, side)
 
 
 class Exchange(Protocol):

@@ -258,7 +258,7 @@ class PaperExchange:
                         kind = await pipe_any.type(g.key)  # before HGET, which fails on a key of another type
                         field = await pipe_any.hget(g.key, g.field) if kind == "hash" else None
                         values.append(hash_field_value(kind, field))
-                    stop = first_stop(guards, values)
+                    stops = {side: first_stop(guards, values, side) for side in ("BUY", "SELL")}
                     existing_raw = raw[len(strings) :]
                     balance_raw = await pipe_any.hgetall(keys.paper_balances())
                     prices = await self.last_prices([order.symbol for order in orders])
@@ -273,7 +273,7 @@ class PaperExchange:
                         if order.client_order_id in new:
                             outcomes.append(_outcome_from_json(new[order.client_order_id]))
                             continue
-                        if stop is not None:
+                        if (stop := stops.get(order.side)) is not None:
                             outcomes.append(stop.stopped(order.client_order_id))
                             continue
                         outcome, changes = fill(

@@ -252,13 +252,13 @@ class CcxtExchange:
 
     # ---- placing one order ----------------------------------------------------------------
 
-    async def _send_order(self, guard: Guards | None, send: Callable[[], Awaitable[Any]]) -> Any:
-        """``send()``, its request stopped with _NotSent if a guard halts right before it leaves."""
+    async def _send_order(self, guard: Guards | None, send: Callable[[], Awaitable[Any]], side: str = "") -> Any:
+        """``send()``, stopped with _NotSent if a guard halts an order of ``side`` right before it leaves."""
         if guard is None:
             return await send()
 
         async def check() -> None:
-            if (stop := await stopping(self.redis, guard)) is not None:
+            if (stop := await stopping(self.redis, guard, side)) is not None:
                 raise _NotSent(stop)
 
         return await self.conn.checked(check, send)
@@ -302,6 +302,7 @@ class CcxtExchange:
                         None if prepared.price is None else f"{prepared.price:f}",
                         {self.conn.place_coid_param: coid},
                     ),
+                    order.side,
                 )
                 return await self._finish(coid, rules.symbol, placed, prepared.amount)
             except _NotSent as stop:
