@@ -22,7 +22,8 @@ gate's fence had passed; nothing checked the lease again before the orders left)
 had filled them and the records had expired (``QT_TRIM_KEEP_S``), each went to the exchange a second
 time, without a result; when it had found the intents too old (``QT_MAX_INTENT_AGE_S``) and written
 EXPIRED, an expired intent traded. And a batch approved just before ``state halted`` landed still sent
-its orders: only the kill switch was read again right before each order left.
+its orders: only the kill switch was read again right before each order left. The same freeze on the one
+intent stream (no lease) is covered too: a claim moves the former owner's fence (``keys.consumer_fence``).
 
 Run as a script (``python tests/test_partition_attacks.py execution``) this file is an execution process
 that stops itself once where ``ATTACK_FREEZE_AT`` says (``gate``: right after its first approval; ``place``:
