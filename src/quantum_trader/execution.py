@@ -366,15 +366,16 @@ class Execution:
                 sent.add(job.entry.id)
                 results[job.entry.id] = result_from_outcome(job, outcome, self.exchange.name)
             elif outcome.reason == gov.GONE:
-                # The partition changed hands since the gate (this process was frozen, cut off): its new
-                # holder claimed the intent and gives it its one order and result; a result from us could
-                # contradict what it did (filled, refused, expired), so none is written here.
+                # The batch changed hands since the gate (this process was frozen, cut off): the partition's
+                # new holder, or the consumer that claimed the intent, gives it its one order and result; a
+                # result from us could contradict what it did (filled, refused, expired), so none is written.
                 gone += 1
             else:
                 results[job.entry.id] = result_not_sent(job, outcome)
         if gone:
+            lost = fence.lost if fence else "taken over"
             log.warning("partition_lost_before_orders", stream=lane.stream, intents=gone,
-                        effect="not sent; the partition's new holder handles them")  # fmt: skip
+                        effect=f"not sent ({lost}); their new owner handles them")  # fmt: skip
         if gone or any(answer.verdict == gov.GONE for answer in gate.answers):
             lane.recheck_own()  # those still ours (a fence moved for others' sake) are handled again at once
         if not waiting:

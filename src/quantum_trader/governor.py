@@ -43,8 +43,8 @@ def send_guard() -> SendGuard:
     return SendGuard(keys.KILL_SWITCH, allowed="0", reason=Reason.KILL_SWITCH)
 
 
-# The trading states that let an approved order leave: the key absent (ACTIVE), ACTIVE, REDUCING (its rule
-# judged the order at the gate). HALTED, an unknown word or a key of another type stops it (``risk.read_state``).
+# The trading states that let an approved order leave: the key absent (ACTIVE), ACTIVE, REDUCING (a sell; a buy
+# is stopped by the guard below). HALTED, an unknown word or a key of another type stops it (``risk.read_state``).
 _SENDING_STATES: frozenset[str | None] = frozenset({None, TradingState.ACTIVE.value, TradingState.REDUCING.value})
 _ENTRY_STATES: frozenset[str | None] = frozenset({None, TradingState.ACTIVE.value})  # where a BUY may still leave
 
